@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +18,21 @@ from bagel_serve.imaging import flattened_position_ids, load_image, patchify, re
 from bagel_serve.model.embeddings import sincos_2d_table, timestep_frequencies
 from bagel_serve.layers.rotary import inv_frequencies, rope_tables
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a"
+GOLDEN = Path(os.environ.get("BAGEL_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden")) / "config_a"
+# The parity suite can also hold a GPU's float32 path to the goldens: BAGEL_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("BAGEL_TEST_DEVICE", "cpu")
 CASES = json.loads((GOLDEN / "cases.json").read_text())
 TOL = 1e-4
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().cpu().double(), b.double()
     return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
 def omni() -> Omni:
-    return Omni(GOLDEN / "checkpoint", device="cpu")
+    return Omni(GOLDEN / "checkpoint", device=DEVICE, dtype=torch.float32)
 
 
 def case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -116,20 +119,20 @@ def test_vit_tower(omni: Omni) -> None:
     assert rel(patches, g["vit_0_pixel_patches"]) < 1e-6
     model = omni.runner.model
     with torch.inference_mode():
-        feats = model.vit_model(patches, pos, [patches.shape[0]])
-        assert rel(feats, g["vit_0_vit_features"]) < TOL
-        assert rel(model.connector(feats), g["vit_0_connector_out"]) < TOL
+        feats = model.vit_model(patches.to(model.device), pos.to(model.device), [patches.shape[0]])
+        assert rel(feats.cpu(), g["vit_0_vit_features"]) < TOL
+        assert rel(model.connector(feats).cpu(), g["vit_0_connector_out"]) < TOL
 
 
 def test_components(omni: Omni) -> None:
     g = load_file(GOLDEN / "cases/components.safetensors")
     model = omni.runner.model
     assert rel(sincos_2d_table(8, 64), g["latent_pos_embed_fp32"]) < 1e-7
-    assert torch.equal(model.latent_pos_embed.pos_embed, g["latent_pos_embed_checkpoint"])
-    assert torch.equal(model.vit_pos_embed.pos_embed, g["vit_pos_embed_checkpoint"])
+    assert torch.equal(model.latent_pos_embed.pos_embed.cpu(), g["latent_pos_embed_checkpoint"])
+    assert torch.equal(model.vit_pos_embed.pos_embed.cpu(), g["vit_pos_embed_checkpoint"])
     assert rel(timestep_frequencies(g["timestep_t"]), g["timestep_freq_embedding"]) < 1e-6
     with torch.inference_mode():
-        assert rel(model.time_embedder(g["timestep_t"]), g["timestep_embedder_out"]) < TOL
+        assert rel(model.time_embedder(g["timestep_t"].to(model.device)).cpu(), g["timestep_embedder_out"]) < TOL
     cos, sin = rope_tables(g["rope_positions"], inv_frequencies(16, 1e6))
     assert rel(cos, g["rope_cos"]) < 1e-6 and rel(sin, g["rope_sin"]) < 1e-6
 
@@ -149,7 +152,7 @@ def test_image_cases(omni: Omni, name: str) -> None:
     steps = rec.denoise_steps()
     flow = c["flow_steps"]
     assert len(steps) == len(flow)
-    assert torch.equal(steps[0][0], g["init_noise"])
+    assert torch.equal(steps[0][0].cpu(), g["init_noise"])
     for i, ((x, vs), spec) in enumerate(zip(steps, flow)):
         assert rel(x, g[f"step{i}_x_t"]) < TOL, f"x_t step {i}"
         assert rel(vs[0], g[f"step{i}_v_cond"]) < TOL, f"v_cond step {i}"

@@ -132,8 +132,9 @@ class Runner:
             cfg_img = full.fork()
         else:
             full = base.fork()
-            width, height = image.size
-            yield [self._latent_work(full, self._encode_image(image, rng), 0.0, height, width)]
+            # The output keeps the VAE-resized input size unless the request asks for another.
+            width, height = req.width or image.width, req.height or image.height
+            yield [self._latent_work(full, self._encode_image(image, rng), 0.0, image.height, image.width)]
             yield [self._vit_work(full, image)]
             cfg_text, cfg_img = full.fork(), base.fork()
             yield [self._text_work(full, req.prompt), self._text_work(cfg_img, req.prompt)]
@@ -221,14 +222,16 @@ class Runner:
 
     def _encode_image(self, image: Image.Image, rng: torch.Generator) -> torch.Tensor:
         x = to_tensor(image)[None].to(self.model.device, torch.float32)
-        z = self.vae.encode(x, generator=rng, sample=True)[0]
+        with _float32_convs():
+            z = self.vae.encode(x, generator=rng, sample=True)[0]
         return pack_latent(z, self.cfg.latent_patch_size)
 
     def _decode_image(self, latent: torch.Tensor, height: int, width: int) -> Image.Image:
         cfg = self.cfg
         d = cfg.latent_downsample
         z = unpack_latent(latent.float(), height // d, width // d, cfg.latent_channels, cfg.latent_patch_size)
-        pixels = decoded_to_uint8(self.vae.decode(z[None].to(self.vae.encoder.conv_in.weight.dtype)))[0]
+        with _float32_convs():
+            pixels = decoded_to_uint8(self.vae.decode(z[None].to(self.vae.encoder.conv_in.weight.dtype)))[0]
         return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
     def _input_image(self, req: Request, index: int) -> Image.Image:
@@ -250,6 +253,12 @@ class Runner:
             if v > max_side:
                 raise RequestError(f"request {index}: {name} {v} is above this model's maximum of {max_side} px")
         return height, width
+
+
+def _float32_convs():
+    """cuDNN convolutions without TF32: the reference decodes in full float32 and TF32 moves pixels."""
+    b = torch.backends.cudnn
+    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
 
 
 def _think_part(text: str) -> str | None:

