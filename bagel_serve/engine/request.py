@@ -106,8 +106,9 @@ def _validate(r: Request, where: str) -> None:
             raise bad(name, f"must be a positive integer, got {v!r}")
     if isinstance(r.steps, bool) or not isinstance(r.steps, int) or r.steps < 2:
         raise bad("steps", f"must be an integer >= 2 (steps - 1 model evaluations), got {r.steps!r}")
-    if not r.text_temperature > 0:
-        raise bad("text_temperature", f"must be > 0, got {r.text_temperature!r}")
+    v = r.text_temperature
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise bad("text_temperature", f"must be a number > 0, got {v!r}")
     for name in ("height", "width"):
         v = getattr(r, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16):
@@ -127,8 +128,9 @@ def _validate(r: Request, where: str) -> None:
     r.cfg_interval = (lo, hi)
     if r.cfg_renorm_type not in RENORM_TYPES:
         raise bad("cfg_renorm_type", f"must be one of {', '.join(RENORM_TYPES)}, got {r.cfg_renorm_type!r}")
-    if not 0.0 <= r.cfg_renorm_min <= 1.0:
-        raise bad("cfg_renorm_min", f"must be in [0, 1], got {r.cfg_renorm_min!r}")
+    v = r.cfg_renorm_min
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise bad("cfg_renorm_min", f"must be a number in [0, 1], got {v!r}")
     if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
         raise bad("negative_prompt", "must be a string")
     if r.noise is not None and not isinstance(r.noise, torch.Tensor):

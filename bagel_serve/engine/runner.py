@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.batch import LatentPiece, Packer, Piece, SeqSpec, TextPiece, VitPiece
@@ -43,6 +44,39 @@ class Work:
     piece: Piece
     commit: bool = True
     want_output: bool = False
+    phase: str = "context_prefill"
+
+
+@dataclass
+class RunStats:
+    """What one `generate` call did and how long each phase took (seconds are real only when timed).
+
+    A packed forward that serves several phases at once counts in each of them.
+    """
+
+    requests: int = 0
+    wall_s: float = 0.0
+    forwards: int = 0
+    decoded_tokens: int = 0
+    denoise_steps: int = 0
+    denoise_branch_evals: int = 0
+    images: int = 0
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{self.requests} request(s) in {self.wall_s:.2f} s, {self.forwards} packed forwards"]
+        for phase, sec in self.phase_s.items():
+            lines.append(f"  {phase:<16} {sec:8.3f} s")
+        dec = self.phase_s.get("decode", 0.0) + self.phase_s.get("think_decode", 0.0)
+        if self.decoded_tokens:
+            lines.append(f"  decoded tokens {self.decoded_tokens}" + (f" ({self.decoded_tokens / dec:.1f} tok/s)" if dec else ""))
+        if self.denoise_steps:
+            den = self.phase_s.get("denoise", 0.0)
+            lines.append(f"  denoising steps {self.denoise_steps} ({self.denoise_branch_evals} branch evaluations)"
+                         + (f", {self.denoise_steps / den:.2f} steps/s" if den else ""))
+        if self.images:
+            lines.append(f"  images {self.images} ({self.images / self.wall_s:.3f} images/s)")
+        return "\n".join(lines)
 
 
 Program = Generator[list[Work], list[torch.Tensor | None], RequestOutput]
@@ -55,28 +89,75 @@ class Runner:
         self.tok = tokenizer
         self.cfg: BagelConfig = model.config
         self.packer = Packer(model, tokenizer.special)
-        self.vocab_limit = model.config.llm.vocab_size
+        self.last_stats: RunStats | None = None
+        self._timed = False
 
     # ------------------------------------------------------------------ scheduling
     @torch.inference_mode()
-    def generate(self, requests: list[Request], progress: bool = False) -> list[RequestOutput]:
+    def generate(self, requests: list[Request], progress: bool = False, timed: bool = False) -> list[RequestOutput]:
+        """Run all requests to completion, packing their forwards together.
+
+        With `timed`, the device is synchronised around every forward so that per-phase times are real
+        (it costs a little overlap); `last_stats` and each output's `timings` then hold them.
+        """
+        stats = RunStats()
+        self._timed = timed
+        wall0 = time.perf_counter()
         programs: dict[int, Program] = {}
         pending: dict[int, list[Work]] = {}
         outputs: dict[int, RequestOutput] = {}
+        timings: dict[int, dict[str, float]] = {i: {} for i in range(len(requests))}
+        steps_total = sum(r.steps - 1 for r in requests if r.outputs_image)
+        denoise_bar = tqdm(total=steps_total, desc="denoising", unit="step", disable=not progress or not steps_total)
+        token_bar = tqdm(desc="decoding", unit="tok", disable=not progress or not any(r.think or not r.outputs_image for r in requests))
+        self._timings = timings
+        prepared = [self._prepare(i, req) for i, req in enumerate(requests)]
         for i, req in enumerate(requests):
-            prog = self._program(i, req)
+            prog = self._program(i, req, prepared[i])
             programs[i] = prog
             self._advance(i, prog, None, pending, outputs)
         while pending:
             order = list(pending)
             works = [w for i in order for w in pending[i]]
+            t0 = self._now()
             results = self._forward(works)
+            dt = self._now() - t0
+            stats.forwards += 1
+            phases_here = set()
             pos = 0
             for i in order:
-                n = len(pending[i])
-                mine, pos = results[pos : pos + n], pos + n
-                self._advance(i, programs[i], mine, pending, outputs)
+                mine = pending[i]
+                phase = mine[0].phase
+                phases_here.add(phase)
+                timings[i][phase] = timings[i].get(phase, 0.0) + dt
+                if phase == "denoise":
+                    denoise_bar.update(1)
+                    stats.denoise_steps += 1
+                    stats.denoise_branch_evals += len(mine)
+                elif phase in ("decode", "think_decode"):
+                    token_bar.update(1)
+                    stats.decoded_tokens += 1
+                res, pos = results[pos : pos + len(mine)], pos + len(mine)
+                self._advance(i, programs[i], res, pending, outputs)
+            for phase in phases_here:
+                stats.phase_s[phase] = stats.phase_s.get(phase, 0.0) + dt
+        denoise_bar.close()
+        token_bar.close()
+        for i, out in outputs.items():
+            out.timings = {**timings[i], **out.timings}
+            for phase in ("vae_encode", "vae_decode"):
+                if phase in out.timings:
+                    stats.phase_s[phase] = stats.phase_s.get(phase, 0.0) + out.timings[phase]
+            stats.images += len(out.images)
+        stats.wall_s = time.perf_counter() - wall0
+        stats.requests = len(requests)
+        self.last_stats = stats
         return [outputs[i] for i in range(len(requests))]
+
+    def _now(self) -> float:
+        if self._timed and self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
 
     @staticmethod
     def _advance(i: int, prog: Program, sent, pending: dict, outputs: dict) -> None:
@@ -102,12 +183,12 @@ class Runner:
         return results
 
     # ------------------------------------------------------------------ request programs
-    def _program(self, index: int, req: Request) -> Program:
+    def _program(self, index: int, req: Request, prep: _Prepared) -> Program:
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         rng = torch.Generator().manual_seed(seed)
         sample_rng = torch.Generator().manual_seed(seed + 1)
         out = RequestOutput(request_index=index, modality=req.modality, seed=seed)
-        image = self._input_image(req, index) if req.needs_image else None
+        image, height, width = prep.image, prep.height, prep.width
         if not req.outputs_image:
             ctx = self._empty()
             if req.think:
@@ -115,7 +196,7 @@ class Runner:
             if image is not None:
                 yield [self._vit_work(ctx, image)]
             yield [self._text_work(ctx, req.prompt)]
-            ids = yield from self._decode(ctx, req.max_tokens, req.do_sample, req.text_temperature, sample_rng)
+            ids = yield from self._decode(ctx, req.max_tokens, req.do_sample, req.text_temperature, sample_rng, "decode")
             out.token_ids = ids
             out.text = self.tok.decode_generation(ids)
             if req.think:
@@ -127,14 +208,14 @@ class Runner:
             yield [self._text_work(base, GEN_THINK_SYSTEM_PROMPT)]
         if image is None:
             full, cfg_text = base.fork(), base.fork()
-            height, width = self._output_size(req, index)
             yield [self._text_work(full, req.prompt)]
             cfg_img = full.fork()
         else:
             full = base.fork()
-            # The output keeps the VAE-resized input size unless the request asks for another.
-            width, height = req.width or image.width, req.height or image.height
-            yield [self._latent_work(full, self._encode_image(image, rng), 0.0, image.height, image.width)]
+            t0 = self._now()
+            encoded = self._encode_image(image, rng)
+            out.timings["vae_encode"] = self._now() - t0
+            yield [self._latent_work(full, encoded, 0.0, image.height, image.width)]
             yield [self._vit_work(full, image)]
             cfg_text, cfg_img = full.fork(), base.fork()
             yield [self._text_work(full, req.prompt), self._text_work(cfg_img, req.prompt)]
@@ -142,26 +223,28 @@ class Runner:
             yield [self._text_work(cfg_text, req.negative_prompt)]
         if req.think:
             decode_ctx = full.fork()
-            ids = yield from self._decode(decode_ctx, req.max_think_tokens, req.do_sample, req.text_temperature, sample_rng)
+            ids = yield from self._decode(decode_ctx, req.max_think_tokens, req.do_sample, req.text_temperature,
+                                          sample_rng, "think_decode")
             out.token_ids = ids
             out.think_text = self.tok.decode_generation(ids)
-            same_as_full = False
             yield [self._text_work(full, out.think_text)]
-        else:
-            same_as_full = True  # text2img without think: the image-dropped context *is* the full one
-        same_as_full = same_as_full and image is None
-        latent = yield from self._denoise(req, full, cfg_text, cfg_img, same_as_full, height, width, rng)
+        # For text2img without think the image-dropped context *is* the full one: never compute it twice.
+        img_is_full = image is None and not req.think
+        latent = yield from self._denoise(req, full, cfg_text, cfg_img, img_is_full, height, width, rng)
         if req.return_latents:
             out.latents = latent.cpu()
+        t0 = self._now()
         out.images = [self._decode_image(latent, height, width)]
+        out.timings["vae_decode"] = self._now() - t0
         return out
 
-    def _decode(self, ctx: Context, max_tokens: int, do_sample: bool, temperature: float, rng: torch.Generator):
+    def _decode(self, ctx: Context, max_tokens: int, do_sample: bool, temperature: float, rng: torch.Generator,
+                phase: str):
         """The reference `generate_text`: feed `<|im_start|>`, then each predicted token, until
         `<|im_end|>` is predicted or max_tokens tokens (start token included) were fed."""
         ids = [self.tok.special.bos]
         while True:
-            (logits,) = yield [Work(ctx, TextPiece(torch.tensor([ids[-1]])), commit=True, want_output=True)]
+            (logits,) = yield [Work(ctx, TextPiece(torch.tensor([ids[-1]])), commit=True, want_output=True, phase=phase)]
             if do_sample:
                 probs = torch.softmax(logits / temperature, dim=-1).cpu()
                 nxt = int(torch.multinomial(probs, 1, generator=rng))
@@ -176,9 +259,7 @@ class Runner:
         cfg, dev = self.cfg, self.model.device
         h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
         n = h * w
-        if req.noise is not None:
-            if tuple(req.noise.shape) != (n, cfg.patch_latent_dim):
-                raise RequestError(f"noise must have shape ({n}, {cfg.patch_latent_dim}) for {height}x{width}, got {tuple(req.noise.shape)}")
+        if req.noise is not None:  # its shape was checked by _prepare
             x = req.noise.to(device=dev, dtype=torch.float32)
         else:
             x = torch.randn(n, cfg.patch_latent_dim, generator=rng).to(dev)
@@ -191,7 +272,7 @@ class Runner:
                 branches.append(cfg_text)
                 if req.cfg_img_scale > 1.0 and not img_is_full:
                     branches.append(cfg_img)
-            works = [Work(c, LatentPiece(x, t, pos), commit=False, want_output=True) for c in branches]
+            works = [Work(c, LatentPiece(x, t, pos), commit=False, want_output=True, phase="denoise") for c in branches]
             vs = yield works
             if guided:
                 v_i = vs[2] if len(vs) > 2 else vs[0]
@@ -234,25 +315,41 @@ class Runner:
             pixels = decoded_to_uint8(self.vae.decode(z[None].to(self.vae.encoder.conv_in.weight.dtype)))[0]
         return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
-    def _input_image(self, req: Request, index: int) -> Image.Image:
-        try:
-            img = load_image(req.image, what=f"request {index} image")
-        except ImageInputError as e:
-            raise RequestError(f"request {index}: image: {e}") from None
-        resized = resize(img, self.cfg.vae_transform)
+    def _prepare(self, index: int, req: Request) -> "_Prepared":
+        """Load the input image and settle the output size, checking both (and any given noise) before
+        any request of the batch starts, so that a bad request costs no work."""
+        image = None
+        if req.needs_image:
+            try:
+                image = resize(load_image(req.image, what=f"request {index}: image"), self.cfg.vae_transform)
+            except ImageInputError as e:
+                raise RequestError(str(e)) from None
+        if not req.outputs_image:
+            return _Prepared(image, 0, 0)
         max_side = self.cfg.max_image_side
-        if req.modality == "img2img" and max(resized.size) > max_side:
-            raise RequestError(f"request {index}: image resizes to {resized.size[0]}x{resized.size[1]}, above this model's {max_side} px maximum")
-        return resized
-
-    def _output_size(self, req: Request, index: int) -> tuple[int, int]:
-        max_side = self.cfg.max_image_side
-        height = req.height if req.height is not None else min(1024, max_side)
-        width = req.width if req.width is not None else min(1024, max_side)
+        if image is not None and max(image.size) > max_side:
+            raise RequestError(f"request {index}: image resizes to {image.width}x{image.height}, above this model's "
+                               f"{max_side} px maximum")
+        # text2img defaults to 1024 (capped at the model's maximum); img2img keeps the resized input's size.
+        default_h, default_w = (image.height, image.width) if image is not None else (min(1024, max_side),) * 2
+        height, width = req.height or default_h, req.width or default_w
         for name, v in (("height", height), ("width", width)):
             if v > max_side:
                 raise RequestError(f"request {index}: {name} {v} is above this model's maximum of {max_side} px")
-        return height, width
+        if req.noise is not None:
+            d = self.cfg.latent_downsample
+            want = ((height // d) * (width // d), self.cfg.patch_latent_dim)
+            if tuple(req.noise.shape) != want:
+                raise RequestError(f"request {index}: noise must have shape {want} for height {height}, width {width}, "
+                                   f"got {tuple(req.noise.shape)}")
+        return _Prepared(image, height, width)
+
+
+@dataclass
+class _Prepared:
+    image: Image.Image | None
+    height: int
+    width: int
 
 
 def _float32_convs():

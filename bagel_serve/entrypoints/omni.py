@@ -1,31 +1,39 @@
-"""The Python API: `Omni(model, ...).generate(requests)`; the CLI and server are built on it."""
+"""The Python API: `Omni(model, ...).generate(requests)`; the CLI and the server are built on it."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from bagel_serve.config.deploy import (
+    DeployConfig,
+    PipelineSpec,
+    apply_overrides,
+    default_deploy_config,
+    load_deploy_config,
+    resolve_pipeline,
+)
+from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.request import Request, RequestOutput, make_request
-from bagel_serve.engine.runner import Runner
+from bagel_serve.engine.runner import Runner, RunStats
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.model.loader import load_model
-
-# Seed-system keyword arguments whose features are not built yet: accepted at their neutral value only.
-_NEUTRAL_KWARGS: dict[str, Any] = {
-    "tensor_parallel_size": 1,
-    "cfg_parallel_size": 1,
-    "vae_patch_parallel_size": 1,
-    "quantization": None,
-}
+from bagel_serve.model.loader import load_model, read_config, resolve_model_dir
 
 
 class Omni:
     """One loaded BAGEL model serving all four modalities.
 
     `model` is a checkpoint directory or a Hugging Face repo id. Weights are bf16 on CUDA and float32 on
-    the CPU unless `dtype` says otherwise.
+    the CPU unless `dtype` says otherwise. `deploy_config` is a deploy YAML in the seed system's schema
+    (default: the bundled one for the model's topology); the other keyword arguments are the seed's engine
+    options (`tensor_parallel_size`, `cfg_parallel_size`, `vae_patch_parallel_size`, `vae_use_tiling`,
+    `quantization`, `worker_backend`, `ray_address`, `log_stats`, `init_timeout`, `batch_timeout`,
+    `enable_diffusion_pipeline_profiler`, `stage_overrides`, ...). An option whose feature is not built yet
+    fails by name rather than being ignored.
     """
 
     def __init__(
@@ -35,39 +43,60 @@ class Omni:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         deploy_config: str | os.PathLike | None = None,
+        progress: bool = False,
         **kwargs: Any,
     ) -> None:
-        for name, neutral in _NEUTRAL_KWARGS.items():
-            value = kwargs.pop(name, neutral)
-            if value != neutral:
-                raise NotImplementedError(f"Omni: {name}={value!r} is not supported yet (only {neutral!r})")
-        if kwargs:
-            raise TypeError(f"Omni: unknown keyword argument(s): {', '.join(sorted(kwargs))}")
-        if deploy_config is not None:
-            raise NotImplementedError("Omni: deploy_config is not supported yet; the engine runs single-stage")
+        self.options = EngineOptions.from_kwargs(kwargs)
+        self.options.require_runnable()
+        model_dir = resolve_model_dir(model)
+        read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
+        config_json = _read_config_json(model_dir)
+        deploy = load_deploy_config(deploy_config or default_deploy_config(config_json))
+        deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
+        self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
+        deploy.require_runnable()
+        self.deploy_config: DeployConfig = deploy
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
-        loaded = load_model(model, device=device, dtype=dtype)
+        self.model_name = str(model)
+        loaded = load_model(model_dir, device=device, dtype=dtype, progress=progress)
         self.config = loaded.config
         self.model_dir = loaded.model_dir
         self.tokenizer = BagelTokenizer(loaded.model_dir)
         self.runner = Runner(loaded.model, loaded.vae, self.tokenizer)
+        self.progress = progress
 
     @property
     def device(self) -> torch.device:
         return self.runner.model.device
+
+    @property
+    def last_stats(self) -> RunStats | None:
+        """Per-phase times and throughput of the last `generate` call."""
+        return self.runner.last_stats
 
     def generate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]]) -> list[RequestOutput]:
         """Run requests (dicts or `Request`s) together; one output per request, in order."""
         if isinstance(requests, (Request, dict)):
             requests = [requests]
         reqs = [make_request(r, i) for i, r in enumerate(requests)]
-        return self.runner.generate(reqs)
+        timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
+        return self.runner.generate(reqs, progress=self.progress, timed=timed)
+
+
+def _read_config_json(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # the loader reports the broken file with its own message
 
 
 def _parse_dtype(name: str) -> torch.dtype:
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"Omni: dtype must be one of {', '.join(table)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {', '.join(table)}, got {name!r}")
     return table[name]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
 from bagel_serve.model.autoencoder import AutoEncoder
@@ -99,7 +100,11 @@ def _keys_of(path: Path) -> list[str]:
 def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as e:  # a truncated / corrupt shard of a sharded checkpoint is first opened here
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+        with f:
             for k in f.keys():
                 if files.get(k) == path:
                     shapes[k] = tuple(f.get_slice(k).get_shape())
@@ -129,7 +134,8 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def _load_into(module: nn.Module, files: dict[str, Path], device: torch.device, dtype: torch.dtype) -> None:
+def _load_into(module: nn.Module, files: dict[str, Path], device: torch.device, dtype: torch.dtype,
+               bar: tqdm | None = None) -> None:
     by_file: dict[Path, list[str]] = {}
     for k, p in files.items():
         by_file.setdefault(p, []).append(k)
@@ -137,7 +143,18 @@ def _load_into(module: nn.Module, files: dict[str, Path], device: torch.device, 
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt", device=open_device) as f:
             for k in keys:
-                _assign(module, k, f.get_tensor(k).to(dtype=dtype))
+                t = f.get_tensor(k)
+                _assign(module, k, t.to(dtype=dtype))
+                if bar is not None:
+                    bar.update(t.numel() * t.element_size())
+
+
+def read_config(model_dir: Path) -> BagelConfig:
+    """The checkpoint's model config; a missing or inconsistent file is a CheckpointError naming it."""
+    try:
+        return load_bagel_config(model_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -156,16 +173,14 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> LoadedModel:
     """Load BAGEL and its autoencoder. bf16 on CUDA and float32 on CPU unless `dtype` says otherwise;
     the autoencoder stays float32 (the reference decodes in float32)."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     model_dir = resolve_model_dir(model)
-    try:
-        cfg = load_bagel_config(model_dir)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    cfg = read_config(model_dir)
     files = _weight_files(model_dir)
     shapes = _shapes(files)
     if LATENT_POS_KEY in shapes:
@@ -174,9 +189,8 @@ def load_model(
             cfg = cfg.with_max_latent_size(side)
     bagel = build_model(cfg)
     _check_keys(bagel, shapes, f"{model_dir} weights")
-    _load_into(bagel, files, device, dtype)
-    bagel.eval().requires_grad_(False)
 
+    # Check the autoencoder file too before any weights are read, so a bad ae.safetensors fails fast.
     ae_path = model_dir / AE_FILE
     if not ae_path.exists():
         raise CheckpointError(f"missing checkpoint file: {ae_path}")
@@ -184,6 +198,11 @@ def load_model(
     with torch.device("meta"):
         vae = AutoEncoder(cfg.vae)
     _check_keys(vae, _shapes(ae_files), str(ae_path))
-    _load_into(vae, ae_files, device, vae_dtype)
+
+    total = sum(p.stat().st_size for p in set(files.values()) | {ae_path})
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        _load_into(bagel, files, device, dtype, bar)
+        _load_into(vae, ae_files, device, vae_dtype, bar)
+    bagel.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     return LoadedModel(cfg, bagel, vae, model_dir)
