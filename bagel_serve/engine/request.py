@@ -16,7 +16,15 @@ MODALITIES = ("text2text", "img2text", "text2img", "img2img")
 
 
 class RequestError(ValueError):
-    """A request field is missing or out of range; the message names the field."""
+    """A request field is missing or out of range; the message names the request and the field.
+
+    `field` and `reason` carry the same facts apart, so the CLI can name its flag instead.
+    """
+
+    def __init__(self, message: str, field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
 
 
 @dataclass
@@ -90,7 +98,7 @@ def make_request(obj: Request | dict[str, Any], index: int = 0) -> Request:
 
 def _validate(r: Request, where: str) -> None:
     def bad(name: str, msg: str) -> RequestError:
-        return RequestError(f"{where}: {name} {msg}")
+        return RequestError(f"{where}: {name} {msg}", field=name, reason=msg)
 
     if r.modality not in MODALITIES:
         raise bad("modality", f"must be one of {', '.join(MODALITIES)}, got {r.modality!r}")

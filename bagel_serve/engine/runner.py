@@ -335,7 +335,8 @@ class Runner:
         height, width = req.height or default_h, req.width or default_w
         for name, v in (("height", height), ("width", width)):
             if v > max_side:
-                raise RequestError(f"request {index}: {name} {v} is above this model's maximum of {max_side} px")
+                raise RequestError(f"request {index}: {name} {v} is above this model's maximum of {max_side} px",
+                                   field=name, reason=f"{v} is above this model's maximum of {max_side} px")
         if req.noise is not None:
             d = self.cfg.latent_downsample
             want = ((height // d) * (width // d), self.cfg.patch_latent_dim)

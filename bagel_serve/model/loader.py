@@ -20,6 +20,7 @@ from tqdm import tqdm
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
+from bagel_serve.testing.demo import DEMO_MODEL, ensure_demo_model
 
 EMA_FILE = "ema.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,6 +47,8 @@ def resolve_model_dir(model: str | os.PathLike, *, local_files_only: bool = Fals
     if path.is_dir():
         return path
     name = str(model)
+    if name == DEMO_MODEL:
+        return ensure_demo_model()
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"model {name!r} is neither a checkpoint directory nor a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -203,6 +206,7 @@ def load_model(
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         _load_into(bagel, files, device, dtype, bar)
         _load_into(vae, ae_files, device, vae_dtype, bar)
+        bar.update(bar.total - bar.n)  # the files' headers are part of the total but not of the tensors
     bagel.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     return LoadedModel(cfg, bagel, vae, model_dir)

@@ -65,6 +65,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "init_std": 0.1,
     },
 }
+# The built-in demo: the tiny model with a small generated tokenizer, so it needs no extra package.
+PRESETS["demo"] = {**PRESETS["tiny"], "llm": {**PRESETS["tiny"]["llm"], "vocab_size": 448}, "tokenizer": "demo"}
+
+QWEN25_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEMO_CORPUS = [
+    "A cute cat sitting on a windowsill at sunset.", "A photo of a dog running on the beach.",
+    "Describe the image in detail.", "What is in this picture? Describe it in one sentence.",
+    "Change the color of the car to yellow and keep the background.", "Make it look like a painting.",
+    "You should first think about the planning process in the mind and then generate the image.",
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think>",
+    "Hello world! How are you today? Write a short poem about the sea and the wind.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+]
 
 
 def preset_config(name: str) -> BagelConfig:
@@ -95,6 +117,46 @@ def qwen_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
+def _write_tokenizer_config(out_dir: Path, added_tokens: list[dict[str, Any]]) -> None:
+    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+             for t in added_tokens}
+    specials = [t["content"] for t in added_tokens if t["special"] and t["content"] != "<|endoftext|>"]
+    config = {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": specials, "bos_token": None, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def write_demo_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
+    """A small byte-level BPE with Qwen's pre-tokenizer and the 22 Qwen2.5 added tokens, trained here on a
+    fixed corpus (deterministic), for the built-in demo model; returns the tokenizer length."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_DEMO_CORPUS, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in QWEN25_ADDED_TOKENS])
+    tok.save(str(out_dir / "tokenizer.json"))
+    tok.model.save(str(out_dir))  # vocab.json + merges.txt
+    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    special = dict(QWEN25_ADDED_TOKENS)
+    for t in data["added_tokens"]:
+        t["special"] = special[t["content"]]
+    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    _write_tokenizer_config(out_dir, data["added_tokens"])
+    return tok.get_vocab_size()
+
+
 def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> int:
     """Write Qwen2.5 tokenizer files (byte-level BPE + 22 added tokens); returns the tokenizer length.
 
@@ -107,16 +169,7 @@ def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> int:
     (out_dir / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     for name in ("vocab.json", "merges.txt"):
         (out_dir / name).write_bytes((src / name).read_bytes())
-    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-             for t in tok["added_tokens"]}
-    specials = [t["content"] for t in tok["added_tokens"] if t["special"] and t["content"] != "<|endoftext|>"]
-    config = {
-        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
-        "additional_special_tokens": specials, "bos_token": None, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    _write_tokenizer_config(out_dir, tok["added_tokens"])
     return max(t["id"] for t in tok["added_tokens"]) + 1
 
 
@@ -180,7 +233,7 @@ def write_checkpoint(
     tokenizer_dir: Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a random-weight checkpoint of a preset ('tiny' or 'full'); returns its directory.
+    """Write a random-weight checkpoint of a preset ('tiny', 'demo' or 'full'); returns its directory.
 
     `overrides` replaces top-level `config.json` fields (e.g. a stale `max_latent_size`) without
     changing the weights. `shard_bytes` writes `model-*.safetensors` + index instead of ema.safetensors.
@@ -194,7 +247,7 @@ def write_checkpoint(
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    tok_len = write_tokenizer(out, tokenizer_dir)
+    tok_len = write_demo_tokenizer(out) if p.get("tokenizer") == "demo" else write_tokenizer(out, tokenizer_dir)
     (out / "llm_config.json").write_text(json.dumps(p["llm"], indent=2))
     (out / "vit_config.json").write_text(json.dumps(p["vit"], indent=2))
     top = {"visual_gen": True, "visual_und": True, "llm_config": {**p["llm"], "qk_norm": True,

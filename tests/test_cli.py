@@ -1,0 +1,202 @@
+"""End-to-end CLI tests: `bagel-serve generate` and the seed's end2end.py on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bagel_serve.entrypoints.cli import end2end_main, main
+from bagel_serve.entrypoints.outputs import read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs"
+EDIT = INPUTS / "edit_rgb_150x100.png"
+
+
+def gen(tiny: Path, out: Path, *flags: str) -> None:
+    assert main(["generate", "--model", str(tiny), "--output", str(out), "--no-progress", *flags]) == 0
+
+
+def fails(capsys: pytest.CaptureFixture, argv: list[str], pattern: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert pattern in err, err
+    return err
+
+
+def test_text2img_files_parameters_manifest(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    gen(tiny_checkpoint, out, "--prompts", "A cat", "A dog", "--steps", "4", "--seed", "7", "--height", "64",
+        "--width", "96", "--negative-prompt", "blurry", "--cfg-interval", "0.2", "1.0")
+    for i, prompt in enumerate(["A cat", "A dog"]):
+        img = Image.open(out / f"output_{i}_0.png")
+        assert img.size == (96, 64)
+        params = read_parameters(out / f"output_{i}_0.png")
+        assert params["prompt"] == prompt and params["seed"] == 7 and params["steps"] == 4
+        assert params["negative_prompt"] == "blurry" and params["cfg_interval"] == [0.2, 1.0]
+        assert (params["height"], params["width"]) == (64, 96) and params["engine"].startswith("bagel-serve ")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["files"] for e in manifest["outputs"]] == [["output_0_0.png"], ["output_1_0.png"]]
+    assert manifest["pipeline"] == "bagel_single_stage" and manifest["dtype"] == "float32"
+
+
+def test_seed_gives_identical_pixels_and_no_silent_overwrite(tiny_checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    flags = ["--prompts", "A red fox", "--steps", "3", "--seed", "123", "--height", "32", "--width", "32"]
+    gen(tiny_checkpoint, tmp_path / "a", *flags)
+    gen(tiny_checkpoint, tmp_path / "b", *flags)
+    a = np.asarray(Image.open(tmp_path / "a" / "output_0_0.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "output_0_0.png"))
+    assert np.array_equal(a, b)
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "a"), *flags],
+          "already exist")
+    gen(tiny_checkpoint, tmp_path / "a", *flags, "--overwrite")
+
+
+def test_all_modalities_think_and_prompt_file(tiny_checkpoint: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is this?\n\n  Describe the colours.  \n")
+    gen(tiny_checkpoint, tmp_path / "i2t", "--modality", "img2text", "--image-path", str(EDIT), "--txt-prompts",
+        str(prompts), "--max-think-tokens", "6", "--think")
+    out = capsys.readouterr().out
+    assert "[0] img2text" in out and "[1] img2text" in out and "'Describe the colours.'" in out
+    for i in range(2):
+        assert (tmp_path / "i2t" / f"output_{i}.txt").exists()
+    gen(tiny_checkpoint, tmp_path / "t2t", "--modality", "text2text", "--prompts", "Hi", "--max-tokens", "5")
+    text = (tmp_path / "t2t" / "output_0.txt").read_text()
+    assert "text: " + text in capsys.readouterr().out
+    gen(tiny_checkpoint, tmp_path / "i2i", "--modality", "img2img", "--image-path", str(EDIT), "--prompts",
+        "Make it blue", "--steps", "3", "--cfg-renorm-type", "text_channel", "--think", "--max-think-tokens", "4")
+    assert Image.open(tmp_path / "i2i" / "output_0_0.png").size == (128, 80)
+    think = (tmp_path / "i2i" / "output_0_think.txt").read_text()
+    assert read_parameters(tmp_path / "i2i" / "output_0_0.png")["think_text"] == think
+
+
+def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gen(tiny_checkpoint, tmp_path, "--prompts", "x", "--steps", "3", "--height", "32", "--width", "32",
+        "--log-stats", "--enable-diffusion-pipeline-profiler")
+    out = capsys.readouterr().out
+    assert "denoising steps 2" in out and "context_prefill" in out and "vae_decode" in out
+    assert "request 0" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "1"], "--steps must be an integer >= 2"),
+    (["--height", "100"], "--height must be a positive multiple of 16"),
+    (["--height", "256"], "--height 256 is above this model's maximum of 128 px"),
+    (["--cfg-interval", "0.9", "0.1"], "--cfg-interval must satisfy 0 <= low <= high <= 1"),
+    (["--cfg-renorm-min", "2"], "--cfg-renorm-min must be a number in [0, 1]"),
+    (["--text-temperature", "0"], "--text-temperature must be a number > 0"),
+    (["--max-think-tokens", "0"], "--max-think-tokens must be a positive integer"),
+    (["--modality", "img2img"], "--image-path is required for img2img"),
+    (["--image-path", str(EDIT)], "--image-path is only used by img2img and img2text"),
+    (["--modality", "img2img", "--image-path", "/nonexistent.png"], "/nonexistent.png"),
+    (["--txt-prompts", "/nonexistent.txt"], "--txt-prompts: file not found: /nonexistent.txt"),
+    (["--tensor-parallel-size", "2"], "tensor parallel"),
+    (["--cfg-parallel-size", "2"], "CFG parallel"),
+    (["--vae-patch-parallel-size", "2"], "VAE patch parallel"),
+    (["--vae-use-tiling"], "VAE tiling"),
+    (["--quantization", "fp8"], "quantization"),
+    (["--worker-backend", "ray"], "Ray worker backend is not built yet"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be a positive integer"),
+])
+def test_bad_flags(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
+                   message: str) -> None:
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--output", str(tmp_path), *flags], message)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_images_and_prompt_files(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(EDIT.read_bytes()[:300])
+    base = ["generate", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--modality", "img2img"]
+    fails(capsys, [*base, "--image-path", str(corrupt)], str(corrupt))
+    notimage = tmp_path / "x.png"
+    notimage.write_text("hello")
+    fails(capsys, [*base, "--image-path", str(notimage)], str(notimage))
+    binary = tmp_path / "p.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--txt-prompts", str(binary)], "--txt-prompts: cannot read")
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--txt-prompts", str(empty)], "has no prompts")
+
+
+def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("stages: [\n  - stage_id: 0\n")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(malformed)], "bad.yaml")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n    max_num_seqz: 1\n")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
+          "stages[0].max_num_seqz")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(ROOT / "deploy" / "bagel.yaml")],
+          "two-stage")
+    gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", str(ROOT / "deploy" / "bagel_single_stage.yaml"),
+        "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
+
+
+def test_end2end_script_and_demo_model(tmp_path: Path) -> None:
+    """The seed's command line, as a real subprocess, on the built-in demo model."""
+    env = {"BAGEL_SERVE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    script = ROOT / "examples" / "offline_inference" / "bagel" / "end2end.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", "bagel-serve-demo", "--modality", "text2img",
+                           "--prompts", "A cute cat", "--steps", "3", "--output", str(tmp_path / "out"), "--seed", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM weights" in proc.stderr
+    assert Image.open(tmp_path / "out" / "output_0_0.png").size == (128, 128)
+    assert read_parameters(tmp_path / "out" / "output_0_0.png")["model"] == "bagel-serve-demo"
+
+
+def test_end2end_help_lists_seed_flags(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        end2end_main(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--modality", "--prompts", "--txt-prompts", "--image-path", "--output", "--steps", "--seed",
+                 "--think", "--max-think-tokens", "--do-sample", "--text-temperature", "--cfg-text-scale",
+                 "--cfg-img-scale", "--negative-prompt", "--cfg-interval", "--cfg-renorm-type", "--cfg-renorm-min",
+                 "--cfg-parallel-size", "--deploy-config", "--worker-backend", "--ray-address", "--quantization",
+                 "--log-stats", "--init-timeout", "--batch-timeout", "--enable-diffusion-pipeline-profiler",
+                 "--height", "--width", "--timestep-shift"):
+        assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("kwargs, flags", [
+    ({"cfg_parallel_size": 2}, ["--cfg-parallel-size", "2"]),
+    ({"worker_backend": "ray"}, ["--worker-backend", "ray"]),
+    ({"tensor_parallel_size": 0}, ["--tensor-parallel-size", "0"]),
+    ({"quantization": "fp8"}, ["--quantization", "fp8"]),
+])
+def test_omni_kwargs_say_what_the_cli_says(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           kwargs: dict, flags: list[str]) -> None:
+    from bagel_serve import Omni
+
+    with pytest.raises((ValueError, NotImplementedError)) as exc:
+        Omni(tiny_checkpoint, device="cpu", **kwargs)
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--output", str(tmp_path), *flags], str(exc.value))
+
+
+def test_omni_rejects_unknown_kwargs(tiny_checkpoint: Path) -> None:
+    from bagel_serve import Omni
+
+    with pytest.raises(TypeError, match="unknown engine option.*tensor_paralel_size"):
+        Omni(tiny_checkpoint, tensor_paralel_size=2)
+
+
+def test_download_offline_says_why(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    fails(capsys, ["download", "someone/missing-model", "--local-dir", str(tmp_path / "dl")],
+          "could not download someone/missing-model")
