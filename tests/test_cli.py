@@ -140,7 +140,10 @@ def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
           "stages[0].max_num_seqz")
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(ROOT / "deploy" / "bagel.yaml")],
-          "two-stage")
+          "one process per stage is not built yet")
+    gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
+        "--worker-backend", "inline", "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["pipeline"] == "bagel"
     gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", str(ROOT / "deploy" / "bagel_single_stage.yaml"),
         "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
 

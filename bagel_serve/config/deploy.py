@@ -313,12 +313,10 @@ class DeployConfig:
         raise KeyError(stage_id)
 
     def require_runnable(self) -> None:
-        """Raise NotImplementedError naming every part of this config the engine cannot run yet."""
+        """Raise NotImplementedError naming every part of this config the engine cannot run yet.
+
+        Whether the stages can be placed (worker backend) is the engine options' question, not this one."""
         missing: list[str] = []
-        if not self.single_stage:
-            name = f"pipeline {self.pipeline!r}: " if self.pipeline else ""
-            missing.append(f"{name}two-stage Thinker→DiT topology is not built yet; "
-                           f"use deploy/bagel_single_stage.yaml")
         for i, s in enumerate(self.stages):
             pc = s.parallel_config
             where = f"stages[{i}]"

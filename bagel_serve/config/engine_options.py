@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-WORKER_BACKENDS = ("process", "multi_process", "ray")
+WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
 QUANTIZATIONS = ("fp8",)
 
 
@@ -96,10 +96,20 @@ class EngineOptions:
                                               "vae_use_tiling", "use_hsdp", "hsdp_shard_size", "hsdp_replicate_size",
                                               "quantization")}
 
-    def require_runnable(self) -> None:
-        """Refuse, by name, what the engine cannot do yet: a flag is never silently ignored."""
+    def require_runnable(self, num_stages: int = 1) -> None:
+        """Refuse, by name, what the engine cannot do yet: a flag is never silently ignored.
+
+        `inline` runs every stage in this process (two stages hand contexts over by reference). `process`
+        places one process per stage: for a single stage that is this process; several stages need the
+        multi-process workers, which are not built yet.
+        """
         if self.worker_backend == "ray" or self.ray_address:
             raise NotImplementedError(
                 f"{_name('worker_backend')}=ray / {_name('ray_address')}: the Ray worker backend is not built yet; "
-                "the engine runs in this process (worker_backend=process)"
+                "use worker_backend=inline (every stage in this process)"
+            )
+        if num_stages > 1 and self.worker_backend in ("process", "multi_process"):
+            raise NotImplementedError(
+                f"{_name('worker_backend')}={self.worker_backend}: one process per stage is not built yet; "
+                f"run the {num_stages} stages in this process with worker_backend=inline (--worker-backend inline)"
             )

@@ -39,6 +39,8 @@ class Request:
     max_tokens: int = 512
     do_sample: bool = False
     text_temperature: float = 0.3
+    top_k: int = 0
+    top_p: float = 1.0
     height: int | None = None
     width: int | None = None
     steps: int = 50
@@ -117,6 +119,10 @@ def _validate(r: Request, where: str) -> None:
     v = r.text_temperature
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise bad("text_temperature", f"must be a number > 0, got {v!r}")
+    if isinstance(r.top_k, bool) or not isinstance(r.top_k, int) or r.top_k < 0:
+        raise bad("top_k", f"must be a non-negative integer (0 = off), got {r.top_k!r}")
+    if isinstance(r.top_p, bool) or not isinstance(r.top_p, (int, float)) or not 0.0 < r.top_p <= 1.0:
+        raise bad("top_p", f"must be a number in (0, 1], got {r.top_p!r}")
     for name in ("height", "width"):
         v = getattr(r, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16):

@@ -12,17 +12,17 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Generator
+from typing import Callable, Generator
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.batch import LatentPiece, Packer, Piece, SeqSpec, TextPiece, VitPiece
 from bagel_serve.engine.diffusion import combine_cfg, flow_schedule, guidance_active
 from bagel_serve.engine.kv_cache import Context
 from bagel_serve.engine.request import Request, RequestError, RequestOutput
+from bagel_serve.engine.sampling import choose_token
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelTokenizer
 from bagel_serve.imaging import (
     ImageInputError,
@@ -80,6 +80,7 @@ class RunStats:
 
 
 Program = Generator[list[Work], list[torch.Tensor | None], RequestOutput]
+TokenCallback = Callable[[int], None]
 
 
 class Runner:
@@ -89,83 +90,13 @@ class Runner:
         self.tok = tokenizer
         self.cfg: BagelConfig = model.config
         self.packer = Packer(model, tokenizer.special)
-        self.last_stats: RunStats | None = None
         self._timed = False
 
-    # ------------------------------------------------------------------ scheduling
-    @torch.inference_mode()
-    def generate(self, requests: list[Request], progress: bool = False, timed: bool = False) -> list[RequestOutput]:
-        """Run all requests to completion, packing their forwards together.
-
-        With `timed`, the device is synchronised around every forward so that per-phase times are real
-        (it costs a little overlap); `last_stats` and each output's `timings` then hold them.
-        """
-        stats = RunStats()
-        self._timed = timed
-        wall0 = time.perf_counter()
-        programs: dict[int, Program] = {}
-        pending: dict[int, list[Work]] = {}
-        outputs: dict[int, RequestOutput] = {}
-        timings: dict[int, dict[str, float]] = {i: {} for i in range(len(requests))}
-        steps_total = sum(r.steps - 1 for r in requests if r.outputs_image)
-        denoise_bar = tqdm(total=steps_total, desc="denoising", unit="step", disable=not progress or not steps_total)
-        token_bar = tqdm(desc="decoding", unit="tok", disable=not progress or not any(r.think or not r.outputs_image for r in requests))
-        self._timings = timings
-        prepared = [self._prepare(i, req) for i, req in enumerate(requests)]
-        for i, req in enumerate(requests):
-            prog = self._program(i, req, prepared[i])
-            programs[i] = prog
-            self._advance(i, prog, None, pending, outputs)
-        while pending:
-            order = list(pending)
-            works = [w for i in order for w in pending[i]]
-            t0 = self._now()
-            results = self._forward(works)
-            dt = self._now() - t0
-            stats.forwards += 1
-            phases_here = set()
-            pos = 0
-            for i in order:
-                mine = pending[i]
-                phase = mine[0].phase
-                phases_here.add(phase)
-                timings[i][phase] = timings[i].get(phase, 0.0) + dt
-                if phase == "denoise":
-                    denoise_bar.update(1)
-                    stats.denoise_steps += 1
-                    stats.denoise_branch_evals += len(mine)
-                elif phase in ("decode", "think_decode"):
-                    token_bar.update(1)
-                    stats.decoded_tokens += 1
-                res, pos = results[pos : pos + len(mine)], pos + len(mine)
-                self._advance(i, programs[i], res, pending, outputs)
-            for phase in phases_here:
-                stats.phase_s[phase] = stats.phase_s.get(phase, 0.0) + dt
-        denoise_bar.close()
-        token_bar.close()
-        for i, out in outputs.items():
-            out.timings = {**timings[i], **out.timings}
-            for phase in ("vae_encode", "vae_decode"):
-                if phase in out.timings:
-                    stats.phase_s[phase] = stats.phase_s.get(phase, 0.0) + out.timings[phase]
-            stats.images += len(out.images)
-        stats.wall_s = time.perf_counter() - wall0
-        stats.requests = len(requests)
-        self.last_stats = stats
-        return [outputs[i] for i in range(len(requests))]
-
+    # ------------------------------------------------------------------ forwards (the engine schedules them)
     def _now(self) -> float:
         if self._timed and self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter()
-
-    @staticmethod
-    def _advance(i: int, prog: Program, sent, pending: dict, outputs: dict) -> None:
-        try:
-            pending[i] = prog.send(sent) if sent is not None else next(prog)
-        except StopIteration as stop:
-            pending.pop(i, None)
-            outputs[i] = stop.value
 
     def _forward(self, works: list[Work]) -> list[torch.Tensor | None]:
         specs = [SeqSpec(w.context, w.piece, w.commit) for w in works]
@@ -183,7 +114,19 @@ class Runner:
         return results
 
     # ------------------------------------------------------------------ request programs
-    def _program(self, index: int, req: Request, prep: _Prepared) -> Program:
+    def program(self, index: int, req: Request, prep: "_Prepared", on_token: TokenCallback | None = None) -> Program:
+        """The whole request, as the single-stage topology runs it."""
+        result = yield from self.context_program(index, req, prep, on_token)
+        if isinstance(result, Handoff):
+            result = yield from self.image_program(result)
+        return result
+
+    def context_program(self, index: int, req: Request, prep: "_Prepared", on_token: TokenCallback | None = None):
+        """Stage 0 (the Thinker): build every context, decode text or the think plan.
+
+        Text requests end here with their output; image requests end with a `Handoff` carrying the full
+        and CFG contexts, which the image program (stage 1, the DiT) denoises and decodes.
+        """
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         rng = torch.Generator().manual_seed(seed)
         sample_rng = torch.Generator().manual_seed(seed + 1)
@@ -196,7 +139,7 @@ class Runner:
             if image is not None:
                 yield [self._vit_work(ctx, image)]
             yield [self._text_work(ctx, req.prompt)]
-            ids = yield from self._decode(ctx, req.max_tokens, req.do_sample, req.text_temperature, sample_rng, "decode")
+            ids = yield from self._decode(ctx, req, req.max_tokens, sample_rng, "decode", on_token)
             out.token_ids = ids
             out.text = self.tok.decode_generation(ids)
             if req.think:
@@ -222,55 +165,66 @@ class Runner:
         if req.negative_prompt:
             yield [self._text_work(cfg_text, req.negative_prompt)]
         if req.think:
-            decode_ctx = full.fork()
-            ids = yield from self._decode(decode_ctx, req.max_think_tokens, req.do_sample, req.text_temperature,
-                                          sample_rng, "think_decode")
+            ids = yield from self._decode(full.fork(), req, req.max_think_tokens, sample_rng, "think_decode", on_token)
             out.token_ids = ids
             out.think_text = self.tok.decode_generation(ids)
             yield [self._text_work(full, out.think_text)]
         # For text2img without think the image-dropped context *is* the full one: never compute it twice.
         img_is_full = image is None and not req.think
-        latent = yield from self._denoise(req, full, cfg_text, cfg_img, img_is_full, height, width, rng)
+        guided = req.cfg_text_scale > 1.0
+        return Handoff(
+            request=req, output=out, height=height, width=width, rng_state=rng.get_state(), full=full,
+            cfg_text=cfg_text if guided else None,
+            cfg_img=cfg_img if guided and req.cfg_img_scale > 1.0 and not img_is_full else None,
+            img_is_full=img_is_full,
+        )
+
+    def image_program(self, h: "Handoff"):
+        """Stage 1 (the DiT): denoise with the handed-over contexts, then decode the image."""
+        h.check()
+        req, out = h.request, h.output
+        rng = torch.Generator()
+        rng.set_state(h.rng_state)
+        latent = yield from self._denoise(req, h.full, h.cfg_text, h.cfg_img, h.img_is_full, h.height, h.width, rng)
         if req.return_latents:
             out.latents = latent.cpu()
         t0 = self._now()
-        out.images = [self._decode_image(latent, height, width)]
+        out.images = [self._decode_image(latent, h.height, h.width)]
         out.timings["vae_decode"] = self._now() - t0
         return out
 
-    def _decode(self, ctx: Context, max_tokens: int, do_sample: bool, temperature: float, rng: torch.Generator,
-                phase: str):
+    def _decode(self, ctx: Context, req: Request, max_tokens: int, rng: torch.Generator, phase: str,
+                on_token: TokenCallback | None):
         """The reference `generate_text`: feed `<|im_start|>`, then each predicted token, until
         `<|im_end|>` is predicted or max_tokens tokens (start token included) were fed."""
         ids = [self.tok.special.bos]
         while True:
             (logits,) = yield [Work(ctx, TextPiece(torch.tensor([ids[-1]])), commit=True, want_output=True, phase=phase)]
-            if do_sample:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                nxt = int(torch.multinomial(probs, 1, generator=rng))
-            else:
-                nxt = int(torch.argmax(logits))
+            nxt = choose_token(logits, do_sample=req.do_sample, temperature=req.text_temperature, top_k=req.top_k,
+                               top_p=req.top_p, generator=rng)
             if nxt == self.tok.special.eos or len(ids) >= max_tokens:
                 return ids
             ids.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
 
     def _denoise(self, req: Request, full: Context, cfg_text: Context, cfg_img: Context, img_is_full: bool,
                  height: int, width: int, rng: torch.Generator):
         cfg, dev = self.cfg, self.model.device
         h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
         n = h * w
-        if req.noise is not None:  # its shape was checked by _prepare
+        if req.noise is not None:  # its shape was checked by prepare
             x = req.noise.to(device=dev, dtype=torch.float32)
         else:
             x = torch.randn(n, cfg.patch_latent_dim, generator=rng).to(dev)
         pos = flattened_position_ids(h, w, cfg.max_latent_size)
         times, dts = flow_schedule(req.steps, req.timestep_shift)
         for t, dt in zip(times.tolist(), dts.to(dev)):
-            guided = guidance_active(t, req.cfg_interval) and req.cfg_text_scale > 1.0
+            guided = guidance_active(t, req.cfg_interval) and cfg_text is not None
             branches = [full]
             if guided:
                 branches.append(cfg_text)
-                if req.cfg_img_scale > 1.0 and not img_is_full:
+                if cfg_img is not None:
                     branches.append(cfg_img)
             works = [Work(c, LatentPiece(x, t, pos), commit=False, want_output=True, phase="denoise") for c in branches]
             vs = yield works
@@ -315,7 +269,7 @@ class Runner:
             pixels = decoded_to_uint8(self.vae.decode(z[None].to(self.vae.encoder.conv_in.weight.dtype)))[0]
         return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
-    def _prepare(self, index: int, req: Request) -> "_Prepared":
+    def prepare(self, index: int, req: Request) -> "_Prepared":
         """Load the input image and settle the output size, checking both (and any given noise) before
         any request of the batch starts, so that a bad request costs no work."""
         image = None
@@ -344,6 +298,36 @@ class Runner:
                 raise RequestError(f"request {index}: noise must have shape {want} for height {height}, width {width}, "
                                    f"got {tuple(req.noise.shape)}")
         return _Prepared(image, height, width)
+
+
+@dataclass
+class Handoff:
+    """What stage 0 hands stage 1 for an image request: the contexts (their KV, RoPE position and length)
+    and everything needed to continue exactly where a single stage would (the CPU RNG state included)."""
+
+    request: Request
+    output: RequestOutput
+    height: int
+    width: int
+    rng_state: torch.Tensor
+    full: Context
+    cfg_text: Context | None
+    cfg_img: Context | None
+    img_is_full: bool
+
+    def check(self) -> None:
+        """A guided request must bring its CFG contexts: a missing one is an error, never a silent fallback."""
+        req = self.request
+        if req.cfg_text_scale > 1.0 and self.cfg_text is None:
+            raise HandoffError(f"request {self.output.request_index}: the text-dropped CFG context is missing "
+                               f"(cfg_text_scale {req.cfg_text_scale} > 1)")
+        if req.cfg_text_scale > 1.0 and req.cfg_img_scale > 1.0 and not self.img_is_full and self.cfg_img is None:
+            raise HandoffError(f"request {self.output.request_index}: the image-dropped CFG context is missing "
+                               f"(cfg_img_scale {req.cfg_img_scale} > 1)")
+
+
+class HandoffError(RuntimeError):
+    """A stage-1 request arrived without a context it needs."""
 
 
 @dataclass

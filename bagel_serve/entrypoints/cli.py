@@ -36,7 +36,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--worker-backend", default="process", choices=["process", "multi_process", "ray"])
+    g.add_argument("--worker-backend", default="process", choices=["process", "multi_process", "inline", "ray"])
     g.add_argument("--ray-address", default=None)
     g.add_argument("--tensor-parallel-size", type=int, default=None)
     g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2, 3])

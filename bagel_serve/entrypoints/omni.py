@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -20,6 +20,7 @@ from bagel_serve.config.deploy import (
 from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.request import Request, RequestOutput, make_request
 from bagel_serve.engine.runner import Runner, RunStats
+from bagel_serve.pipeline.orchestrator import Orchestrator
 from bagel_serve.engine.tokenizer import BagelTokenizer
 from bagel_serve.model.loader import load_model, read_config, resolve_model_dir
 
@@ -47,13 +48,13 @@ class Omni:
         **kwargs: Any,
     ) -> None:
         self.options = EngineOptions.from_kwargs(kwargs)
-        self.options.require_runnable()
         model_dir = resolve_model_dir(model)
         read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
         config_json = _read_config_json(model_dir)
         deploy = load_deploy_config(deploy_config or default_deploy_config(config_json))
         deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
         self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
+        self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
         self.deploy_config: DeployConfig = deploy
         if isinstance(dtype, str):
@@ -64,6 +65,7 @@ class Omni:
         self.model_dir = loaded.model_dir
         self.tokenizer = BagelTokenizer(loaded.model_dir)
         self.runner = Runner(loaded.model, loaded.vae, self.tokenizer)
+        self.orchestrator = Orchestrator(self.runner, self.pipeline, deploy)
         self.progress = progress
 
     @property
@@ -73,15 +75,19 @@ class Omni:
     @property
     def last_stats(self) -> RunStats | None:
         """Per-phase times and throughput of the last `generate` call."""
-        return self.runner.last_stats
+        return self.orchestrator.last_stats
 
-    def generate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]]) -> list[RequestOutput]:
-        """Run requests (dicts or `Request`s) together; one output per request, in order."""
+    def generate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,
+                 on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
+        """Run requests (dicts or `Request`s) together; one output per request, in order.
+
+        `on_token(request_index, token_id)` receives decoded tokens (answers and think plans) as they come.
+        """
         if isinstance(requests, (Request, dict)):
             requests = [requests]
         reqs = [make_request(r, i) for i, r in enumerate(requests)]
         timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
-        return self.runner.generate(reqs, progress=self.progress, timed=timed)
+        return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
 
 
 def _read_config_json(model_dir: Path) -> dict[str, Any] | None:

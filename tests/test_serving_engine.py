@@ -1,0 +1,180 @@
+"""Serving engine: continuous batching, chunked prefill, streaming, and the two-stage topology."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bagel_serve import Omni
+from bagel_serve.engine.batch import TextPiece
+from bagel_serve.engine.request import make_request
+from bagel_serve.engine.runner import Handoff, HandoffError
+from bagel_serve.engine.scheduler import Engine, SchedulerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint: Path) -> Omni:
+    return Omni(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def two_stage(tiny_checkpoint: Path) -> Omni:
+    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="inline")
+
+
+@pytest.fixture(scope="module")
+def two_stage_think(tiny_checkpoint: Path) -> Omni:
+    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
+                worker_backend="inline")
+
+
+CASES = [
+    {"modality": "text2text", "prompt": "Hello there", "max_tokens": 8},
+    {"modality": "text2text", "prompt": "Why?", "max_tokens": 8, "think": True},
+    {"modality": "img2text", "prompt": "What is it?", "image": str(EDIT), "max_tokens": 6},
+    {"modality": "img2text", "prompt": "What is it?", "image": str(EDIT), "max_tokens": 6, "think": True},
+    {"modality": "text2img", "prompt": "a cat", "steps": 4, "height": 32, "width": 48, "seed": 1, "return_latents": True},
+    {"modality": "text2img", "prompt": "a cat", "steps": 4, "height": 32, "width": 32, "seed": 2, "think": True,
+     "max_think_tokens": 5, "return_latents": True, "cfg_img_scale": 2.0, "negative_prompt": "dog"},
+    {"modality": "img2img", "prompt": "blue", "image": str(EDIT), "steps": 3, "seed": 3, "return_latents": True,
+     "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"},
+    {"modality": "img2img", "prompt": "blue", "image": str(EDIT), "steps": 3, "seed": 4, "return_latents": True,
+     "think": True, "max_think_tokens": 4},
+]
+
+
+def same(a, b, exact: bool = True) -> None:
+    assert a.token_ids == b.token_ids and a.text == b.text and a.think_text == b.think_text
+    if a.latents is not None:
+        if exact:
+            assert torch.equal(a.latents, b.latents)
+            assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+        else:
+            assert torch.allclose(a.latents, b.latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_two_stage_equals_single_stage(single: Omni, two_stage: Omni, two_stage_think: Omni, case: int) -> None:
+    req = CASES[case]
+    (a,) = single.generate([req])
+    (b,) = two_stage.generate([req])
+    (c,) = two_stage_think.generate([req])
+    same(a, b)
+    same(a, c)
+    assert two_stage.last_stats.requests == 1
+
+
+def test_32_mixed_concurrent_requests(single: Omni, two_stage: Omni) -> None:
+    reqs = [dict(CASES[i % len(CASES)], prompt=f"{CASES[i % len(CASES)]['prompt']} #{i}") for i in range(32)]
+    alone = [single.generate([r])[0] for r in reqs]
+    for omni in (single, two_stage):
+        together = omni.generate(reqs)
+        assert len(together) == 32
+        for a, b in zip(alone, together):
+            same(a, b, exact=False)
+
+
+def test_stage_limits_and_chunked_prefill(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = single.runner
+    rows_per_forward: list[int] = []
+    orig = runner._forward
+
+    def spy(works):
+        rows_per_forward.append(sum(w.piece.ids.shape[0] for w in works if isinstance(w.piece, TextPiece)))
+        return orig(works)
+
+    monkeypatch.setattr(runner, "_forward", spy)
+    long_prompt = "one two three four five six seven eight nine ten " * 3
+    reqs = [make_request({"modality": "text2text", "prompt": long_prompt, "max_tokens": 4}, i) for i in range(3)]
+    engine = Engine(runner, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8))
+    for i, r in enumerate(reqs):
+        engine.add_request(i, r)
+    running_sizes = []
+    outs = {}
+    while engine.has_work():
+        engine.step()
+        running_sizes.append(len(engine.running))
+        outs.update({rid: res for rid, res, err in engine.pop_finished()})
+    assert max(running_sizes) <= 2
+    assert max(rows_per_forward) <= 8  # the prompt (~40 tokens) was prefilled in chunks of at most 8 rows
+    monkeypatch.setattr(runner, "_forward", orig)
+    (ref,) = single.generate([reqs[0]])
+    assert all(o.token_ids == ref.token_ids for o in outs.values())
+
+
+def test_new_request_joins_running_decodes(single: Omni) -> None:
+    runner = single.runner
+    engine = Engine(runner)
+    a = make_request({"modality": "text2text", "prompt": "first", "max_tokens": 30}, 0)
+    b = make_request({"modality": "text2text", "prompt": "second", "max_tokens": 4}, 1)
+    engine.add_request(0, a)
+    for _ in range(5):
+        engine.step()
+    assert engine.running and not engine.finished
+    engine.add_request(1, b)
+    forwards_before = engine.stats.forwards
+    engine.step()  # b's prompt prefill runs in the same forward as a's next decode token
+    assert engine.stats.forwards == forwards_before + 1 and len(engine.running) == 2
+    results = {}
+    while engine.has_work():
+        engine.step()
+        results.update({rid: res for rid, res, _ in engine.pop_finished()})
+    assert results[1].token_ids == single.generate([b])[0].token_ids
+
+
+def test_streaming_tokens(single: Omni) -> None:
+    seen: dict[int, list[int]] = {}
+    outs = single.generate([CASES[0], CASES[5]], on_token=lambda i, t: seen.setdefault(i, []).append(t))
+    assert seen[0] == outs[0].token_ids[1:]
+    assert seen[1] == outs[1].token_ids[1:]  # the think plan streams too
+
+
+def test_top_k_top_p(single: Omni) -> None:
+    base = {"modality": "text2text", "prompt": "Tell me", "max_tokens": 8, "seed": 3}
+    (greedy,) = single.generate([base])
+    (k1,) = single.generate([{**base, "do_sample": True, "text_temperature": 1.0, "top_k": 1}])
+    (p0,) = single.generate([{**base, "do_sample": True, "text_temperature": 1.0, "top_p": 1e-6}])
+    assert k1.token_ids == greedy.token_ids == p0.token_ids
+
+
+def test_missing_cfg_context_is_an_error(single: Omni) -> None:
+    runner = single.runner
+    req = make_request({"modality": "text2img", "prompt": "x", "steps": 3, "height": 32, "width": 32}, 0)
+    prog = runner.context_program(0, req, runner.prepare(0, req))
+    sent = None
+    while True:
+        try:
+            works = prog.send(sent) if sent is not None else next(prog)
+        except StopIteration as stop:
+            handoff: Handoff = stop.value
+            break
+        sent = runner._forward(works)
+    handoff.cfg_text = None  # as if a transfer dropped it
+    with pytest.raises(HandoffError, match="text-dropped CFG context is missing"):
+        next(runner.image_program(handoff))
+
+
+def test_failing_request_does_not_stop_the_others(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = single.runner
+    orig = runner.image_program
+
+    def broken(h):
+        if h.request.prompt == "boom":
+            raise RuntimeError("worker lost")
+        return (yield from orig(h))
+
+    monkeypatch.setattr(runner, "image_program", broken)
+    engine = Engine(runner)
+    reqs = [make_request({"modality": "text2img", "prompt": p, "steps": 2, "height": 32, "width": 32}, i)
+            for i, p in enumerate(["fine", "boom"])]
+    for i, r in enumerate(reqs):
+        engine.add_request(i, r)
+    results = {rid: (res, err) for rid, res, err in engine.run()}
+    assert results[0][1] is None and results[0][0].images
+    assert isinstance(results[1][1], RuntimeError)
