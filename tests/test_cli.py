@@ -139,8 +139,8 @@ def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
     unknown.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n    max_num_seqz: 1\n")
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
           "stages[0].max_num_seqz")
-    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(ROOT / "deploy" / "bagel.yaml")],
-          "one process per stage is not built yet")
+    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
+                   "--worker-backend", "ray"], "Ray worker backend is not built yet")
     gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
         "--worker-backend", "inline", "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["pipeline"] == "bagel"

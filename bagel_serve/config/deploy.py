@@ -17,9 +17,9 @@ Pipelines (`PIPELINES`):
   * `bagel_single_stage` one "dit" stage that runs everything.
 
 Today the engine runs single-stage only, so `default_deploy_config()` returns `deploy/bagel_single_stage.yaml`
-for a BAGEL model, with or without think. When the two-stage Thinker→DiT topology lands, the default becomes
-the two-stage `deploy/bagel.yaml` (and `deploy/bagel_think.yaml` for think), as in vllm-omni. The two-stage
-files already parse, validate and resolve; `DeployConfig.require_runnable()` says what is not built yet.
+for a BAGEL model, with or without think. The two-stage files (`deploy/bagel.yaml`, `deploy/bagel_think.yaml`)
+run too, with the stages in their own processes or inline; they become the default once the two-stage path is
+measured on GPUs. `DeployConfig.require_runnable()` says what is not built yet.
 """
 
 from __future__ import annotations

@@ -100,16 +100,16 @@ class EngineOptions:
         """Refuse, by name, what the engine cannot do yet: a flag is never silently ignored.
 
         `inline` runs every stage in this process (two stages hand contexts over by reference). `process`
-        places one process per stage: for a single stage that is this process; several stages need the
-        multi-process workers, which are not built yet.
+        (or `multi_process`) places one process per stage: for a single stage that is this process; two
+        stages run in two worker processes (`bagel_serve.pipeline.workers`). Ray is not built yet.
         """
         if self.worker_backend == "ray" or self.ray_address:
             raise NotImplementedError(
                 f"{_name('worker_backend')}=ray / {_name('ray_address')}: the Ray worker backend is not built yet; "
                 "use worker_backend=inline (every stage in this process)"
             )
-        if num_stages > 1 and self.worker_backend in ("process", "multi_process"):
+        if num_stages > 2 and self.worker_backend in ("process", "multi_process"):
             raise NotImplementedError(
-                f"{_name('worker_backend')}={self.worker_backend}: one process per stage is not built yet; "
-                f"run the {num_stages} stages in this process with worker_backend=inline (--worker-backend inline)"
+                f"{_name('worker_backend')}={self.worker_backend}: one process per stage runs pipelines of at most "
+                f"two stages; run the {num_stages} stages in this process with worker_backend=inline (--worker-backend inline)"
             )

@@ -127,7 +127,7 @@ class Packer:
         for spec in specs:
             ctx, piece = spec.context, spec.piece
             if spec.commit:
-                ctx.reserve(self._und_len(piece) + self._gen_len(piece), self._kv_like())
+                ctx.reserve(self._und_len(piece) + self._gen_len(piece))
             if isinstance(piece, TextPiece):
                 n = piece.ids.shape[0]
                 und_parts.append(model.embed_text(piece.ids.to(dev)))
@@ -161,10 +161,6 @@ class Packer:
             if s.commit:
                 s.context.commit(s.rope_advance)
         return hidden, batch, seqs
-
-    def _kv_like(self) -> torch.Tensor:
-        cfg = self.model.config.llm
-        return torch.empty((0, cfg.num_key_value_heads, cfg.head_dim), dtype=self.model.dtype, device=self.model.device)
 
     @staticmethod
     def _und_len(piece: Piece) -> int:

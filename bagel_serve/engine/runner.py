@@ -20,7 +20,7 @@ from PIL import Image
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.batch import LatentPiece, Packer, Piece, SeqSpec, TextPiece, VitPiece
 from bagel_serve.engine.diffusion import combine_cfg, flow_schedule, guidance_active
-from bagel_serve.engine.kv_cache import Context
+from bagel_serve.engine.kv_cache import Context, KVPool
 from bagel_serve.engine.request import Request, RequestError, RequestOutput
 from bagel_serve.engine.sampling import choose_token
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelTokenizer
@@ -90,6 +90,9 @@ class Runner:
         self.tok = tokenizer
         self.cfg: BagelConfig = model.config
         self.packer = Packer(model, tokenizer.special)
+        llm = model.config.llm
+        # Every context of this runner lives in one paged KV pool (grows by slabs as contexts need rows).
+        self.pool = KVPool(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, model.dtype, model.device)
         self._timed = False
 
     # ------------------------------------------------------------------ forwards (the engine schedules them)
@@ -238,7 +241,7 @@ class Runner:
 
     # ------------------------------------------------------------------ pieces
     def _empty(self) -> Context:
-        return Context(self.cfg.llm.num_hidden_layers)
+        return Context(self.pool)
 
     def _text_work(self, ctx: Context, text: str) -> Work:
         return Work(ctx, TextPiece(torch.tensor(self.tok.segment(text))))

@@ -65,8 +65,27 @@ class Omni:
         self.model_dir = loaded.model_dir
         self.tokenizer = BagelTokenizer(loaded.model_dir)
         self.runner = Runner(loaded.model, loaded.vae, self.tokenizer)
-        self.orchestrator = Orchestrator(self.runner, self.pipeline, deploy)
         self.progress = progress
+        if self.pipeline.num_stages > 1 and self.options.worker_backend in ("process", "multi_process"):
+            from bagel_serve.pipeline.workers import ProcessOrchestrator
+
+            self.orchestrator = ProcessOrchestrator(self.runner, self.pipeline, deploy, self.options,
+                                                    model_dir=loaded.model_dir)
+        else:
+            self.orchestrator = Orchestrator(self.runner, self.pipeline, deploy)
+
+    def shutdown(self) -> None:
+        """Stop the stage worker processes, if any (idempotent; also done at exit). The in-process
+        topologies have nothing to stop."""
+        stop = getattr(self.__dict__.get("orchestrator"), "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
     def device(self) -> torch.device:

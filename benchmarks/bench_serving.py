@@ -1,0 +1,90 @@
+"""Serving engine on one GPU: text throughput with 64 concurrent requests (512 prompt / 256 output
+tokens), text2img 1024² latency, and the memory cost of two stages (in this process, and one process per
+stage) vs. one, as memory in use on the whole device after each topology's text2img.
+
+    python benchmarks/bench_serving.py --ckpt /tmp/bagel-full --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bagel_serve import Omni
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches ".split()
+
+
+def prompt_of(omni: Omni, n_tokens: int, salt: int) -> str:
+    """A prompt whose segment (<|im_start|> text <|im_end|>) is exactly n_tokens long."""
+    words, i = [f"#{salt}"], 0
+    while len(omni.tokenizer.segment(" ".join(words))) < n_tokens:
+        words.append(WORDS[i % len(WORDS)])
+        i += 1
+    while len(omni.tokenizer.segment(" ".join(words))) > n_tokens:
+        words.pop()
+    return " ".join(words)
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def device_used_gib() -> float:
+    """Memory in use on the whole device (every process, allocator caches included)."""
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool, backend: str = "inline") -> None:
+    kwargs = {"worker_backend": backend} if deploy else {}
+    omni = Omni(ckpt, deploy_config=deploy, **kwargs)
+    omni.generate([{"modality": "text2img", "prompt": "warm up", "height": 256, "width": 256, "steps": 3},
+                   {"modality": "text2text", "prompt": "warm up", "max_tokens": 4}])
+    t2i = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0}
+    _, res[f"{tag}_t2i_1024_s"], res[f"{tag}_t2i_peak_gib"] = timed(lambda: omni.generate([t2i]))
+    res[f"{tag}_device_used_gib"] = device_used_gib()
+    if text:
+        reqs = [{"modality": "text2text", "prompt": prompt_of(omni, 512, i), "max_tokens": 257, "seed": i}
+                for i in range(64)]
+        outs, t, peak = timed(lambda: omni.generate(reqs))
+        toks = sum(len(o.token_ids) - 1 for o in outs)
+        res.update({f"{tag}_text64_s": t, f"{tag}_text64_tokens": toks, f"{tag}_text64_tok_s": toks / t,
+                    f"{tag}_text64_peak_gib": peak, f"{tag}_text64_prompt_tokens": 64 * 512})
+    if hasattr(omni, "shutdown"):
+        omni.shutdown()
+    del omni
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="/tmp/bagel-full")
+    ap.add_argument("--out", default="bench_serving.json")
+    ap.add_argument("--skip-process", action="store_true", help="skip the one-process-per-stage topology")
+    a = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    run_topology(a.ckpt, None, res, "single", text=True)
+    run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_stage", text=False)
+    res["two_stage_extra_gib"] = res["two_stage_device_used_gib"] - res["single_device_used_gib"]
+    if not a.skip_process:
+        run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_proc", text=False, backend="process")
+        res["two_proc_extra_gib"] = res["two_proc_device_used_gib"] - res["single_device_used_gib"]
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(f"\n{'metric':<28}{'value':>12}")
+    for k, v in res.items():
+        print(f"{k:<28}{v:>12.3f}" if isinstance(v, float) else f"{k:<28}{v!s:>12}")
+
+
+if __name__ == "__main__":
+    main()
