@@ -86,6 +86,7 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
         "--log-stats", "--enable-diffusion-pipeline-profiler")
     out = capsys.readouterr().out
     assert "denoising steps 2" in out and "context_prefill" in out and "vae_decode" in out
+    assert "queue wait" in out and "KV pool peak" in out
     assert "request 0" in out
 
 

@@ -62,6 +62,11 @@ class RunStats:
     denoise_branch_evals: int = 0
     images: int = 0
     phase_s: dict[str, float] = field(default_factory=dict)
+    queue_s: float = 0.0
+    """Summed time requests waited in a stage's queue before admission."""
+    kv_peak_blocks: int = 0
+    kv_block_bytes: int = 0
+    kv_total_blocks: int = 0
 
     def summary(self) -> str:
         lines = [f"{self.requests} request(s) in {self.wall_s:.2f} s, {self.forwards} packed forwards"]
@@ -76,6 +81,11 @@ class RunStats:
                          + (f", {self.denoise_steps / den:.2f} steps/s" if den else ""))
         if self.images:
             lines.append(f"  images {self.images} ({self.images / self.wall_s:.3f} images/s)")
+        if self.requests:
+            lines.append(f"  queue wait {self.queue_s / self.requests:.3f} s per request (mean)")
+        if self.kv_peak_blocks:
+            lines.append(f"  KV pool peak {self.kv_peak_blocks} blocks ({self.kv_peak_blocks * self.kv_block_bytes / 2**30:.3f} GiB)"
+                         f" of {self.kv_total_blocks} allocated")
         return "\n".join(lines)
 
 

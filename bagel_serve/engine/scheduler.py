@@ -44,6 +44,7 @@ class _State:
     timings: dict[str, float] = field(default_factory=dict)
     result: RequestOutput | Handoff | None = None
     error: BaseException | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 def _rows(work: Work) -> int:
@@ -110,6 +111,9 @@ class Engine:
                 self._fail(state, e)
             return
         self._account(works, owners, self.runner._now() - t0)
+        pool = self.runner.pool
+        self.stats.kv_peak_blocks = max(self.stats.kv_peak_blocks, pool.num_blocks_used)
+        self.stats.kv_block_bytes, self.stats.kv_total_blocks = pool.bytes_per_block, pool.capacity_blocks
         by_rid: dict[int, list[Any]] = {}
         for state, res in zip(owners, results):
             by_rid.setdefault(state.rid, []).append(res)
@@ -129,6 +133,7 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             state = self.waiting.popleft()
+            self.stats.queue_s += time.perf_counter() - state.queued_at
             self.running[state.rid] = state
             self._advance(state, None)
 

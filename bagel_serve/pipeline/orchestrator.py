@@ -83,6 +83,10 @@ def _merge_stats(stats: list[RunStats], n: int, wall: float) -> RunStats:
         out.denoise_steps += s.denoise_steps
         out.denoise_branch_evals += s.denoise_branch_evals
         out.images += s.images
+        out.queue_s += s.queue_s
+        out.kv_peak_blocks = max(out.kv_peak_blocks, s.kv_peak_blocks)
+        out.kv_block_bytes = max(out.kv_block_bytes, s.kv_block_bytes)
+        out.kv_total_blocks = max(out.kv_total_blocks, s.kv_total_blocks)
         for k, v in s.phase_s.items():
             out.phase_s[k] = out.phase_s.get(k, 0.0) + v
     return out

