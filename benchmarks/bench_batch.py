@@ -11,18 +11,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from bagel_serve import Omni
 
 PROMPTS = ["A cute cat on a windowsill", "A red fox in the snow", "A lighthouse at dusk", "A bowl of ramen"]
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -38,14 +31,13 @@ def main() -> None:
     omni.generate([{**reqs[0], "steps": 3}])  # warm-up
     singles = []
     for r in reqs:
-        _, t = timed(lambda: omni.generate([r]))
+        _, t, _ = timed(lambda: omni.generate([r]))
         singles.append(t)
-    torch.cuda.reset_peak_memory_stats()
-    _, batch = timed(lambda: omni.generate(reqs))
+    _, batch, peak = timed(lambda: omni.generate(reqs))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "size": a.size, "steps": a.steps, "single_s": singles, "single_total_s": sum(singles),
            "single_per_image_s": sum(singles) / len(reqs), "batch_s": batch, "batch_per_image_s": batch / len(reqs),
-           "speedup": sum(singles) / batch, "batch_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+           "speedup": sum(singles) / batch, "batch_peak_gib": peak}
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"\n{'metric':<24}{'value':>10}")
     for k in ("single_per_image_s", "batch_per_image_s", "speedup", "batch_peak_gib"):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from bagel_serve import Omni, __version__
 from bagel_serve.testing.checkpoint import write_checkpoint
@@ -45,15 +46,6 @@ def machine_ceilings() -> dict[str, float]:
     del a, b, x, y
     torch.cuda.empty_cache()
     return {"bf16_gemm_tflops": gemm, "hbm_tb_s": hbm}
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from bagel_serve import Omni
 
@@ -29,15 +30,6 @@ def prompt_of(omni: Omni, n_tokens: int, salt: int) -> str:
     while len(omni.tokenizer.segment(" ".join(words))) > n_tokens:
         words.pop()
     return " ".join(words)
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
 
 
 def device_used_gib() -> float:

@@ -81,14 +81,7 @@ def children() -> set[int]:
 # ---------------------------------------------------------------------------------------------- transfer
 def _context_program_handoff(runner: Runner, req_dict: dict) -> Handoff:
     req = make_request(req_dict, 0)
-    prog = runner.context_program(0, req, runner.prepare(0, req))
-    sent = None
-    while True:
-        try:
-            works = prog.send(sent) if sent is not None else next(prog)
-        except StopIteration as stop:
-            return stop.value
-        sent = runner._forward(works)
+    return runner.run_alone(runner.context_program(0, req, runner.prepare(0, req)))
 
 
 def _rows_equal(a: Context, b: Context) -> None:

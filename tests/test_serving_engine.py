@@ -146,15 +146,7 @@ def test_top_k_top_p(single: Omni) -> None:
 def test_missing_cfg_context_is_an_error(single: Omni) -> None:
     runner = single.runner
     req = make_request({"modality": "text2img", "prompt": "x", "steps": 3, "height": 32, "width": 32}, 0)
-    prog = runner.context_program(0, req, runner.prepare(0, req))
-    sent = None
-    while True:
-        try:
-            works = prog.send(sent) if sent is not None else next(prog)
-        except StopIteration as stop:
-            handoff: Handoff = stop.value
-            break
-        sent = runner._forward(works)
+    handoff: Handoff = runner.run_alone(runner.context_program(0, req, runner.prepare(0, req)))
     handoff.cfg_text = None  # as if a transfer dropped it
     with pytest.raises(HandoffError, match="text-dropped CFG context is missing"):
         next(runner.image_program(handoff))

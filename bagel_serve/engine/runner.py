@@ -106,6 +106,17 @@ class Runner:
         self._timed = False
 
     # ------------------------------------------------------------------ forwards (the engine schedules them)
+    @torch.inference_mode()
+    def run_alone(self, program: Generator) -> object:
+        """Drive one program to its end with no scheduler (its forwards unpacked): for tests and debugging."""
+        sent = None
+        while True:
+            try:
+                works = program.send(sent) if sent is not None else next(program)
+            except StopIteration as stop:
+                return stop.value
+            sent = self._forward(works)
+
     def _now(self) -> float:
         if self._timed and self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)

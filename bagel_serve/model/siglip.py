@@ -6,7 +6,6 @@ checkpoint stores it (the Conv2d weight was already permuted and flattened).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
