@@ -48,6 +48,20 @@ class LatentPiece:
 Piece = TextPiece | VitPiece | LatentPiece
 
 
+def und_rows(piece: Piece) -> int:
+    """Rows of a piece that the understanding expert runs (a latent block's two boundary tokens)."""
+    if isinstance(piece, TextPiece):
+        return piece.ids.shape[0]
+    if isinstance(piece, VitPiece):
+        return piece.patches.shape[0] + 2
+    return 2
+
+
+def gen_rows(piece: Piece) -> int:
+    """Rows of a piece that the generation expert runs (latent tokens)."""
+    return piece.latents.shape[0] if isinstance(piece, LatentPiece) else 0
+
+
 @dataclass
 class SeqSpec:
     context: Context
@@ -106,7 +120,7 @@ class Packer:
         gen_parts: list[torch.Tensor] = []
         gen_pos: list[torch.Tensor] = []
         seqs: list[_Seq] = []
-        n_und = sum(self._und_len(s.piece) for s in specs)
+        n_und = sum(und_rows(s.piece) for s in specs)
         u = g = 0
         # Latent rows of all sequences share one embedding call; collect them first.
         lat = [s.piece for s in specs if isinstance(s.piece, LatentPiece)]
@@ -127,7 +141,7 @@ class Packer:
         for spec in specs:
             ctx, piece = spec.context, spec.piece
             if spec.commit:
-                ctx.reserve(self._und_len(piece) + self._gen_len(piece))
+                ctx.reserve(und_rows(piece) + gen_rows(piece))
             if isinstance(piece, TextPiece):
                 n = piece.ids.shape[0]
                 und_parts.append(model.embed_text(piece.ids.to(dev)))
@@ -161,15 +175,3 @@ class Packer:
             if s.commit:
                 s.context.commit(s.rope_advance)
         return hidden, batch, seqs
-
-    @staticmethod
-    def _und_len(piece: Piece) -> int:
-        if isinstance(piece, TextPiece):
-            return piece.ids.shape[0]
-        if isinstance(piece, VitPiece):
-            return piece.patches.shape[0] + 2
-        return 2
-
-    @staticmethod
-    def _gen_len(piece: Piece) -> int:
-        return piece.latents.shape[0] if isinstance(piece, LatentPiece) else 0

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bagel_serve.engine.batch import Packer, TextPiece
+from bagel_serve.engine.batch import TextPiece, gen_rows, und_rows
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.runner import Handoff, Program, RunStats, Runner, Work
 
@@ -48,7 +48,7 @@ class _State:
 
 
 def _rows(work: Work) -> int:
-    return Packer._und_len(work.piece) + Packer._gen_len(work.piece)
+    return und_rows(work.piece) + gen_rows(work.piece)
 
 
 def _splittable(unit: list[Work]) -> bool:
@@ -125,6 +125,10 @@ class Engine:
         while self.has_work():
             self.step()
             yield from self.pop_finished()
+        self.close()
+
+    def close(self) -> None:
+        """Close the progress bars (the engine can be used again afterwards)."""
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()

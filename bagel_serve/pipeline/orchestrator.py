@@ -66,8 +66,7 @@ class Orchestrator:
                     else:
                         outputs[i] = result
         for engine in engines:
-            for _ in engine.run():  # closes progress bars
-                pass
+            engine.close()
         self.stage_stats = [e.stats for e in engines]
         self.last_stats = _merge_stats(self.stage_stats, len(requests), time.perf_counter() - t0)
         if errors:
