@@ -170,3 +170,50 @@ def test_failing_request_does_not_stop_the_others(single: Omni, monkeypatch: pyt
     results = {rid: (res, err) for rid, res, err in engine.run()}
     assert results[0][1] is None and results[0][0].images
     assert isinstance(results[1][1], RuntimeError)
+
+
+def test_admission_bounded_by_kv_pool(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bounded pool, requests wait for room instead of failing mid-flight; one that can never fit
+    fails alone with the numbers, and nothing else is disturbed."""
+    runner = single.runner
+    reqs = [make_request({"modality": "text2text", "prompt": f"count {i}", "max_tokens": 20}, i) for i in range(4)]
+    need = runner.estimate_blocks(reqs[0], runner.prepare(0, reqs[0]))
+    assert need >= 2
+    monkeypatch.setattr(runner.pool, "max_blocks", runner.pool.num_blocks_used + 2 * need)
+    engine = Engine(runner)
+    for i, r in enumerate(reqs):
+        engine.add_request(i, r)
+    big = make_request({"modality": "text2text", "prompt": "long", "max_tokens": 10_000}, 4)
+    engine.add_request(4, big)
+    most_running, results = 0, {}
+    while engine.has_work():
+        engine.step()
+        most_running = max(most_running, len(engine.running))
+        results.update({rid: (res, err) for rid, res, err in engine.pop_finished()})
+    assert most_running == 2
+    monkeypatch.setattr(runner.pool, "max_blocks", None)
+    for i, r in enumerate(reqs):
+        assert results[i][1] is None and results[i][0].token_ids == single.generate([r])[0].token_ids
+    assert "KV blocks but the pool holds at most" in str(results[4][1])
+
+
+def test_estimate_bounds_what_requests_hold(single: Omni) -> None:
+    """The admission estimate is an upper bound on the blocks a request's contexts really hold."""
+    runner = single.runner
+    for case in CASES:
+        req = make_request(case, 0)
+        prep = runner.prepare(0, req)
+        held = []
+        orig = runner._forward
+
+        def spy(works):
+            out = orig(works)
+            held.append(len({b for w in works for b in w.context.block_table}))
+            return out
+
+        runner._forward = spy
+        try:
+            runner.run_alone(runner.program(0, req, prep))
+        finally:
+            runner._forward = orig
+        assert max(held) <= runner.estimate_blocks(req, prep), case

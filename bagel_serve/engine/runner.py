@@ -293,6 +293,30 @@ class Runner:
             pixels = decoded_to_uint8(self.vae.decode(z[None].to(self.vae.encoder.conv_in.weight.dtype)))[0]
         return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
+    def estimate_blocks(self, req: Request, prep: "_Prepared") -> int:
+        """An upper bound on the KV pool blocks a request's contexts can hold at once (for admission).
+
+        Counts every row the request may commit — system prompt, image blocks, prompt, negative prompt,
+        the decoded tokens and the re-tokenized plan — as if each of its (at most three) contexts held all of
+        them, plus one partial block per context.
+        """
+        cfg, tok = self.cfg, self.tok
+        rows = len(tok.segment(req.prompt)) + (len(tok.segment(req.negative_prompt)) if req.negative_prompt else 0)
+        if req.think:
+            rows += len(tok.segment(GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT))
+        if prep.image is not None:
+            p = cfg.vit.patch_size
+            vit = resize(prep.image, cfg.vit_transform)
+            rows += (vit.height // p) * (vit.width // p) + 2
+            if req.outputs_image:
+                d = cfg.latent_downsample
+                rows += (prep.image.height // d) * (prep.image.width // d) + 2
+        if not req.outputs_image:
+            return -(-(rows + req.max_tokens) // self.pool.block_size) + 1
+        if req.think:
+            rows += 2 * req.max_think_tokens + 2  # decoded tokens, then the plan as a text segment
+        return 3 * (-(-rows // self.pool.block_size) + 1)
+
     def prepare(self, index: int, req: Request) -> "_Prepared":
         """Load the input image and settle the output size, checking both (and any given noise) before
         any request of the batch starts, so that a bad request costs no work."""

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from bagel_serve.engine.batch import TextPiece, gen_rows, und_rows
+from bagel_serve.engine.kv_cache import PoolExhausted
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.runner import Handoff, Program, RunStats, Runner, Work
 
@@ -45,6 +46,8 @@ class _State:
     result: RequestOutput | Handoff | None = None
     error: BaseException | None = None
     queued_at: float = field(default_factory=time.perf_counter)
+    blocks: int = 0
+    """KV pool blocks this request may hold at once (admission reserves them)."""
 
 
 def _rows(work: Work) -> int:
@@ -74,17 +77,19 @@ class Engine:
         self._bars: dict[str, tqdm] = {}
 
     # ------------------------------------------------------------------ intake
-    def add_program(self, program: Program, request: Request) -> int:
+    def add_program(self, program: Program, request: Request, blocks: int = 0) -> int:
+        """Queue a program; `blocks` is the KV pool space it may need (see `Runner.estimate_blocks`)."""
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(_State(rid, program, request))
+        self.waiting.append(_State(rid, program, request, blocks=blocks))
         return rid
 
     def add_request(self, index: int, request: Request, prepared: Any = None,
                     on_token: Callable[[int], None] | None = None) -> int:
         """Queue a whole request (single stage). `prepared` is `runner.prepare(...)`'s result."""
         prep = prepared if prepared is not None else self.runner.prepare(index, request)
-        return self.add_program(self.runner.program(index, request, prep, on_token), request)
+        return self.add_program(self.runner.program(index, request, prep, on_token), request,
+                                self.runner.estimate_blocks(request, prep))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -135,7 +140,20 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _admit(self) -> None:
+        """FIFO admission up to max_num_seqs and, when the KV pool is bounded, up to its blocks: a request
+        waits until the running ones leave room, and one that could never fit fails with the numbers."""
+        limit = self.runner.pool.max_blocks
         while self.waiting and len(self.running) < self.config.max_num_seqs:
+            state = self.waiting[0]
+            if limit is not None:
+                if state.blocks > limit:
+                    self.waiting.popleft()
+                    self._fail(state, PoolExhausted(
+                        f"request needs up to {state.blocks} KV blocks but the pool holds at most {limit} "
+                        f"(raise gpu_memory_utilization, or lower max_tokens / max_think_tokens / image size)"))
+                    continue
+                if state.blocks + sum(s.blocks for s in self.running.values()) > limit:
+                    break
             state = self.waiting.popleft()
             self.stats.queue_s += time.perf_counter() - state.queued_at
             self.running[state.rid] = state

@@ -65,6 +65,8 @@ class Omni:
         self.model_dir = loaded.model_dir
         self.tokenizer = BagelTokenizer(loaded.model_dir)
         self.runner = Runner(loaded.model, loaded.vae, self.tokenizer)
+        if self.pipeline.single_stage:
+            _bound_kv_pool(self.runner, deploy.stage(0).gpu_memory_utilization)
         self.progress = progress
         if self.pipeline.num_stages > 1 and self.options.worker_backend in ("process", "multi_process"):
             from bagel_serve.pipeline.workers import ProcessOrchestrator
@@ -107,6 +109,26 @@ class Omni:
         reqs = [make_request(r, i) for i, r in enumerate(requests)]
         timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
+
+
+ACTIVATION_RESERVE_BYTES = 6 * 2**30
+
+
+def _bound_kv_pool(runner: Runner, utilization: float | None) -> None:
+    """With `gpu_memory_utilization`, the KV pool gets what the share leaves after the weights and an
+    activation reserve, and the scheduler admits requests within it; without it the pool grows freely."""
+    dev = runner.model.device
+    if utilization is None or dev.type != "cuda":
+        return
+    allowed = utilization * torch.cuda.get_device_properties(dev).total_memory
+    reserve = min(ACTIVATION_RESERVE_BYTES, 0.25 * allowed)
+    kv_bytes = allowed - torch.cuda.memory_allocated(dev) - reserve
+    blocks = int(kv_bytes // runner.pool.bytes_per_block)
+    if blocks < 1:
+        raise ValueError(f"gpu_memory_utilization {utilization}: {allowed / 2**30:.1f} GiB allowed, but the weights use "
+                         f"{torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB and activations need "
+                         f"{reserve / 2**30:.1f} GiB: nothing is left for the KV cache")
+    runner.pool.max_blocks = blocks
 
 
 def _read_config_json(model_dir: Path) -> dict[str, Any] | None:

@@ -49,7 +49,8 @@ class Orchestrator:
             if self.pipeline.single_stage:
                 rid = engines[0].add_request(i, req, prep, cb)
             else:
-                rid = engines[0].add_program(self.runner.context_program(i, req, prep, cb), req)
+                rid = engines[0].add_program(self.runner.context_program(i, req, prep, cb), req,
+                                             self.runner.estimate_blocks(req, prep))
             index_of[0][rid] = i
         outputs: dict[int, RequestOutput] = {}
         errors: dict[int, BaseException] = {}
@@ -62,7 +63,9 @@ class Orchestrator:
                         errors[i] = error
                     elif isinstance(result, Handoff):
                         nxt = engines[stage + 1]
-                        index_of[stage + 1][nxt.add_program(self.runner.image_program(result), result.request)] = i
+                        held = sum(c.num_blocks for c in (result.full, result.cfg_text, result.cfg_img) if c is not None)
+                        rid = nxt.add_program(self.runner.image_program(result), result.request, held)
+                        index_of[stage + 1][rid] = i
                     else:
                         outputs[i] = result
         for engine in engines:
