@@ -243,20 +243,3 @@ class Engine:
         if desc not in self._bars:
             self._bars[desc] = tqdm(desc=desc, unit=unit, disable=not self.progress)
         return self._bars[desc]
-
-
-def run_to_completion(engine: Engine, n: int) -> list[RequestOutput]:
-    """Drain an engine that was given requests 0..n-1 in order; raises the first request's error."""
-    t0 = time.perf_counter()
-    results: dict[int, RequestOutput] = {}
-    errors: dict[int, BaseException] = {}
-    for rid, result, error in engine.run():
-        if error is not None:
-            errors[rid] = error
-        else:
-            results[rid] = result
-    engine.stats.wall_s = time.perf_counter() - t0
-    engine.stats.requests = n
-    if errors:
-        raise errors[min(errors)]
-    return [results[i] for i in range(n)]
