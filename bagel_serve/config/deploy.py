@@ -312,6 +312,12 @@ class DeployConfig:
                 return s
         raise KeyError(stage_id)
 
+    def prefix_caching_enabled(self, stage_id: int) -> bool:
+        """Whether a stage caches prompt prefixes: its `enable_prefix_caching`, or the pipeline-wide key
+        when the stage leaves it null; off when both are null."""
+        value = self.stage(stage_id).enable_prefix_caching
+        return bool(self.enable_prefix_caching if value is None else value)
+
     def require_runnable(self) -> None:
         """Raise NotImplementedError naming every part of this config the engine cannot run yet.
 

@@ -17,6 +17,17 @@ Optionally (`enable_prefix_caching`) the pool keeps a `PrefixCache`: full blocks
 registered under a hash chain of their token ids, which a new context adopts with `match_prefix`.
 
 Contexts release their blocks explicitly (`release()`) or when they are garbage collected.
+
+Admission ledger: when the pool is bounded (`max_blocks`), schedulers reserve an upper bound of each
+request's blocks with `try_admit` before it starts and give it back with `unadmit` when its contexts
+are gone, so a request admitted never runs out of blocks mid-flight. Engines that share a pool (the
+two stages of the in-process topology) share its ledger.
+
+Sharing between processes: a pool made with `shared=True` keeps its CPU slabs in shared memory (CUDA
+slabs are always shareable through CUDA IPC), so another process can read its contexts in place:
+`borrowed(...)` builds, from the owner's slab tensors, a read-only pool with the owner's block numbering,
+and `Context.adopt` a context over given blocks of it. The owner keeps those blocks until the borrower
+says it is done.
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ class KVPool:
         max_blocks: int | None = None,
         slab_blocks: int = 256,
         enable_prefix_caching: bool = False,
+        shared: bool = False,
     ) -> None:
         for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                         ("block_size", block_size), ("slab_blocks", slab_blocks)):
@@ -98,6 +110,10 @@ class KVPool:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.slab_blocks = slab_blocks
+        self.shared = shared
+        self.read_only = False
+        self.admitted = 0
+        """Blocks reserved by admitted requests (see try_admit)."""
         # slab i holds blocks [_slab_start[i], _slab_start[i] + _slab_size[i]); K/V are
         # [num_layers, blocks * block_size, num_kv_heads, head_dim].
         self._k: list[torch.Tensor] = []
@@ -138,6 +154,11 @@ class KVPool:
     @property
     def num_slabs(self) -> int:
         return len(self._k)
+
+    def slabs(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first block id, K, V) of every slab, in block order: what `borrowed` takes."""
+        with self._lock:
+            return list(zip(self._slab_start, self._k, self._v))
 
     @property
     def bytes_per_block(self) -> int:
@@ -181,6 +202,51 @@ class KVPool:
                 f"dtype={self.dtype}, device={self.device}, block_size={self.block_size}, "
                 f"blocks used {u['used_blocks']}/{u['total_blocks']} (max {self.max_blocks}), slabs {u['slabs']})")
 
+    @classmethod
+    def borrowed(cls, slabs: Sequence[tuple[int, torch.Tensor, torch.Tensor]], block_size: int) -> "KVPool":
+        """A read-only pool over another pool's slabs, given as (first block id, K slab, V slab) in block
+        order, with the owner's block ids: contexts adopted on it read the owner's rows in place. Every
+        block counts as held by the owner, so nothing here ever frees or allocates one."""
+        if not slabs:
+            raise ValueError("KVPool.borrowed needs at least one slab")
+        k0 = slabs[0][1]
+        layers, _, heads, dim = k0.shape
+        pool = cls(layers, heads, dim, k0.dtype, k0.device, block_size)
+        pool.read_only = True
+        for start, k, v in slabs:
+            rows = k.shape[1]
+            if start < pool._capacity or rows % block_size or tuple(v.shape) != tuple(k.shape) \
+                    or tuple(k.shape[::2]) != (layers, heads) or k.shape[3] != dim:
+                raise ValueError(f"KVPool.borrowed: slab at block {start} with K {tuple(k.shape)}, V {tuple(v.shape)} "
+                                 f"does not fit after block {pool._capacity} (block_size {block_size})")
+            blocks = rows // block_size
+            pool._k.append(k)
+            pool._v.append(v)
+            pool._kl.append(list(k.unbind(0)))
+            pool._vl.append(list(v.unbind(0)))
+            pool._slab_start.append(start)
+            pool._slab_size.append(blocks)
+            pool._ref.extend([0] * (start - pool._capacity) + [1] * blocks)
+            pool._capacity = start + blocks
+        return pool
+
+    # ------------------------------------------------------------------ admission ledger
+    def try_admit(self, n: int) -> bool:
+        """Reserve n blocks for a request about to start; False when a bounded pool has no room for
+        them beside the reservations already made (an unbounded pool always admits)."""
+        with self._lock:
+            if self.max_blocks is not None and self.admitted + n > self.max_blocks:
+                return False
+            self.admitted += n
+            return True
+
+    def unadmit(self, n: int) -> None:
+        """Give back a reservation made by try_admit."""
+        with self._lock:
+            if n > self.admitted:
+                raise RuntimeError(f"unadmit({n}) with only {self.admitted} blocks reserved")
+            self.admitted -= n
+
     # ------------------------------------------------------------------ allocation
     def allocate(self, n: int, after: int | None = None) -> list[int]:
         """Hand out n blocks, each with reference count 1.
@@ -194,6 +260,9 @@ class KVPool:
             raise ValueError(f"cannot allocate {n} blocks")
         if n == 0:
             return []
+        if self.read_only:
+            raise RuntimeError("this KV pool is borrowed from another process and read-only: its contexts "
+                               "can be read and attended to, never extended")
         with self._lock:
             self._drain()
             self._ensure_free(n)
@@ -294,6 +363,9 @@ class KVPool:
             with torch.inference_mode(False), torch.no_grad():
                 k = torch.empty(shape, dtype=self.dtype, device=self.device)
                 v = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if self.shared and self.device.type == "cpu":
+                    k.share_memory_()
+                    v.share_memory_()
         except torch.OutOfMemoryError as e:
             raise PoolExhausted(
                 f"KV pool exhausted: device memory ran out growing the pool by {blocks} blocks "
@@ -639,6 +711,18 @@ class Context:
         return plan
 
     # ------------------------------------------------------------------ lifetime
+    @classmethod
+    def adopt(cls, pool: KVPool, blocks: Sequence[int], length: int, rope: int) -> "Context":
+        """A context over existing blocks of `pool` (taking a reference to each), e.g. of a borrowed pool."""
+        bs = pool.block_size
+        if not 0 <= length <= len(blocks) * bs or len(blocks) != -(-length // bs):
+            raise ValueError(f"Context.adopt: {len(blocks)} blocks of {bs} rows cannot hold exactly {length} rows")
+        ctx = cls(pool)
+        pool.incref(blocks)
+        ctx._blocks.extend(blocks)
+        ctx.length, ctx.rope = length, rope
+        return ctx
+
     def fork(self) -> "Context":
         """A context with the same rows and RoPE position, sharing our blocks (no copy)."""
         self._check_alive()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Generator
 
@@ -64,12 +65,17 @@ class RunStats:
     phase_s: dict[str, float] = field(default_factory=dict)
     queue_s: float = 0.0
     """Summed time requests waited in a stage's queue before admission."""
+    admitted: int = 0
+    """Admissions (a request of a two-stage pipeline is admitted once per stage)."""
     kv_peak_blocks: int = 0
     kv_block_bytes: int = 0
     kv_total_blocks: int = 0
 
     def summary(self) -> str:
-        lines = [f"{self.requests} request(s) in {self.wall_s:.2f} s, {self.forwards} packed forwards"]
+        if self.wall_s:
+            lines = [f"{self.requests} request(s) in {self.wall_s:.2f} s, {self.forwards} packed forwards"]
+        else:  # one stage's share of a run
+            lines = [f"{self.admitted} request(s) admitted, {self.forwards} packed forwards"]
         for phase, sec in self.phase_s.items():
             lines.append(f"  {phase:<16} {sec:8.3f} s")
         dec = self.phase_s.get("decode", 0.0) + self.phase_s.get("think_decode", 0.0)
@@ -80,9 +86,9 @@ class RunStats:
             lines.append(f"  denoising steps {self.denoise_steps} ({self.denoise_branch_evals} branch evaluations)"
                          + (f", {self.denoise_steps / den:.2f} steps/s" if den else ""))
         if self.images:
-            lines.append(f"  images {self.images} ({self.images / self.wall_s:.3f} images/s)")
-        if self.requests:
-            lines.append(f"  queue wait {self.queue_s / self.requests:.3f} s per request (mean)")
+            lines.append(f"  images {self.images}" + (f" ({self.images / self.wall_s:.3f} images/s)" if self.wall_s else ""))
+        if self.admitted:
+            lines.append(f"  queue wait {self.queue_s / self.admitted:.3f} s per admission (mean)")
         if self.kv_peak_blocks:
             lines.append(f"  KV pool peak {self.kv_peak_blocks} blocks ({self.kv_peak_blocks * self.kv_block_bytes / 2**30:.3f} GiB)"
                          f" of {self.kv_total_blocks} allocated")
@@ -94,7 +100,12 @@ TokenCallback = Callable[[int], None]
 
 
 class Runner:
-    def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer) -> None:
+    """Runs request programs over one model. With `enable_prefix_caching` (the deploy config's key of that
+    name), text prompts that start like earlier ones — the think system prompts above all — adopt the KV
+    blocks already computed for them instead of being prefilled again."""
+
+    def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
+                 enable_prefix_caching: bool = False) -> None:
         self.model = model
         self.vae = vae
         self.tok = tokenizer
@@ -102,7 +113,12 @@ class Runner:
         self.packer = Packer(model, tokenizer.special)
         llm = model.config.llm
         # Every context of this runner lives in one paged KV pool (grows by slabs as contexts need rows).
-        self.pool = KVPool(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, model.dtype, model.device)
+        self.pool = KVPool(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, model.dtype, model.device,
+                           enable_prefix_caching=enable_prefix_caching)
+        # With prefix caching: the token ids of every context whose rows are text segments only, from RoPE
+        # position 0 (so its rows are a function of these ids alone, and may be shared). A context whose
+        # length no longer equals its entry got something else (an image, decoded tokens) and is not shared.
+        self._text_ids: weakref.WeakKeyDictionary[Context, tuple[int, ...]] = weakref.WeakKeyDictionary()
         self._timed = False
 
     # ------------------------------------------------------------------ forwards (the engine schedules them)
@@ -159,10 +175,10 @@ class Runner:
         if not req.outputs_image:
             ctx = self._empty()
             if req.think:
-                yield [self._text_work(ctx, VLM_THINK_SYSTEM_PROMPT)]
+                yield from self._prefill_text((ctx, VLM_THINK_SYSTEM_PROMPT))
             if image is not None:
                 yield [self._vit_work(ctx, image)]
-            yield [self._text_work(ctx, req.prompt)]
+            yield from self._prefill_text((ctx, req.prompt))
             ids = yield from self._decode(ctx, req, req.max_tokens, sample_rng, "decode", on_token)
             out.token_ids = ids
             out.text = self.tok.decode_generation(ids)
@@ -172,10 +188,10 @@ class Runner:
 
         base = self._empty()
         if req.think:
-            yield [self._text_work(base, GEN_THINK_SYSTEM_PROMPT)]
+            yield from self._prefill_text((base, GEN_THINK_SYSTEM_PROMPT))
         if image is None:
-            full, cfg_text = base.fork(), base.fork()
-            yield [self._text_work(full, req.prompt)]
+            full, cfg_text = self._fork(base), self._fork(base)
+            yield from self._prefill_text((full, req.prompt))
             cfg_img = full.fork()
         else:
             full = base.fork()
@@ -184,15 +200,15 @@ class Runner:
             out.timings["vae_encode"] = self._now() - t0
             yield [self._latent_work(full, encoded, 0.0, image.height, image.width)]
             yield [self._vit_work(full, image)]
-            cfg_text, cfg_img = full.fork(), base.fork()
-            yield [self._text_work(full, req.prompt), self._text_work(cfg_img, req.prompt)]
+            cfg_text, cfg_img = full.fork(), self._fork(base)
+            yield from self._prefill_text((full, req.prompt), (cfg_img, req.prompt))
         if req.negative_prompt:
-            yield [self._text_work(cfg_text, req.negative_prompt)]
+            yield from self._prefill_text((cfg_text, req.negative_prompt))
         if req.think:
             ids = yield from self._decode(full.fork(), req, req.max_think_tokens, sample_rng, "think_decode", on_token)
             out.token_ids = ids
             out.think_text = self.tok.decode_generation(ids)
-            yield [self._text_work(full, out.think_text)]
+            yield from self._prefill_text((full, out.think_text))
         # For text2img without think the image-dropped context *is* the full one: never compute it twice.
         img_is_full = image is None and not req.think
         guided = req.cfg_text_scale > 1.0
@@ -264,8 +280,50 @@ class Runner:
     def _empty(self) -> Context:
         return Context(self.pool)
 
-    def _text_work(self, ctx: Context, text: str) -> Work:
-        return Work(ctx, TextPiece(torch.tensor(self.tok.segment(text))))
+    def _fork(self, ctx: Context) -> Context:
+        """`ctx.fork()` that keeps ctx's text-only token history, so that the fork's text is cached too."""
+        other = ctx.fork()
+        history = self._text_history(ctx)
+        if history is not None:
+            self._text_ids[other] = history
+        return other
+
+    def _text_history(self, ctx: Context) -> tuple[int, ...] | None:
+        """With prefix caching, the token ids of a context whose rows are text segments only (from RoPE
+        position 0); None without prefix caching or when the context holds anything else."""
+        if self.pool.prefix_cache is None:
+            return None
+        if ctx.length == 0 and ctx.rope == 0:
+            return ()
+        history = self._text_ids.get(ctx)
+        return history if history is not None and len(history) == ctx.length == ctx.rope else None
+
+    def _prefill_text(self, *segments: tuple[Context, str]) -> Generator[list[Work], list[torch.Tensor | None], None]:
+        """Prefill one text segment into each context, as one unit of work.
+
+        With prefix caching, a context that holds only text first adopts (when empty: `match_prefix`
+        needs that) the cached blocks that start its token ids — rows computed from the same ids at the
+        same positions — and only the rest is prefilled, as a chunked prefill would; a wholly cached
+        segment asks for no forward. Its full blocks are then registered for later requests. No logits
+        are needed: the decode feeds its start token itself.
+        """
+        works: list[Work] = []
+        histories: list[tuple[Context, tuple[int, ...]]] = []
+        for ctx, text in segments:
+            ids = self.tok.segment(text)
+            history = self._text_history(ctx)
+            if history is not None:
+                history += tuple(ids)
+                histories.append((ctx, history))
+                if ctx.length == 0:
+                    ids = ids[ctx.match_prefix(history):]
+            if ids:
+                works.append(Work(ctx, TextPiece(torch.tensor(ids))))
+        if works:
+            yield works
+        for ctx, history in histories:
+            ctx.register_prefix(history)
+            self._text_ids[ctx] = history
 
     def _vit_work(self, ctx: Context, image: Image.Image) -> Work:
         vit_img = resize(image, self.cfg.vit_transform)
@@ -362,6 +420,8 @@ class Handoff:
     cfg_text: Context | None
     cfg_img: Context | None
     img_is_full: bool
+    reserved_blocks: int = 0
+    """Blocks of stage 0's KV pool reserved for this request (admission ledger) until its contexts go."""
 
     def check(self) -> None:
         """A guided request must bring its CFG contexts: a missing one is an error, never a silent fallback."""

@@ -48,6 +48,8 @@ class _State:
     queued_at: float = field(default_factory=time.perf_counter)
     blocks: int = 0
     """KV pool blocks this request may hold at once (admission reserves them)."""
+    reserved: bool = False
+    """Whether `blocks` are reserved in the pool's admission ledger (by us, or upstream)."""
 
 
 def _rows(work: Work) -> int:
@@ -77,11 +79,14 @@ class Engine:
         self._bars: dict[str, tqdm] = {}
 
     # ------------------------------------------------------------------ intake
-    def add_program(self, program: Program, request: Request, blocks: int = 0) -> int:
-        """Queue a program; `blocks` is the KV pool space it may need (see `Runner.estimate_blocks`)."""
+    def add_program(self, program: Program, request: Request, blocks: int = 0, *, reserved: bool = False) -> int:
+        """Queue a program; `blocks` is the KV pool space it may need (see `Runner.estimate_blocks`).
+
+        `reserved`: those blocks are already reserved in this pool's admission ledger (a hand-off from an
+        engine on the same pool passes its reservation on); the engine gives them back when it finishes."""
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(_State(rid, program, request, blocks=blocks))
+        self.waiting.append(_State(rid, program, request, blocks=blocks, reserved=reserved))
         return rid
 
     def add_request(self, index: int, request: Request, prepared: Any = None,
@@ -140,22 +145,26 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _admit(self) -> None:
-        """FIFO admission up to max_num_seqs and, when the KV pool is bounded, up to its blocks: a request
-        waits until the running ones leave room, and one that could never fit fails with the numbers."""
-        limit = self.runner.pool.max_blocks
+        """FIFO admission up to max_num_seqs and, when the KV pool is bounded, within its admission
+        ledger: a request waits until running ones leave room, and one that could never fit fails with
+        the numbers. A request whose blocks were reserved upstream (a hand-off) needs no room."""
+        pool = self.runner.pool
+        limit = pool.max_blocks
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             state = self.waiting[0]
-            if limit is not None:
-                if state.blocks > limit:
+            if not state.reserved:
+                if limit is not None and state.blocks > limit:
                     self.waiting.popleft()
                     self._fail(state, PoolExhausted(
                         f"request needs up to {state.blocks} KV blocks but the pool holds at most {limit} "
                         f"(raise gpu_memory_utilization, or lower max_tokens / max_think_tokens / image size)"))
                     continue
-                if state.blocks + sum(s.blocks for s in self.running.values()) > limit:
+                if not pool.try_admit(state.blocks):
                     break
+                state.reserved = True
             state = self.waiting.popleft()
             self.stats.queue_s += time.perf_counter() - state.queued_at
+            self.stats.admitted += 1
             self.running[state.rid] = state
             self._advance(state, None)
 
@@ -177,6 +186,13 @@ class Engine:
         state.pending = None
         self.running.pop(state.rid, None)
         self.finished[state.rid] = state
+        if state.reserved:
+            # A hand-off's contexts live on: its reservation goes with it, to whoever ends their life.
+            if isinstance(state.result, Handoff) and state.error is None:
+                state.result.reserved_blocks = state.blocks
+            else:
+                self.runner.pool.unadmit(state.blocks)
+            state.reserved = False
         if isinstance(state.result, RequestOutput):
             state.result.timings = {**state.timings, **state.result.timings}
             for phase in ("vae_encode", "vae_decode"):

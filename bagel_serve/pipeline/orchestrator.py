@@ -62,9 +62,9 @@ class Orchestrator:
                     if error is not None:
                         errors[i] = error
                     elif isinstance(result, Handoff):
-                        nxt = engines[stage + 1]
-                        held = sum(c.num_blocks for c in (result.full, result.cfg_text, result.cfg_img) if c is not None)
-                        rid = nxt.add_program(self.runner.image_program(result), result.request, held)
+                        # Same runner, same pool: the reservation made at stage 0 covers stage 1.
+                        rid = engines[stage + 1].add_program(self.runner.image_program(result), result.request,
+                                                             result.reserved_blocks, reserved=True)
                         index_of[stage + 1][rid] = i
                     else:
                         outputs[i] = result
@@ -86,6 +86,7 @@ def _merge_stats(stats: list[RunStats], n: int, wall: float) -> RunStats:
         out.denoise_branch_evals += s.denoise_branch_evals
         out.images += s.images
         out.queue_s += s.queue_s
+        out.admitted += s.admitted
         out.kv_peak_blocks = max(out.kv_peak_blocks, s.kv_peak_blocks)
         out.kv_block_bytes = max(out.kv_block_bytes, s.kv_block_bytes)
         out.kv_total_blocks = max(out.kv_total_blocks, s.kv_total_blocks)
