@@ -240,6 +240,59 @@ def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path)
     omni.shutdown()  # idempotent
 
 
+# ---------------------------------------------------------------------------------------------- lending
+def test_stage_1_reads_lent_contexts_in_place(proc: Omni) -> None:
+    proc.generate([CASES["text2img"], CASES["img2img"], CASES["text2img_think"]])
+    st = proc.orchestrator.stage_stats
+    assert st[0].kv_peak_blocks > 0 and st[1].images == 3
+    assert st[1].kv_peak_blocks == 0  # stage 1 never held a row of its own
+
+
+def test_lent_blocks_come_back_to_stage_0(single: Omni) -> None:
+    """Two stage workers in threads of this process, over plain queues: every block stage 0 lends for a
+    hand-off returns to its pool once stage 1 is done, and stage 1's own pool stays empty."""
+    import queue
+
+    from bagel_serve.engine.scheduler import SchedulerConfig
+    from bagel_serve.pipeline.stage_worker import Codec, Flags, Numerics, StageSetup, StageWorker, make_runner
+
+    model, vae, tok = single.runner.model, single.runner.vae, single.runner.tok
+    boxes = [queue.Queue() for _ in range(3)]  # stage 0, stage 1, results
+    workers = []
+    for s in range(2):
+        setup = StageSetup(stage=s, num_stages=2, scheduler=SchedulerConfig(), batch_timeout=0.05,
+                           numerics=Numerics.here(), lend=True)
+        workers.append(StageWorker(setup, make_runner(setup, model, vae, tok), boxes[s], boxes[2],
+                                   boxes[1] if s == 0 else None, boxes[0] if s == 1 else None))
+    threads = [threading.Thread(target=w.loop, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        reqs = [CASES["text2img"], CASES["img2img"], CASES["text2img_think"], CASES["text2text"]]
+        for i, r in enumerate(reqs):
+            req = make_request(r, i)
+            boxes[0].put(("request", None, (1, i), Codec.dumps((req, single.runner.prepare(i, req), Flags()))))
+        outs = {}
+        while len(outs) < len(reqs):
+            kind, stage, key, data = boxes[2].get(timeout=30)
+            assert kind == "output", data
+            outs[key[1]] = Codec.loads(data)
+        for i, r in enumerate(reqs):
+            (alone,) = single.generate([r])
+            same(alone, outs[i], exact=False)  # packed with others: threaded CPU matmuls may move the last bits
+        pool0, pool1 = workers[0].runner.pool, workers[1].runner.pool
+        deadline = time.monotonic() + 10
+        while (pool0.num_blocks_used or pool0.admitted or workers[0].lent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool0.num_blocks_used == 0 and pool0.admitted == 0 and not workers[0].lent
+        assert pool0.capacity_blocks > 0 and pool1.capacity_blocks == 0 and not workers[1].owed
+    finally:
+        for s in range(2):
+            boxes[s].put(("stop", None, None, None))
+        for t in threads:
+            t.join(5)
+
+
 def test_shutdown_leaves_no_worker(proc: Omni) -> None:
     """Last: shuts the module's engine down (through the context manager)."""
     orch = proc.orchestrator
@@ -254,3 +307,4 @@ def test_shutdown_leaves_no_worker(proc: Omni) -> None:
     with pytest.raises(EngineShutDownError, match="engine is shut down"):
         proc.generate([CASES["text2text"]])
     proc.shutdown()
+
