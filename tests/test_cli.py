@@ -90,6 +90,17 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
     assert "request 0" in out
 
 
+def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gen(tiny_checkpoint, tmp_path, "--prompts", "x", "--steps", "3", "--height", "32", "--width", "32",
+        "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"), "--worker-backend", "inline", "--log-stats")
+    out = capsys.readouterr().out
+    thinker, dit = out.split("stage 0 (thinker):")[1].split("stage 1 (dit):")
+    assert "1 request(s) admitted" in thinker and "context_prefill" in thinker and "queue wait" in thinker
+    assert "denoise" not in thinker and "KV pool peak" in thinker
+    assert "1 request(s) admitted" in dit and "denoising steps 2" in dit and "vae_decode" in dit
+    assert "images 1" in dit and "queue wait" in dit
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "1"], "--steps must be an integer >= 2"),
     (["--height", "100"], "--height must be a positive multiple of 16"),
@@ -107,7 +118,7 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
     (["--vae-patch-parallel-size", "2"], "VAE patch parallel"),
     (["--vae-use-tiling"], "VAE tiling"),
     (["--quantization", "fp8"], "quantization"),
-    (["--worker-backend", "ray"], "Ray worker backend is not built yet"),
+    (["--worker-backend", "inline", "--ray-address", "auto"], "--ray-address) places the stages with Ray"),
     (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be a positive integer"),
 ])
 def test_bad_flags(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
@@ -140,8 +151,6 @@ def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
     unknown.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n    max_num_seqz: 1\n")
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
           "stages[0].max_num_seqz")
-    fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
-                   "--worker-backend", "ray"], "Ray worker backend is not built yet")
     gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
         "--worker-backend", "inline", "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["pipeline"] == "bagel"
@@ -177,7 +186,7 @@ def test_end2end_help_lists_seed_flags(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize("kwargs, flags", [
     ({"cfg_parallel_size": 2}, ["--cfg-parallel-size", "2"]),
-    ({"worker_backend": "ray"}, ["--worker-backend", "ray"]),
+    ({"worker_backend": "multi_process", "ray_address": "auto"}, ["--worker-backend", "multi_process", "--ray-address", "auto"]),
     ({"tensor_parallel_size": 0}, ["--tensor-parallel-size", "0"]),
     ({"quantization": "fp8"}, ["--quantization", "fp8"]),
 ])

@@ -96,19 +96,24 @@ class EngineOptions:
                                               "vae_use_tiling", "use_hsdp", "hsdp_shard_size", "hsdp_replicate_size",
                                               "quantization")}
 
+    @property
+    def uses_ray(self) -> bool:
+        """Ray places the stages: `worker_backend=ray`, or a `ray_address` (which implies it)."""
+        return self.worker_backend == "ray" or self.ray_address is not None
+
     def require_runnable(self, num_stages: int = 1) -> None:
-        """Refuse, by name, what the engine cannot do yet: a flag is never silently ignored.
+        """Refuse, by name, what the engine cannot do: a flag is never silently ignored.
 
         `inline` runs every stage in this process (two stages hand contexts over by reference). `process`
         (or `multi_process`) places one process per stage: for a single stage that is this process; two
-        stages run in two worker processes (`bagel_serve.pipeline.workers`). Ray is not built yet.
+        stages run in two worker processes (`bagel_serve.pipeline.workers`). `ray` places one Ray actor
+        per stage (`bagel_serve.pipeline.ray_workers`); `ray_address` implies it.
         """
-        if self.worker_backend == "ray" or self.ray_address:
-            raise NotImplementedError(
-                f"{_name('worker_backend')}=ray / {_name('ray_address')}: the Ray worker backend is not built yet; "
-                "use worker_backend=inline (every stage in this process)"
-            )
-        if num_stages > 2 and self.worker_backend in ("process", "multi_process"):
+        if self.ray_address is not None and self.worker_backend in ("inline", "multi_process"):
+            raise EngineOptionError(
+                f"{_name('ray_address')} places the stages with Ray, but {_name('worker_backend')} is "
+                f"{self.worker_backend!r}; use worker_backend=ray (or leave it out)")
+        if num_stages > 2 and self.worker_backend in ("process", "multi_process") and not self.uses_ray:
             raise NotImplementedError(
                 f"{_name('worker_backend')}={self.worker_backend}: one process per stage runs pipelines of at most "
                 f"two stages; run the {num_stages} stages in this process with worker_backend=inline (--worker-backend inline)"

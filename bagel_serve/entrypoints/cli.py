@@ -212,6 +212,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.log_stats and stats is not None:
         print(f"load: {load_s:.2f} s")
         print(stats.summary())
+        if len(omni.stage_stats) > 1:
+            for spec, st in zip(omni.pipeline.stages, omni.stage_stats):
+                print(f"stage {spec.stage_id} ({spec.name}):")
+                print("\n".join("  " + line for line in st.summary().splitlines()))
     if args.enable_diffusion_pipeline_profiler:
         phases = ("context_prefill", "think_decode", "decode", "vae_encode", "denoise", "vae_decode")
         print("profile (seconds):  " + "  ".join(f"{p:>15}" for p in phases))

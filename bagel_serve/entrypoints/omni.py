@@ -22,7 +22,8 @@ from bagel_serve.engine.request import Request, RequestOutput, make_request
 from bagel_serve.engine.runner import Runner, RunStats
 from bagel_serve.pipeline.orchestrator import Orchestrator
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.model.loader import load_model, read_config, resolve_model_dir
+from bagel_serve.engine.memory import StagePlacement, kv_block_budgets, weights_bytes
+from bagel_serve.model.loader import default_device, default_dtype, load_model, load_skeleton, read_config, resolve_model_dir
 
 
 class Omni:
@@ -60,20 +61,32 @@ class Omni:
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
         self.model_name = str(model)
-        loaded = load_model(model_dir, device=device, dtype=dtype, progress=progress)
+        self._device = torch.device(device) if device is not None else default_device()
+        if self.options.uses_ray:
+            # The actors load the weights where they run; here a skeleton validates the requests.
+            loaded = load_skeleton(model_dir, dtype=dtype or default_dtype(self._device))
+        else:
+            loaded = load_model(model_dir, device=self._device, dtype=dtype, progress=progress)
         self.config = loaded.config
         self.model_dir = loaded.model_dir
         self.tokenizer = BagelTokenizer(loaded.model_dir)
-        self.runner = Runner(loaded.model, loaded.vae, self.tokenizer)
-        if self.pipeline.single_stage:
-            _bound_kv_pool(self.runner, deploy.stage(0).gpu_memory_utilization)
+        self.runner = Runner(loaded.model, loaded.vae, self.tokenizer,
+                             enable_prefix_caching=deploy.prefix_caching_enabled(0))
         self.progress = progress
-        if self.pipeline.num_stages > 1 and self.options.worker_backend in ("process", "multi_process"):
+        backend = self.options.worker_backend
+        if self.options.uses_ray:
+            from bagel_serve.pipeline.ray_workers import RayOrchestrator
+
+            where = str(model_dir.resolve()) if Path(model).expanduser().is_dir() else str(model)
+            self.orchestrator = RayOrchestrator(self.runner, self.pipeline, deploy, self.options, model=where,
+                                                device=self._device, dtype=loaded.model.dtype)
+        elif self.pipeline.num_stages > 1 and backend in ("process", "multi_process"):
             from bagel_serve.pipeline.workers import ProcessOrchestrator
 
             self.orchestrator = ProcessOrchestrator(self.runner, self.pipeline, deploy, self.options,
                                                     model_dir=loaded.model_dir)
         else:
+            _bound_kv_pool(self.runner, self.pipeline, deploy)
             self.orchestrator = Orchestrator(self.runner, self.pipeline, deploy)
 
     def shutdown(self) -> None:
@@ -91,12 +104,18 @@ class Omni:
 
     @property
     def device(self) -> torch.device:
-        return self.runner.model.device
+        """Where the model computes (with Ray: inside the actors)."""
+        return self._device
 
     @property
     def last_stats(self) -> RunStats | None:
         """Per-phase times and throughput of the last `generate` call."""
         return self.orchestrator.last_stats
+
+    @property
+    def stage_stats(self) -> list[RunStats]:
+        """The last `generate` call's stats of each stage (one entry for a single stage)."""
+        return list(self.orchestrator.stage_stats)
 
     def generate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,
                  on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
@@ -111,24 +130,17 @@ class Omni:
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
 
 
-ACTIVATION_RESERVE_BYTES = 6 * 2**30
-
-
-def _bound_kv_pool(runner: Runner, utilization: float | None) -> None:
-    """With `gpu_memory_utilization`, the KV pool gets what the share leaves after the weights and an
-    activation reserve, and the scheduler admits requests within it; without it the pool grows freely."""
+def _bound_kv_pool(runner: Runner, pipeline: PipelineSpec, deploy: DeployConfig) -> None:
+    """Every stage in this process shares one pool: on CUDA it gets what the stages' pooled
+    `gpu_memory_utilization` leaves after the weights and an activation reserve (`engine.memory`), and the
+    schedulers admit requests within it."""
     dev = runner.model.device
-    if utilization is None or dev.type != "cuda":
+    if dev.type != "cuda":
         return
-    allowed = utilization * torch.cuda.get_device_properties(dev).total_memory
-    reserve = min(ACTIVATION_RESERVE_BYTES, 0.25 * allowed)
-    kv_bytes = allowed - torch.cuda.memory_allocated(dev) - reserve
-    blocks = int(kv_bytes // runner.pool.bytes_per_block)
-    if blocks < 1:
-        raise ValueError(f"gpu_memory_utilization {utilization}: {allowed / 2**30:.1f} GiB allowed, but the weights use "
-                         f"{torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB and activations need "
-                         f"{reserve / 2**30:.1f} GiB: nothing is left for the KV cache")
-    runner.pool.max_blocks = blocks
+    placements = [StagePlacement(dev, deploy.stage(s.stage_id).gpu_memory_utilization, False) for s in pipeline.stages]
+    budgets = kv_block_budgets(placements, weights_bytes=weights_bytes(runner.model, runner.vae),
+                               block_bytes=runner.pool.bytes_per_block, one_process=True)
+    runner.pool.max_blocks = sum(b for b in budgets if b is not None)
 
 
 def _read_config_json(model_dir: Path) -> dict[str, Any] | None:

@@ -170,18 +170,13 @@ def build_model(cfg: BagelConfig, device: torch.device | str = "meta") -> Bagel:
         return Bagel(cfg)
 
 
-def load_model(
-    model: str | os.PathLike,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    vae_dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-) -> LoadedModel:
-    """Load BAGEL and its autoencoder. bf16 on CUDA and float32 on CPU unless `dtype` says otherwise;
-    the autoencoder stays float32 (the reference decodes in float32)."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or default_dtype(device)
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _skeletons(model: str | os.PathLike) -> tuple[Path, BagelConfig, Bagel, dict[str, Path], AutoEncoder, dict[str, Path]]:
+    """Config and meta-device modules of a checkpoint, every weight file checked against them (names and
+    shapes) before anything is read."""
     model_dir = resolve_model_dir(model)
     cfg = read_config(model_dir)
     files = _weight_files(model_dir)
@@ -201,7 +196,32 @@ def load_model(
     with torch.device("meta"):
         vae = AutoEncoder(cfg.vae)
     _check_keys(vae, _shapes(ae_files), str(ae_path))
+    return model_dir, cfg, bagel, files, vae, ae_files
 
+
+def load_skeleton(model: str | os.PathLike, *, dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The checkpoint's modules on the meta device, in `dtype`, with no weights read: for a process that
+    validates and routes requests while workers elsewhere hold the weights (the Ray backend)."""
+    model_dir, cfg, bagel, _, vae, _ = _skeletons(model)
+    bagel.to(dtype).eval().requires_grad_(False)
+    vae.to(vae_dtype).eval().requires_grad_(False)
+    return LoadedModel(cfg, bagel, vae, model_dir)
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> LoadedModel:
+    """Load BAGEL and its autoencoder. bf16 on CUDA and float32 on CPU unless `dtype` says otherwise;
+    the autoencoder stays float32 (the reference decodes in float32)."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    model_dir, cfg, bagel, files, vae, ae_files = _skeletons(model)
+    ae_path = model_dir / AE_FILE
     total = sum(p.stat().st_size for p in set(files.values()) | {ae_path})
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         _load_into(bagel, files, device, dtype, bar)
