@@ -1,8 +1,11 @@
 """Serving engine on one GPU: text throughput with 64 concurrent requests (512 prompt / 256 output
 tokens), text2img 1024² latency, and the memory cost of two stages (in this process, and one process per
-stage) vs. one, as memory in use on the whole device after each topology's text2img.
+stage) vs. one, as memory in use on the whole device after each topology's text2img. Each topology's
+text2img latents are compared with the single stage's (same seed), and the KV blocks stage 1 allocated
+itself are recorded (0 = it read stage 0's rows in place).
 
     python benchmarks/bench_serving.py --ckpt /tmp/bagel-full --out results.json
+    python benchmarks/bench_serving.py --d2d --out results.json   # two GPUs: stage 1 on cuda:1
 """
 
 from __future__ import annotations
@@ -38,14 +41,26 @@ def device_used_gib() -> float:
     return (total - free) / 2**30
 
 
-def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool, backend: str = "inline") -> None:
-    kwargs = {"worker_backend": backend} if deploy else {}
+REFERENCE: dict[str, torch.Tensor] = {}
+
+
+def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool, backend: str = "inline",
+                 **kwargs) -> None:
+    if deploy:
+        kwargs["worker_backend"] = backend
     omni = Omni(ckpt, deploy_config=deploy, **kwargs)
     omni.generate([{"modality": "text2img", "prompt": "warm up", "height": 256, "width": 256, "steps": 3},
                    {"modality": "text2text", "prompt": "warm up", "max_tokens": 4}])
-    t2i = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0}
-    _, res[f"{tag}_t2i_1024_s"], res[f"{tag}_t2i_peak_gib"] = timed(lambda: omni.generate([t2i]))
+    t2i = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0,
+           "return_latents": True}
+    (out,), res[f"{tag}_t2i_1024_s"], res[f"{tag}_t2i_peak_gib"] = timed(lambda: omni.generate([t2i]))
     res[f"{tag}_device_used_gib"] = device_used_gib()
+    if "latents" in REFERENCE:
+        res[f"{tag}_t2i_latents_max_diff_vs_single"] = (out.latents - REFERENCE["latents"]).abs().max().item()
+    else:
+        REFERENCE["latents"] = out.latents
+    if len(omni.stage_stats) > 1:
+        res[f"{tag}_stage1_own_kv_blocks"] = omni.stage_stats[1].kv_peak_blocks
     if text:
         reqs = [{"modality": "text2text", "prompt": prompt_of(omni, 512, i), "max_tokens": 257, "seed": i}
                 for i in range(64)]
@@ -64,18 +79,29 @@ def main() -> None:
     ap.add_argument("--ckpt", default="/tmp/bagel-full")
     ap.add_argument("--out", default="bench_serving.json")
     ap.add_argument("--skip-process", action="store_true", help="skip the one-process-per-stage topology")
+    ap.add_argument("--d2d", action="store_true", help="two GPUs: single stage vs stage 1 on cuda:1 (process backend)")
     a = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if a.d2d:
+        run_topology(a.ckpt, None, res, "single", text=False)
+        run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "d2d", text=False, backend="process",
+                     stage_overrides={"1": {"devices": "1"}})
+        report(res, a.out)
+        return
     run_topology(a.ckpt, None, res, "single", text=True)
     run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_stage", text=False)
     res["two_stage_extra_gib"] = res["two_stage_device_used_gib"] - res["single_device_used_gib"]
     if not a.skip_process:
         run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_proc", text=False, backend="process")
         res["two_proc_extra_gib"] = res["two_proc_device_used_gib"] - res["single_device_used_gib"]
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"\n{'metric':<28}{'value':>12}")
+    report(res, a.out)
+
+
+def report(res: dict, out: str) -> None:
+    Path(out).write_text(json.dumps(res, indent=2))
+    print(f"\n{'metric':<40}{'value':>14}")
     for k, v in res.items():
-        print(f"{k:<28}{v:>12.3f}" if isinstance(v, float) else f"{k:<28}{v!s:>12}")
+        print(f"{k:<40}{v:>14.4g}" if isinstance(v, float) else f"{k:<40}{v!s:>14}")
 
 
 if __name__ == "__main__":
