@@ -440,3 +440,20 @@ def test_prefix_cache_lru_eviction_under_pressure(gen: torch.Generator) -> None:
     held.release()
     pool.prefix_cache.clear()
     assert pool.num_blocks_used == 0
+
+
+def test_prefix_cache_on_an_unbounded_pool_keeps_a_bounded_idle_set(gen: torch.Generator,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No bound means nothing ever needs room, so whenever a context registers blocks the cache trims
+    what only it holds to UNBOUNDED_IDLE_BLOCKS, least recently used first (a prefix's deeper blocks
+    before its first)."""
+    from bagel_serve.engine.kv_cache import PrefixCache
+
+    monkeypatch.setattr(PrefixCache, "UNBOUNDED_IDLE_BLOCKS", 3)
+    pool = make_pool(enable_prefix_caching=True)
+    prompts = [list(range(i * 100, i * 100 + 8)) for i in range(4)]  # two full blocks each
+    for p in prompts:
+        text_context(pool, p, gen).ctx.release()
+    # After the last registration 3 idle blocks were kept beside the 2 the registering context held.
+    assert len(pool.prefix_cache) == 5 and pool.num_blocks_used == 5
+    assert [Context(pool).match_prefix(p) for p in prompts] == [0, 4, 8, 8]

@@ -172,14 +172,20 @@ def test_streaming_tokens(proc: Omni) -> None:
         assert seen[i] == out.token_ids[1:] and len(seen[i]) > 0
 
 
-def test_32_mixed_concurrent_requests(single: Omni, proc: Omni) -> None:
+def check_32_mixed(single: Omni, omni: Omni) -> list[dict]:
+    """32 concurrent requests of every kind on `omni` give the single stage's outputs; returns them."""
     base = list(CASES.values())
     reqs = [dict(base[i % len(base)], prompt=f"{base[i % len(base)]['prompt']} #{i}") for i in range(32)]
     alone = single.generate(reqs)
-    together = proc.generate(reqs)
+    together = omni.generate(reqs)
     assert len(together) == 32
     for a, b in zip(alone, together):
-        same(a, b, exact=False)
+        same(a, b, exact=False)  # packed differently: the last bits of threaded CPU matmuls may move
+    return reqs
+
+
+def test_32_mixed_concurrent_requests(single: Omni, proc: Omni) -> None:
+    reqs = check_32_mixed(single, proc)
     st = proc.last_stats
     assert st.requests == 32 and st.images == sum(1 for r in reqs if r["modality"].endswith("2img"))
 
@@ -208,29 +214,36 @@ def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest
     assert children() <= before  # both workers of that engine are gone
 
 
+def kill_stage_1_mid_batch(single: Omni, omni: Omni, died: str, delay: float) -> float:
+    """Check the engine serves, then SIGKILL stage 1's worker `delay` s into a long batch: the batch must
+    fail with a WorkerDiedError matching `died` (formatted with the pid); returns seconds from kill to error."""
+    (a,) = single.generate([CASES["text2img_think"]])
+    (b,) = omni.generate([CASES["text2img_think"]])
+    same(a, b)
+    stage1 = omni.orchestrator.worker_pids[1]
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(delay)
+        killed_at.append(time.monotonic())
+        os.kill(stage1, signal.SIGKILL)
+
+    long = {"modality": "text2img", "prompt": "slow", "steps": 20000, "height": 16, "width": 16, "seed": 5}
+    threading.Thread(target=kill, daemon=True).start()
+    with pytest.raises(WorkerDiedError, match=died.format(pid=stage1)):
+        omni.generate([long, dict(long, seed=6)])
+    return time.monotonic() - killed_at[0]
+
+
 def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path) -> None:
     before = children()
     omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
                 worker_backend="multi_process")
     orch = omni.orchestrator
     assert isinstance(orch, ProcessOrchestrator)
-    (a,) = single.generate([CASES["text2img_think"]])
-    (b,) = omni.generate([CASES["text2img_think"]])
-    same(a, b)
-    stage1 = orch.worker_pids[1]
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        time.sleep(0.7)
-        killed_at.append(time.monotonic())
-        os.kill(stage1, signal.SIGKILL)
-
-    long = {"modality": "text2img", "prompt": "slow", "steps": 20000, "height": 16, "width": 16, "seed": 5}
-    threading.Thread(target=kill, daemon=True).start()
-    with pytest.raises(WorkerDiedError, match=rf"stage 1 worker \(pid {stage1}\) exited with code -9 while 2 "
-                                              r"request\(s\) were in flight"):
-        omni.generate([long, dict(long, seed=6)])
-    assert time.monotonic() - killed_at[0] < 5
+    took = kill_stage_1_mid_batch(single, omni, r"stage 1 worker \(pid {pid}\) exited with code -9 while 2 "
+                                                r"request\(s\) were in flight", delay=0.7)
+    assert took < 5
     assert not any(p.is_alive() for p in orch._workers.procs)
     assert children() <= before
     t0 = time.monotonic()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import ray
 from bagel_serve import Omni
 from bagel_serve.config.engine_options import EngineOptionError
 from bagel_serve.pipeline.ray_workers import RayOrchestrator
-from bagel_serve.pipeline.workers import START_DELAY_ENV, EngineShutDownError, WorkerDiedError
+from bagel_serve.pipeline.workers import START_DELAY_ENV, EngineShutDownError
 
-from test_process_workers import CASES, same
+from test_process_workers import CASES, check_32_mixed, kill_stage_1_mid_batch, same
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,13 +84,7 @@ def test_streaming_tokens(on_ray: Omni) -> None:
 
 
 def test_32_mixed_concurrent_requests(single: Omni, on_ray: Omni) -> None:
-    base = list(CASES.values())
-    reqs = [dict(base[i % len(base)], prompt=f"{base[i % len(base)]['prompt']} #{i}") for i in range(32)]
-    alone = single.generate(reqs)
-    together = on_ray.generate(reqs)
-    assert len(together) == 32
-    for a, b in zip(alone, together):
-        same(a, b, exact=False)  # packed differently: the last bits of threaded CPU matmuls may move
+    reqs = check_32_mixed(single, on_ray)
     assert on_ray.last_stats.images == sum(1 for r in reqs if r["modality"].endswith("2img"))
 
 
@@ -131,23 +123,9 @@ def test_killed_actor_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path, 
     omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
                 worker_backend="ray")
     orch = omni.orchestrator
-    (a,) = single.generate([CASES["text2img_think"]])
-    (b,) = omni.generate([CASES["text2img_think"]])
-    same(a, b)
-    stage1 = orch.worker_pids[1]
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        time.sleep(1.0)
-        killed_at.append(time.monotonic())
-        os.kill(stage1, signal.SIGKILL)
-
-    long = {"modality": "text2img", "prompt": "slow", "steps": 20000, "height": 16, "width": 16, "seed": 5}
-    threading.Thread(target=kill, daemon=True).start()
-    with pytest.raises(WorkerDiedError, match=rf"stage 1 Ray actor \(pid {stage1}\) died .* while 2 request\(s\) "
-                                              r"were in flight"):
-        omni.generate([long, dict(long, seed=6)])
-    assert time.monotonic() - killed_at[0] < 10
+    took = kill_stage_1_mid_batch(single, omni, r"stage 1 Ray actor \(pid {pid}\) died .* while 2 request\(s\) "
+                                                r"were in flight", delay=1.0)
+    assert took < 10
     t0 = time.monotonic()
     with pytest.raises(EngineShutDownError, match="engine is shut down.*stage 1 Ray actor"):
         omni.generate([CASES["text2text"]])

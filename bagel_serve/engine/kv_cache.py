@@ -219,15 +219,7 @@ class KVPool:
                     or tuple(k.shape[::2]) != (layers, heads) or k.shape[3] != dim:
                 raise ValueError(f"KVPool.borrowed: slab at block {start} with K {tuple(k.shape)}, V {tuple(v.shape)} "
                                  f"does not fit after block {pool._capacity} (block_size {block_size})")
-            blocks = rows // block_size
-            pool._k.append(k)
-            pool._v.append(v)
-            pool._kl.append(list(k.unbind(0)))
-            pool._vl.append(list(v.unbind(0)))
-            pool._slab_start.append(start)
-            pool._slab_size.append(blocks)
-            pool._ref.extend([0] * (start - pool._capacity) + [1] * blocks)
-            pool._capacity = start + blocks
+            pool._add_slab(start, k, v, refcount=1)
         return pool
 
     # ------------------------------------------------------------------ admission ledger
@@ -371,16 +363,22 @@ class KVPool:
                 f"KV pool exhausted: device memory ran out growing the pool by {blocks} blocks "
                 f"({blocks * self.bytes_per_block} bytes); {self._capacity} blocks allocated") from e
         start = self._capacity
+        self._add_slab(start, k, v, refcount=0)
+        self._free.extend(range(start, start + blocks))  # all above the existing free ids: stays sorted
+        self._free_set.update(range(start, start + blocks))
+
+    def _add_slab(self, start: int, k: torch.Tensor, v: torch.Tensor, refcount: int) -> None:
+        """Append a slab of whole blocks whose first block id is `start` (ids between the last slab and it
+        stay unused), each block with `refcount` references."""
+        blocks = k.shape[1] // self.block_size
         self._k.append(k)
         self._v.append(v)
         self._kl.append(list(k.unbind(0)))
         self._vl.append(list(v.unbind(0)))
         self._slab_start.append(start)
         self._slab_size.append(blocks)
-        self._capacity += blocks
-        self._ref.extend([0] * blocks)
-        self._free.extend(range(start, start + blocks))  # all above the existing free ids: stays sorted
-        self._free_set.update(range(start, start + blocks))
+        self._ref.extend([0] * (start - self._capacity) + [refcount] * blocks)
+        self._capacity = start + blocks
 
     def _take_after(self, after: int, n: int) -> list[int] | None:
         if not 0 <= after < self._capacity:
@@ -556,8 +554,12 @@ class PrefixCache:
 
     The key of block i is sha256(key of block i-1, token ids of block i), so a key names the whole
     prefix up to and including its block. The cache holds one reference to every registered block;
-    least-recently-used entries whose block nobody else holds are evicted when the pool may not grow.
+    least-recently-used entries whose block nobody else holds are evicted when the pool may not grow. In
+    a pool with no bound (the CPU's) nothing would ever evict them, so there the cache keeps at most
+    `UNBOUNDED_IDLE_BLOCKS` blocks that only it holds.
     """
+
+    UNBOUNDED_IDLE_BLOCKS = 4096
 
     def __init__(self, pool: KVPool) -> None:
         self._pool = weakref.ref(pool)
@@ -872,4 +874,8 @@ class Context:
                 self._hashes.append(key)
                 parent = key
             cache.touch(reversed(self._hashes[:full]))
+            if self.pool.max_blocks is None:
+                idle = cache.evictable() - cache.UNBOUNDED_IDLE_BLOCKS
+                if idle > 0:
+                    cache.evict(idle)
         return full * bs
