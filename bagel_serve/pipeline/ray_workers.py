@@ -10,7 +10,8 @@ model is a meta-device skeleton for request validation) and forwards the referen
 Placement: one placement group per engine, one bundle per stage (`PACK`), with one CPU each and, on
 CUDA, one GPU for a stage that has its own device or an equal share of one for stages whose deploy
 `devices` are the same. With no `ray_address` a local Ray cluster is started (and stopped at exit);
-`ray_address="auto"` or `"ray://host:port"` joins an existing one.
+`ray_address="auto"` or `"ray://host:port"` joins an existing one. The actors compute on the engine's
+`device` (by default CUDA when this process sees a GPU): on a head node without one, pass `device="cuda"`.
 
 Each actor runs the same `StageWorker` loop as a worker process, in a thread; the parent talks to it
 with two actor methods, `put(message)` and `poll(wait)` (the messages it has sent, waiting up to `wait`
