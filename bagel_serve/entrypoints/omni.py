@@ -104,8 +104,8 @@ class Omni:
 
     @property
     def device(self) -> torch.device:
-        """Where the model computes (with Ray: inside the actors)."""
-        return self._device
+        """Where the model computes (with Ray: inside the actors, where this process holds no weights)."""
+        return self._device if self.options.uses_ray else self.runner.model.device
 
     @property
     def last_stats(self) -> RunStats | None:
