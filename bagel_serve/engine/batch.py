@@ -10,6 +10,7 @@ boundary tokens sit beside, not around, their latents) does not change the resul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -79,18 +80,87 @@ class _Seq:
     out_rows: list[int] = field(default_factory=list)
 
 
-class ForwardBatch:
-    """The packed batch of one forward; decoder layers call `attend` on it."""
+class _DecodeGroup:
+    """One-token causal steps of many sequences (text decoding) run as one attention.
 
-    def __init__(self, seqs: list[_Seq], n_und: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    Per sequence, attention would be a handful of tiny kernels per layer, and with dozens of sequences
+    decoding the step is launch-bound. Here the new K/V rows are scattered into the pool and every
+    sequence's rows gathered into a padded batch (one index op per pool slab, indices built once per
+    forward), then one masked grouped-query attention serves them all, softmax in float32. Rows land in
+    the pool exactly where `attend_keys` would put them.
+    """
+
+    def __init__(self, seqs: list[_Seq], device: torch.device) -> None:
+        self.seqs = seqs
+        self.pool = seqs[0].context.pool
+        lens = [s.context.length + 1 for s in seqs]
+        self.lmax = max(lens)
+        self.rows = torch.tensor([s.segments[0][0] for s in seqs], device=device)
+        slabs, srows, dsts = [], [], []
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            sl, r = s.context.slab_rows(n)
+            slabs.append(sl)
+            srows.append(r)
+            dsts.append(torch.arange(n) + i * self.lmax)
+        slab, srow, dst = torch.cat(slabs), torch.cat(srows), torch.cat(dsts)
+        self.reads = [(sid, srow[m].to(device), dst[m].to(device))
+                      for sid in slab.unique().tolist() for m in [slab == sid]]
+        last = torch.tensor(lens).cumsum(0) - 1  # where each sequence's new row sits in those lists
+        wslab, wrow = slab[last], srow[last]
+        self.writes = [(sid, wrow[m].to(device), m.nonzero().squeeze(1).to(device))
+                       for sid in wslab.unique().tolist() for m in [wslab == sid]]
+        self.mask = (torch.arange(self.lmax)[None, :] < torch.tensor(lens)[:, None]).to(device)
+        for s in seqs:
+            s.context.wrote(1)
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        pool, b, lmax = self.pool, len(self.seqs), self.lmax
+        kn, vn = k[self.rows].to(pool.dtype), v[self.rows].to(pool.dtype)
+        hkv, d = kn.shape[1], kn.shape[2]
+        for sid, dst, which in self.writes:
+            pool._kl[sid][layer].index_copy_(0, dst, kn[which])
+            pool._vl[sid][layer].index_copy_(0, dst, vn[which])
+        kp = torch.empty((b * lmax, hkv, d), dtype=pool.dtype, device=q.device)
+        vp = torch.zeros((b * lmax, hkv, d), dtype=pool.dtype, device=q.device)  # padding must not be NaN
+        for sid, src, dst in self.reads:
+            kp.index_copy_(0, dst, pool._kl[sid][layer].index_select(0, src))
+            vp.index_copy_(0, dst, pool._vl[sid][layer].index_select(0, src))
+        hq = q.shape[1]
+        qg = q[self.rows].view(b, hkv, hq // hkv, d).float()
+        scores = torch.matmul(qg, kp.view(b, lmax, hkv, d).permute(0, 2, 3, 1).float()) / math.sqrt(d)
+        scores.masked_fill_(~self.mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, vp.view(b, lmax, hkv, d).permute(0, 2, 1, 3).float())
+        out[self.rows] = o.reshape(b, hq, d).to(out.dtype)
+
+
+class ForwardBatch:
+    """The packed batch of one forward; decoder layers call `attend` on it.
+
+    With `batch_decode`, the one-token causal steps of two or more sequences on one pool attend together
+    (`_DecodeGroup`); every other sequence attends alone."""
+
+    def __init__(self, seqs: list[_Seq], n_und: int, cos: torch.Tensor, sin: torch.Tensor,
+                 batch_decode: bool = False) -> None:
         self.seqs = seqs
         self.n_und = n_und
         self.cos = cos
         self.sin = sin
+        self.decode: _DecodeGroup | None = None
+        self.alone = seqs
+        if batch_decode:
+            steps = [s for s in seqs if s.causal and s.commit and len(s.segments) == 1 and s.segments[0][1] == 1]
+            steps = [s for s in steps if s.context.pool is steps[0].context.pool] if steps else []
+            if len(steps) >= 2:
+                self.decode = _DecodeGroup(steps, cos.device)
+                grouped = {id(s) for s in steps}
+                self.alone = [s for s in seqs if id(s) not in grouped]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        for s in self.seqs:
+        if self.decode is not None:
+            self.decode.run(layer, q, k, v, out)
+        for s in self.alone:
             if len(s.segments) == 1:
                 a, n = s.segments[0]
                 k_new, v_new = k[a : a + n], v[a : a + n]
@@ -111,6 +181,8 @@ class Packer:
         self.special = special
         cfg = model.config.llm
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, model.device)
+        # Batched decode attention on CUDA; the CPU keeps the exact per-sequence path the parity tests hold.
+        self.batch_decode = model.device.type == "cuda"
 
     def run(self, specs: list[SeqSpec]) -> tuple[torch.Tensor, ForwardBatch, list[_Seq]]:
         """Run the LLM over the packed pieces; returns final hidden rows (experts-first order)."""
@@ -169,7 +241,7 @@ class Packer:
         x = torch.cat(und_parts + gen_parts).to(model.dtype)
         positions = torch.cat(und_pos + gen_pos)
         cos, sin = rope_tables(positions, self.inv_freq)
-        batch = ForwardBatch(seqs, n_und, cos, sin)
+        batch = ForwardBatch(seqs, n_und, cos, sin, self.batch_decode)
         hidden = model.transformer(x, batch)
         for s in seqs:
             if s.commit:

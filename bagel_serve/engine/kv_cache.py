@@ -813,6 +813,29 @@ class Context:
             return k_new, v_new
         return self.pool._read(layer, self._read_plan(self.length), self.length, extra=(k_new, v_new))
 
+    def slab_rows(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slab index, row within that slab) of each of our logical rows [0, end), as CPU int64 tensors:
+        for kernels that read or write many contexts' rows in the pool at once. Rows past `length` must
+        have been reserved."""
+        self._check_alive()
+        bs = self.pool.block_size
+        nblocks = -(-end // bs)
+        if nblocks > len(self._blocks):
+            raise RuntimeError(f"slab_rows({end}): only {len(self._blocks) * bs} rows have blocks")
+        bt = torch.tensor(self._blocks[:nblocks], dtype=torch.int64)
+        starts = torch.tensor(self.pool._slab_start, dtype=torch.int64)
+        slab = torch.bucketize(bt, starts, right=True) - 1
+        rows = (((bt - starts[slab]) * bs)[:, None] + torch.arange(bs)).flatten()[:end]
+        return slab.repeat_interleave(bs)[:end], rows
+
+    def wrote(self, n: int) -> None:
+        """Rows [length, length + n) were written into our blocks by such a kernel (after `reserve(n)`);
+        `commit` accepts them as it accepts rows written by `attend_keys(commit=True)`."""
+        self._check_alive()
+        if n > self._reserved:
+            raise RuntimeError(f"wrote({n}) needs reserve({n}) first (reserved {self._reserved})")
+        self._pending = n
+
     def commit(self, rope_advance: int) -> None:
         """Accept the rows written by the forward that just ran."""
         self.length += self._pending

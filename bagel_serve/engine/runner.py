@@ -141,16 +141,24 @@ class Runner:
     def _forward(self, works: list[Work]) -> list[torch.Tensor | None]:
         specs = [SeqSpec(w.context, w.piece, w.commit) for w in works]
         hidden, _, seqs = self.packer.run(specs)
-        results: list[torch.Tensor | None] = []
-        for w, s in zip(works, seqs):
+        results: list[torch.Tensor | None] = [None] * len(works)
+        last_rows: list[int] = []  # the last row of each text piece that wants logits
+        wanting: list[int] = []
+        for i, (w, s) in enumerate(zip(works, seqs)):
             if not w.want_output:
-                results.append(None)
-            elif isinstance(w.piece, LatentPiece):
+                continue
+            if isinstance(w.piece, LatentPiece):
                 a, n = s.segments[1]
-                results.append(self.model.velocity(hidden[a : a + n]).float())
+                results[i] = self.model.velocity(hidden[a : a + n]).float()
             else:
                 a, n = s.segments[0]
-                results.append(self.model.lm_logits(hidden[a + n - 1 : a + n]).float()[0])
+                last_rows.append(a + n - 1)
+                wanting.append(i)
+        if wanting:
+            # One LM-head call for every decoding sequence: the head's weights are read once, not per sequence.
+            rows = torch.tensor(last_rows, device=hidden.device)
+            for i, logits in zip(wanting, self.model.lm_logits(hidden[rows]).float()):
+                results[i] = logits
         return results
 
     # ------------------------------------------------------------------ request programs
