@@ -12,25 +12,18 @@ packing) soon flips a greedy token; `--check` runs 16 requests x 64 tokens in fl
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
 
-import torch
 from bench_serving import prompt_of
-from common import timed
+from common import header, parser, report, timed
 
 from bagel_serve import Omni
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="/tmp/bagel-full")
-    ap.add_argument("--out", default="bench_decode.json")
+    ap = parser("bench_decode.json")
     ap.add_argument("--check", action="store_true", help="float32, 16 requests x 64 tokens: agreement only")
     a = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    res = header()
     if a.check:
         omni = Omni(a.ckpt, dtype="float32")
         reqs = [{"modality": "text2text", "prompt": prompt_of(omni, 128, i), "max_tokens": 65, "seed": i}
@@ -77,11 +70,6 @@ def agreement(res: dict, tag: str, answers: dict[bool, list[list[int]]]) -> None
     res[f"{tag}_mean_answer_tokens"] = sum(len(x) for x, _ in pairs) / len(pairs)
 
 
-def report(res: dict, out: str) -> None:
-    Path(out).write_text(json.dumps(res, indent=2))
-    print(f"\n{'metric':<32}{'value':>14}")
-    for k, v in res.items():
-        print(f"{k:<32}{v:>14.4g}" if isinstance(v, float) else f"{k:<32}{v!s:>14}")
 
 
 if __name__ == "__main__":

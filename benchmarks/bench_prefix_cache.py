@@ -9,13 +9,9 @@ that into another greedy token).
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
-from common import timed
+from common import header, parser, report, timed
 
 from bagel_serve import Omni
 
@@ -37,12 +33,10 @@ def run(ckpt: str, enabled: bool, res: dict, tag: str, reverse: bool = False, dt
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="/tmp/bagel-full")
-    ap.add_argument("--out", default="bench_prefix_cache.json")
+    ap = parser("bench_prefix_cache.json")
     ap.add_argument("--dtype", default="bf16", help="bf16 (default) or float32, to tell rounding from logic")
     a = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    res = header()
     res["dtype"] = a.dtype
     off = run(a.ckpt, False, res, "cache_off", dtype=a.dtype)
     on = run(a.ckpt, True, res, "cache_on", dtype=a.dtype)
@@ -50,10 +44,7 @@ def main() -> None:
     again = run(a.ckpt, False, res, "cache_off_reversed", reverse=True, dtype=a.dtype)
     res["same_answers_on_vs_off"] = sum(x.token_ids == y.token_ids for x, y in zip(off, on))
     res["same_answers_off_reversed_vs_off"] = sum(x.token_ids == y.token_ids for x, y in zip(off, again))
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"\n{'metric':<28}{'value':>14}")
-    for k, v in res.items():
-        print(f"{k:<28}{v:>14.4g}" if isinstance(v, float) else f"{k:<28}{v!s:>14}")
+    report(res, a.out)
 
 
 if __name__ == "__main__":

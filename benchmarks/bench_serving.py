@@ -10,13 +10,10 @@ itself are recorded (0 = it read stage 0's rows in place).
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
-from common import timed
+from common import header, parser, report, timed
 
 from bagel_serve import Omni
 
@@ -75,13 +72,11 @@ def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="/tmp/bagel-full")
-    ap.add_argument("--out", default="bench_serving.json")
+    ap = parser("bench_serving.json")
     ap.add_argument("--skip-process", action="store_true", help="skip the one-process-per-stage topology")
     ap.add_argument("--d2d", action="store_true", help="two GPUs: single stage vs stage 1 on cuda:1 (process backend)")
     a = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    res = header()
     if a.d2d:
         run_topology(a.ckpt, None, res, "single", text=False)
         run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "d2d", text=False, backend="process",
@@ -97,11 +92,6 @@ def main() -> None:
     report(res, a.out)
 
 
-def report(res: dict, out: str) -> None:
-    Path(out).write_text(json.dumps(res, indent=2))
-    print(f"\n{'metric':<40}{'value':>14}")
-    for k, v in res.items():
-        print(f"{k:<40}{v:>14.4g}" if isinstance(v, float) else f"{k:<40}{v!s:>14}")
 
 
 if __name__ == "__main__":
