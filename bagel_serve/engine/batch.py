@@ -134,11 +134,17 @@ class _DecodeGroup:
         out[self.rows] = o.reshape(b, hq, d).to(out.dtype)
 
 
+MAX_PADDED_DECODE_ROWS = 1 << 18
+"""Padded K/V rows one decode group may gather (sequences x longest context): bounds its transient memory
+(about 1.5 GiB at BAGEL's 4 KV heads of 128 in bf16, float32 copies included)."""
+
+
 class ForwardBatch:
     """The packed batch of one forward; decoder layers call `attend` on it.
 
-    With `batch_decode`, the one-token causal steps of two or more sequences on one pool attend together
-    (`_DecodeGroup`); every other sequence attends alone."""
+    With `batch_decode`, the one-token causal steps of two or more sequences on one pool attend together,
+    in groups (`_DecodeGroup`) of similar context lengths that stay within MAX_PADDED_DECODE_ROWS; every
+    other sequence attends alone."""
 
     def __init__(self, seqs: list[_Seq], n_und: int, cos: torch.Tensor, sin: torch.Tensor,
                  batch_decode: bool = False) -> None:
@@ -146,20 +152,20 @@ class ForwardBatch:
         self.n_und = n_und
         self.cos = cos
         self.sin = sin
-        self.decode: _DecodeGroup | None = None
+        self.decode: list[_DecodeGroup] = []
         self.alone = seqs
         if batch_decode:
             steps = [s for s in seqs if s.causal and s.commit and len(s.segments) == 1 and s.segments[0][1] == 1]
             steps = [s for s in steps if s.context.pool is steps[0].context.pool] if steps else []
             if len(steps) >= 2:
-                self.decode = _DecodeGroup(steps, cos.device)
+                self.decode = [_DecodeGroup(g, cos.device) for g in _by_length(steps)]
                 grouped = {id(s) for s in steps}
                 self.alone = [s for s in seqs if id(s) not in grouped]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        if self.decode is not None:
-            self.decode.run(layer, q, k, v, out)
+        for group in self.decode:
+            group.run(layer, q, k, v, out)
         for s in self.alone:
             if len(s.segments) == 1:
                 a, n = s.segments[0]
@@ -171,6 +177,18 @@ class ForwardBatch:
             for a, n in s.segments:
                 out[a : a + n] = attend(q[a : a + n], keys, values, s.causal)
         return out
+
+
+def _by_length(steps: list[_Seq]) -> list[list[_Seq]]:
+    """Decode steps in groups of similar context length (little padding), each within the row bound."""
+    groups: list[list[_Seq]] = []
+    for s in sorted(steps, key=lambda s: s.context.length):
+        n = s.context.length + 1
+        if groups and (len(groups[-1]) + 1) * n <= MAX_PADDED_DECODE_ROWS:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
 
 
 class Packer:
