@@ -465,8 +465,9 @@ class KVPool:
             n += 1
         return s, (first - self._slab_start[s]) * self.block_size, n
 
-    def _gather_plan(self, blocks: Sequence[int], a: int, b: int) -> _Gather:
-        """Index gather plan of logical rows [a, b) of a block table (one group per slab it touches)."""
+    def _slab_rows(self, blocks: Sequence[int], a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slab index, row within that slab) of each logical row [a, b) of a block table, as CPU int64
+        tensors."""
         bs = self.block_size
         fb, lb = a // bs, (b - 1) // bs
         bt = torch.tensor(blocks[fb : lb + 1], dtype=torch.int64)
@@ -474,7 +475,11 @@ class KVPool:
         slab = torch.bucketize(bt, starts, right=True) - 1
         off = a - fb * bs
         local = (((bt - starts[slab]) * bs)[:, None] + torch.arange(bs)).flatten()[off : off + (b - a)]
-        slab_rows = slab.repeat_interleave(bs)[off : off + (b - a)]
+        return slab.repeat_interleave(bs)[off : off + (b - a)], local
+
+    def _gather_plan(self, blocks: Sequence[int], a: int, b: int) -> _Gather:
+        """Index gather plan of logical rows [a, b) of a block table (one group per slab it touches)."""
+        slab_rows, local = self._slab_rows(blocks, a, b)
         uniq = torch.unique(slab_rows).tolist()
         dev = self.device
         if len(uniq) == 1:
@@ -819,14 +824,9 @@ class Context:
         have been reserved."""
         self._check_alive()
         bs = self.pool.block_size
-        nblocks = -(-end // bs)
-        if nblocks > len(self._blocks):
+        if -(-end // bs) > len(self._blocks):
             raise RuntimeError(f"slab_rows({end}): only {len(self._blocks) * bs} rows have blocks")
-        bt = torch.tensor(self._blocks[:nblocks], dtype=torch.int64)
-        starts = torch.tensor(self.pool._slab_start, dtype=torch.int64)
-        slab = torch.bucketize(bt, starts, right=True) - 1
-        rows = (((bt - starts[slab]) * bs)[:, None] + torch.arange(bs)).flatten()[:end]
-        return slab.repeat_interleave(bs)[:end], rows
+        return self.pool._slab_rows(self._blocks, 0, end)
 
     def wrote(self, n: int) -> None:
         """Rows [length, length + n) were written into our blocks by such a kernel (after `reserve(n)`);

@@ -202,7 +202,7 @@ class RayOrchestrator(WorkerOrchestrator):
                               own_weights=True)
         if device.type == "cuda":
             # Inside an actor Ray shows only its GPU(s): the stage's device is the first one it sees.
-            setups = [_on_visible_gpu(s) for s in setups]
+            setups = [dataclasses.replace(s, device="cuda:0") for s in setups]
         bundles, gpus = _bundles(stage_devices(device, deploy, pipeline.num_stages))
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -247,10 +247,6 @@ def _wait_placed(ray: Any, group: Any, bundles: list[dict[str, float]], timeout:
         free = ray.available_resources()
         raise TimeoutError(f"the Ray cluster did not free {need} for the stages within init_timeout={timeout:g} s "
                            f"(available now: { {k: free.get(k, 0.0) for k in need} }; other engines may hold them)")
-
-
-def _on_visible_gpu(setup: StageSetup) -> StageSetup:
-    return dataclasses.replace(setup, device="cuda:0")
 
 
 def _bundles(devices: list[torch.device]) -> tuple[list[dict[str, float]], list[float]]:
