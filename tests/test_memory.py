@@ -91,3 +91,20 @@ def _req(d: dict):
     from bagel_serve.engine.request import make_request
 
     return make_request(d, 0)
+
+
+def test_stage_placement_from_deploy_devices() -> None:
+    """Stages with stage 0's devices share the model's GPU; another stage runs on its first device; Ray
+    bundles give each GPU stage a whole GPU or an equal share of one."""
+    from bagel_serve.config.deploy import apply_overrides, load_deploy_config
+    from bagel_serve.pipeline.ray_workers import _bundles
+    from bagel_serve.pipeline.workers import stage_devices
+
+    same = load_deploy_config(ROOT / "deploy" / "bagel.yaml")  # both stages on devices "0"
+    assert stage_devices(GPU0, same, 2) == [GPU0, GPU0]
+    assert stage_devices(torch.device("cpu"), same, 2) == [torch.device("cpu")] * 2
+    split = apply_overrides(same, {}, {"1": {"devices": "1,2"}})
+    assert stage_devices(GPU0, split, 2) == [GPU0, GPU1]
+    assert _bundles([GPU0, GPU0]) == ([{"CPU": 1.0, "GPU": 0.5}] * 2, [0.5, 0.5])
+    assert _bundles([GPU0, GPU1]) == ([{"CPU": 1.0, "GPU": 1.0}] * 2, [1.0, 1.0])
+    assert _bundles([torch.device("cpu")]) == ([{"CPU": 1.0}], [0.0])
