@@ -36,8 +36,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--worker-backend", default="process", choices=["process", "multi_process", "inline", "ray"])
-    g.add_argument("--ray-address", default=None)
+    g.add_argument("--worker-backend", default="process", choices=["process", "multi_process", "inline", "ray"],
+                   help="where the stages run: one process per stage of a two-stage pipeline (default; a single "
+                        "stage runs here), every stage in this process (inline), or one Ray actor per stage "
+                        "(ray, needs the ray extra)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (auto, ray://host:port); implies --worker-backend ray")
     g.add_argument("--tensor-parallel-size", type=int, default=None)
     g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2, 3])
     g.add_argument("--vae-patch-parallel-size", type=int, default=None)
@@ -78,7 +82,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs and reporting")
     g.add_argument("--output", default=".", help="output directory (default: current directory)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--log-stats", action="store_true", help="print per-phase times and throughput")
+    g.add_argument("--log-stats", action="store_true", help="print per-phase times, throughput, queue wait and KV pool use (per stage too)")
     g.add_argument("--enable-diffusion-pipeline-profiler", action="store_true",
                    help="print a per-request breakdown: context prefill, think decode, denoise, VAE")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
