@@ -75,6 +75,12 @@ class RequestOutput:
     latents: torch.Tensor | None = None
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    error: BaseException | None = None
+    """Why this request failed (its other fields are then empty); the others of its batch are unaffected."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Request)}

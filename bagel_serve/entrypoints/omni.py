@@ -121,7 +121,9 @@ class Omni:
                  on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
         """Run requests (dicts or `Request`s) together; one output per request, in order.
 
-        `on_token(request_index, token_id)` receives decoded tokens (answers and think plans) as they come.
+        Requests are validated first: a bad one raises `RequestError` before any work. A request that fails
+        while running does not take the others down: its output carries the exception in `.error` (and
+        `.ok` is False). `on_token(request_index, token_id)` receives decoded tokens (answers and think plans) as they come.
         """
         if isinstance(requests, (Request, dict)):
             requests = [requests]

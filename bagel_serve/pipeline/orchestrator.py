@@ -72,9 +72,16 @@ class Orchestrator:
             engine.close()
         self.stage_stats = [e.stats for e in engines]
         self.last_stats = _merge_stats(self.stage_stats, len(requests), time.perf_counter() - t0)
-        if errors:
-            raise errors[min(errors)]
-        return [outputs[i] for i in range(len(requests))]
+        return collect_outputs(requests, outputs, errors)
+
+
+def collect_outputs(requests: list[Request], outputs: dict[int, RequestOutput],
+                    errors: dict[int, BaseException]) -> list[RequestOutput]:
+    """One output per request, in order: a request that failed gets an output carrying its error, so that
+    the others of its batch are kept."""
+    return [outputs[i] if i in outputs else RequestOutput(request_index=i, modality=r.modality, seed=r.seed,
+                                                          error=errors[i])
+            for i, r in enumerate(requests)]
 
 
 def _merge_stats(stats: list[RunStats], n: int, wall: float) -> RunStats:

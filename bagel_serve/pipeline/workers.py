@@ -50,7 +50,7 @@ from bagel_serve.config.deploy import DeployConfig, PipelineSpec
 from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.runner import RunStats, Runner
-from bagel_serve.pipeline.orchestrator import _merge_stats, scheduler_config
+from bagel_serve.pipeline.orchestrator import _merge_stats, collect_outputs, scheduler_config
 from bagel_serve.pipeline.stage_worker import Codec, Flags, Numerics, StageSetup, StageWorker, describe, make_runner
 
 START_DELAY_ENV = "BAGEL_SERVE_TEST_WORKER_START_DELAY"
@@ -205,9 +205,7 @@ class WorkerOrchestrator:
             outputs, errors = self._collect(batch, len(requests), on_token)
             self.stage_stats = self._collect_stats(batch)
             self.last_stats = _merge_stats(self.stage_stats, len(requests), time.perf_counter() - t0)
-        if errors:
-            raise errors[min(errors)]
-        return [outputs[i] for i in range(len(requests))]
+        return collect_outputs(requests, outputs, errors)
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:
