@@ -11,7 +11,7 @@ from safetensors import safe_open
 from bagel_serve import Omni
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelTokenizer
 from bagel_serve.model.autoencoder import AutoEncoder
-from bagel_serve.model.loader import build_model
+from bagel_serve.model.loader import build_model, checkpoint_manifest
 from bagel_serve.testing.checkpoint import preset_config, write_checkpoint
 
 
@@ -19,7 +19,8 @@ def test_full_size_skeleton_matches_official_manifest(golden_dir: Path) -> None:
     manifest = json.loads((golden_dir / "bagel-7b-mot-manifest.json").read_text())
     cfg = preset_config("full")
     model = build_model(cfg)  # meta device: shapes only
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    # The checkpoint tensors the model expects (merged QKV / gate-up parameters take several each).
+    ours = {k: list(t.shape) for k, t in checkpoint_manifest(model).items()}
     ref = {t["key"]: t["shape"] for t in manifest["ema_safetensors"]["tensors"]}
     assert ours == ref
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["ema_safetensors"]["num_params"]
@@ -70,12 +71,12 @@ def test_sharded_checkpoint_and_stale_max_latent_size(tmp_path: Path, tiny_check
     a = Omni(sharded, device="cpu")
     assert a.config.max_latent_size == 8
     b = Omni(tiny_checkpoint, device="cpu")
-    for (ka, va), (kb, vb) in zip(a.runner.model.state_dict().items(), b.runner.model.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 
 
 def test_load_dtype(tiny_checkpoint: Path) -> None:
     o = Omni(tiny_checkpoint, device="cpu", dtype="bf16")
-    assert o.runner.model.dtype == torch.bfloat16
-    assert o.runner.vae.decoder.conv_in.weight.dtype == torch.float32
-    assert Omni(tiny_checkpoint, device="cpu").runner.model.dtype == torch.float32
+    assert o.model.dtype == torch.bfloat16
+    assert o.stage.vae.decoder.conv_in.weight.dtype == torch.float32
+    assert Omni(tiny_checkpoint, device="cpu").model.dtype == torch.float32

@@ -86,7 +86,7 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
         "--log-stats", "--enable-diffusion-pipeline-profiler")
     out = capsys.readouterr().out
     assert "denoising steps 2" in out and "context_prefill" in out and "vae_decode" in out
-    assert "queue wait" in out and "KV pool peak" in out
+    assert "queue wait" in out and "KV cache peak" in out
     assert "request 0" in out
 
 
@@ -96,7 +96,7 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     thinker, dit = out.split("stage 0 (thinker):")[1].split("stage 1 (dit):")
     assert "1 request(s) admitted" in thinker and "context_prefill" in thinker and "queue wait" in thinker
-    assert "denoise" not in thinker and "KV pool peak" in thinker
+    assert "denoise" not in thinker and "KV cache peak" in thinker
     assert "1 request(s) admitted" in dit and "denoising steps 2" in dit and "vae_decode" in dit
     assert "images 1" in dit and "queue wait" in dit
 

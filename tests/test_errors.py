@@ -188,7 +188,7 @@ def _no_forward(works):
 def _bad(omni: Omni, match: str, **fields) -> None:
     """`fields` (a request dict) must fail with a RequestError whose message matches, before any forward."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(omni.runner, "_forward", _no_forward)
+        mp.setattr(omni.stage.runner, "execute", _no_forward)
         with pytest.raises(RequestError, match=match):
             omni.generate([fields])
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bagel_serve import Omni
-from bagel_serve.engine.batch import LatentPiece, TextPiece
+from bagel_serve.model.layout import LatentPiece, TextPiece
 from bagel_serve.imaging import flattened_position_ids, load_image, patchify, resize, to_tensor
 from bagel_serve.model.embeddings import sincos_2d_table, timestep_frequencies
 from bagel_serve.layers.rotary import inv_frequencies, rope_tables
@@ -23,6 +23,7 @@ GOLDEN = Path(os.environ.get("BAGEL_GOLDEN_DIR", Path(__file__).resolve().parent
 DEVICE = os.environ.get("BAGEL_TEST_DEVICE", "cpu")
 CASES = json.loads((GOLDEN / "cases.json").read_text())
 TOL = 1e-4
+SINGLE_STAGE = Path(__file__).resolve().parents[1] / "deploy" / "bagel_single_stage.yaml"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,7 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def omni() -> Omni:
-    return Omni(GOLDEN / "checkpoint", device=DEVICE, dtype=torch.float32)
+    return Omni(GOLDEN / "checkpoint", device=DEVICE, dtype=torch.float32, deploy_config=SINGLE_STAGE)
 
 
 def case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -41,27 +42,34 @@ def case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 class Recorder:
-    """Wraps the runner's packed forward to record what each request program received."""
+    """Wraps the model runner's forward and its sampler to record what each request program received."""
 
     def __init__(self, omni: Omni) -> None:
-        self.runner = omni.runner
+        self.runner = omni.stage.runner
         self.calls: list[tuple[list, list]] = []
-        self._orig = self.runner._forward
+        self.logits: list[torch.Tensor] = []
 
     def __enter__(self) -> "Recorder":
+        execute, sample = self.runner.execute, self.runner.sample
+
         def wrapped(works):
-            res = self._orig(works)
+            res = execute(works)
             self.calls.append((works, res))
             return res
 
-        self.runner._forward = wrapped
+        def sampling(logits, samplers):
+            self.logits += [row.float() for row in logits]
+            return sample(logits, samplers)
+
+        self.runner.execute, self.runner.sample = wrapped, sampling
         return self
 
     def __exit__(self, *exc) -> None:
-        self.runner._forward = self._orig
+        del self.runner.execute, self.runner.sample
 
     def decode_logits(self) -> list[torch.Tensor]:
-        return [r for works, res in self.calls for w, r in zip(works, res) if isinstance(w.piece, TextPiece) and w.want_output]
+        """The logits of each decode step, in order."""
+        return self.logits
 
     def text_segments(self) -> list[list[int]]:
         return [w.piece.ids.tolist() for works, _ in self.calls for w in works if isinstance(w.piece, TextPiece) and not w.want_output]
@@ -78,7 +86,8 @@ def kwargs_to_request(c: dict) -> dict:
     images = [GOLDEN / "inputs" / i["image"] for i in c["inputs"] if "image" in i]
     req: dict = {"prompt": texts[0], "seed": c["torch_manual_seed"], "think": kw.get("think", False)}
     if kw.get("understanding_output"):
-        req.update(modality="img2text" if images else "text2text", max_tokens=kw["max_think_token_n"],
+        # The reference's max_think_token_n counts the start token it feeds; our max_tokens counts generated ones.
+        req.update(modality="img2text" if images else "text2text", max_tokens=kw["max_think_token_n"] - 1,
                    do_sample=kw["do_sample"], text_temperature=kw["text_temperature"])
     else:
         req.update(modality="img2img" if images else "text2img", steps=kw["num_timesteps"],
@@ -101,7 +110,9 @@ def test_text_cases(omni: Omni, name: str) -> None:
     fed = rec.text_segments()
     ref_segments = [g[k].tolist() for k in sorted(k for k in g if k.startswith("context_text_ids_"))]
     assert fed == ref_segments[::2]
-    assert out.token_ids == g["gen_text_0_ids"].tolist()
+    # The reference returns the start token first, then the generated ones.
+    assert g["gen_text_0_ids"].tolist()[0] == omni.tokenizer.special.bos
+    assert out.token_ids == g["gen_text_0_ids"].tolist()[1:]
     logits = rec.decode_logits()[:3]
     ref = g["gen_text_0_logits_first3"]
     for i in range(3):
@@ -117,7 +128,7 @@ def test_vit_tower(omni: Omni) -> None:
     pos = flattened_position_ids(img.height // 14, img.width // 14, cfg.vit_max_num_patch_per_side)
     assert torch.equal(pos, g["vit_0_vit_position_ids"])
     assert rel(patches, g["vit_0_pixel_patches"]) < 1e-6
-    model = omni.runner.model
+    model = omni.stage.model
     with torch.inference_mode():
         feats = model.vit_model(patches.to(model.device), pos.to(model.device), [patches.shape[0]])
         assert rel(feats.cpu(), g["vit_0_vit_features"]) < TOL
@@ -126,7 +137,7 @@ def test_vit_tower(omni: Omni) -> None:
 
 def test_components(omni: Omni) -> None:
     g = load_file(GOLDEN / "cases/components.safetensors")
-    model = omni.runner.model
+    model = omni.stage.model
     assert rel(sincos_2d_table(8, 64), g["latent_pos_embed_fp32"]) < 1e-7
     assert torch.equal(model.latent_pos_embed.pos_embed.cpu(), g["latent_pos_embed_checkpoint"])
     assert torch.equal(model.vit_pos_embed.pos_embed.cpu(), g["vit_pos_embed_checkpoint"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from bagel_serve import Omni
 from bagel_serve.config.deploy import parse_deploy_config
-from bagel_serve.engine.batch import TextPiece
+from bagel_serve.model.layout import TextPiece
 from bagel_serve.engine.request import make_request
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT
 
@@ -53,7 +53,8 @@ ALIGNED = {"max_num_seqs": 1, "max_num_batched_tokens": 16}
 
 @pytest.fixture(scope="module")
 def off(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", stage_overrides={0: ALIGNED})
+    return Omni(tiny_checkpoint, device="cpu", stage_overrides={0: ALIGNED},
+                deploy_config=Path(__file__).resolve().parents[1] / "deploy" / "bagel_single_stage.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_deploy_key_precedence() -> None:
 
 
 def test_deploy_config_switches_the_runner(off: Omni, on: Omni) -> None:
-    assert off.runner.pool.prefix_cache is None and on.runner.pool.prefix_cache is not None
+    assert off.stage.cache.manager.prefix_cache is None and on.stage.cache.manager.prefix_cache is not None
 
 
 def same(a, b) -> None:
@@ -89,45 +90,46 @@ def same(a, b) -> None:
 
 
 def test_outputs_identical_and_cache_hit(off: Omni, on: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
-    on.runner.pool.prefix_cache.clear()
-    assert on.runner.pool.block_size == ALIGNED["max_num_batched_tokens"]
+    prefix_cache = on.stage.cache.manager.prefix_cache
+    prefix_cache.clear()
+    assert on.stage.cache.block_size == ALIGNED["max_num_batched_tokens"]
     prefilled: list[int] = []
-    forward = on.runner._forward
+    forward = on.stage.runner.execute
 
     def counting(works):
         prefilled.append(sum(w.piece.ids.shape[0] for w in works
                              if isinstance(w.piece, TextPiece) and w.phase == "context_prefill"))
         return forward(works)
 
-    monkeypatch.setattr(on.runner, "_forward", counting)
+    monkeypatch.setattr(on.stage.runner, "execute", counting)
     ref = off.generate(CASES)
     cold = on.generate(CASES)
-    cold_rows, cached = sum(prefilled), len(on.runner.pool.prefix_cache)
+    cold_rows, cached = sum(prefilled), len(prefix_cache)
     prefilled.clear()
     warm = on.generate(CASES)
     for a, b, c in zip(ref, cold, warm):
         same(a, b)
         same(a, c)
     assert cached > 0
-    assert len(on.runner.pool.prefix_cache) == cached  # the same prompts: nothing new to register
+    assert len(prefix_cache) == cached  # the same prompts: nothing new to register
     assert sum(prefilled) < cold_rows
 
 
 def test_wholly_cached_segment_needs_no_forward(on: Omni) -> None:
-    runner = on.runner
-    system = len(runner.tok.segment(GEN_THINK_SYSTEM_PROMPT))
-    assert system % runner.pool.block_size == 0  # the think system prompt is whole blocks
+    stage = on.stage
+    system = len(stage.tok.segment(GEN_THINK_SYSTEM_PROMPT))
+    assert system % stage.cache.block_size == 0  # the think system prompt is whole blocks
     req = make_request({"modality": "text2img", "prompt": "a cat", "steps": 2, "height": 16, "width": 16,
                         "think": True, "max_think_tokens": 2}, 0)
     on.generate([req])
-    program = runner.context_program(0, req, runner.prepare(0, req))
+    program = stage.context_program(0, req, stage.prepare(0, req))
     first = next(program)  # the system prompt came from the cache: the first forward is the prompt's
-    assert [w.context.length for w in first] == [system] and first[0].piece.ids.tolist() == runner.tok.segment("a cat")
+    assert [w.context.length for w in first] == [system] and first[0].piece.ids.tolist() == stage.tok.segment("a cat")
     program.close()
 
 
 def test_contexts_holding_an_image_never_share(on: Omni) -> None:
-    cache = on.runner.pool.prefix_cache
+    cache = on.stage.cache.manager.prefix_cache
     cache.clear()
     on.generate({"modality": "img2text", "prompt": LONG, "image": SMALL, "max_tokens": 2})
     assert len(cache) == 0  # the prompt follows the image: its rows depend on it

@@ -1,12 +1,16 @@
-"""The process worker backend: one OS process per stage, KV hand-off through shared memory, dead workers."""
+"""The process worker backend: one OS process per stage started through its own entry point, KV hand-off in
+place through shared memory, dead or stopped workers, and starting from anywhere."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +20,23 @@ from multiprocessing.reduction import ForkingPickler
 from PIL import Image
 
 from bagel_serve import Omni
-from bagel_serve.engine.kv_cache import Context
+from bagel_serve.config.deploy import PIPELINES, load_deploy_config
+from bagel_serve.config.engine_options import EngineOptions
+from bagel_serve.engine.diffusion import Handoff
+from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.request import make_request
-from bagel_serve.engine.runner import Handoff, Runner
-from bagel_serve.engine.scheduler import Engine
-from bagel_serve.pipeline.transfer import (
-    ContextPayload,
-    HandoffPayload,
-    _reserve,
-    export_context,
-    export_handoff,
-    import_context,
-    import_handoff,
-)
-from bagel_serve.pipeline.workers import START_DELAY_ENV, EngineShutDownError, ProcessOrchestrator, WorkerDiedError
+from bagel_serve.engine.stage_engine import Engine, Stage
+from bagel_serve.pipeline.backends.process import ProcessTransport
+from bagel_serve.pipeline.orchestrator import EngineShutDownError, Orchestrator, WorkerDiedError
+from bagel_serve.pipeline.placement import build_stage, stage_setups
+from bagel_serve.pipeline.stage_worker import IpcCodec, StageWorker
+from bagel_serve.pipeline.transfer import ContextPayload, HandoffPayload, export_context, export_handoff, import_handoff, \
+    import_rows
+from bagel_serve.pipeline.worker_main import START_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
+SINGLE_STAGE = ROOT / "deploy" / "bagel_single_stage.yaml"
 
 SMALL = Image.open(EDIT).convert("RGB").resize((64, 64))  # small images keep this file fast on a CPU
 
@@ -53,7 +57,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE)
 
 
 @pytest.fixture(scope="module")
@@ -74,42 +78,49 @@ def same(a, b, exact: bool = True) -> None:
             assert torch.allclose(a.latents, b.latents, rtol=1e-5, atol=1e-5)
 
 
-def children() -> set[int]:
-    return {p.pid for p in multiprocessing.active_children()}
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def other_stage(stage: Stage, blocks: int = 256) -> Stage:
+    """Another stage over the same weights, with a KV cache of its own."""
+    llm = stage.cfg.llm
+    return Stage(stage.model, stage.vae, stage.tok, KVCache(llm.num_hidden_layers, llm.num_key_value_heads,
+                                                            llm.head_dim, blocks))
 
 
 # ---------------------------------------------------------------------------------------------- transfer
-def _context_program_handoff(runner: Runner, req_dict: dict) -> Handoff:
+def _handoff(stage: Stage, req_dict: dict) -> Handoff:
     req = make_request(req_dict, 0)
-    return runner.run_alone(runner.context_program(0, req, runner.prepare(0, req)))
+    return stage.run_alone(stage.context_program(0, req, stage.prepare(0, req)))
 
 
 def _rows_equal(a: Context, b: Context) -> None:
     assert (a.length, a.rope) == (b.length, b.rope)
-    for layer in range(a.num_layers):
-        ka, va = a.keys(layer)
-        kb, vb = b.keys(layer)
+    for layer in range(a.cache.num_layers):
+        ka, va = a.rows(layer)
+        kb, vb = b.rows(layer)
         assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
 @pytest.mark.parametrize("case", ["text2img_think", "img2img", "text2img"])
 def test_handoff_round_trip_is_bit_exact(single: Omni, case: str) -> None:
-    runner = single.runner
-    h = _context_program_handoff(runner, CASES[case])
+    stage = single.stage
+    h = _handoff(stage, CASES[case])
     payload = export_handoff(h)
-    assert isinstance(payload, HandoffPayload)
+    assert isinstance(payload, HandoffPayload) and not payload.lent
     for name, p in payload.contexts().items():
         assert (p is None) == (getattr(h, name) is None)
         if p is not None and p.length:
-            assert p.k.is_shared() and p.v.is_shared()  # pickles as a shared-memory handle
-    payload = ForkingPickler.loads(ForkingPickler.dumps(payload))  # what a queue does
-    other = Runner(runner.model, runner.vae, runner.tok)  # another runner: its own KV cache
-    h2 = import_handoff(payload, other)
+            assert p.kv.is_shared()  # pickles as a shared-memory handle
+    payload = ForkingPickler.loads(ForkingPickler.dumps(payload))  # what a connection does
+    other = other_stage(stage)
+    h2 = import_handoff(payload, other.cache)
     for name in ("full", "cfg_text", "cfg_img"):
         a, b = getattr(h, name), getattr(h2, name)
         assert (a is None) == (b is None)
         if a is not None:
-            assert b is not a
+            assert b is not a and b.cache is other.cache
             _rows_equal(a, b)
     assert torch.equal(h.rng_state, h2.rng_state) and h2.img_is_full == h.img_is_full
     engine = Engine(other)
@@ -118,42 +129,83 @@ def test_handoff_round_trip_is_bit_exact(single: Omni, case: str) -> None:
     assert err is None
     (ref,) = single.generate([CASES[case]])
     same(ref, out)
+    assert other.cache.manager.num_used == 0  # the image program released what it imported
 
 
 def test_context_payload_edges(single: Omni) -> None:
-    runner = single.runner
-    empty = runner._empty()
+    stage = single.stage
+    empty = Context(stage.cache)
     empty.rope = 3
     p = export_context(empty)
     assert isinstance(p, ContextPayload) and p.length == 0
-    back = import_context(p, runner)
+    back = import_rows(p.kv, p.length, p.rope, stage.cache)
     assert (back.length, back.rope) == (0, 3)
-    h = _context_program_handoff(runner, CASES["text2img"])
+    h = _handoff(stage, CASES["text2img"])
     h.cfg_img = h.full  # the same context twice: sent once, rebuilt as one context
-    h2 = import_handoff(export_handoff(h), runner)
+    h2 = import_handoff(export_handoff(h), other_stage(stage).cache)
     assert h2.cfg_img is h2.full
-    bad = ContextPayload(p.k[:1], p.v[:1], 0, 0)
     with pytest.raises(Exception, match="shape"):
-        import_context(bad, runner)
+        import_rows(p.kv[:1], 0, 0, stage.cache)
 
-    class OldContext:  # the Context API before the paged pool: reserve(n, like)
-        def __init__(self) -> None:
-            self.got = None
 
-        def reserve(self, n, like):
-            self.got = (n, like.shape)
+class _ThreadlessTransport:
+    """The process backend's protocol (IPC pickling, lending) with both workers in this process: a place to
+    look at what each stage's cache holds."""
 
-    old = OldContext()
-    _reserve(old, 5, torch.empty((0, 2, 4)))
-    assert old.got == (5, (0, 2, 4))
+    codec = IpcCodec
+
+    def __init__(self, workers_of) -> None:
+        self.out: deque = deque()
+        self.inboxes = [deque(), deque()]
+        self.workers = workers_of(self.out.append)
+        self.num_stages = 2
+        for w in self.workers:
+            w.send("ready", 0, None)
+
+    def send(self, stage, msg):
+        self.inboxes[stage].append(msg)
+
+    def recv(self, timeout):
+        if not self.out:
+            for w, box in zip(self.workers, self.inboxes):
+                while box:
+                    w.handle(box.popleft())
+                if w.busy:
+                    w.step()
+        return self.out.popleft() if self.out else None
+
+    name = staticmethod(lambda s: f"stage {s}")
+    exited = staticmethod(lambda s: None)
+    heartbeats = staticmethod(lambda: False)
+    stop = staticmethod(lambda grace=0.0: None)
+
+
+def test_lent_blocks_come_back_to_stage_0(single: Omni) -> None:
+    """Stage 0 lends its contexts, stage 1 reads them in place and allocates nothing of its own, and every
+    block stage 0 lent comes back once stage 1 is done."""
+    stage = single.stage
+    deploy = load_deploy_config(ROOT / "deploy" / "bagel.yaml")
+    setups = stage_setups(PIPELINES["bagel"], deploy, EngineOptions(), stage.model.device, backend="process")
+    stages = [build_stage(s, stage.model, stage.vae, stage.tok) for s in setups]
+    transport = _ThreadlessTransport(lambda send: [StageWorker(s, st, send, IpcCodec) for s, st in zip(setups, stages)])
+    orch = Orchestrator(PIPELINES["bagel"], stages[0].prepare, transport)
+    reqs = [CASES["text2img"], CASES["img2img"], CASES["text2img_think"], CASES["text2text"]]
+    outs = orch.generate([make_request(r, i) for i, r in enumerate(reqs)])
+    for r, out in zip(reqs, outs):
+        (alone,) = single.generate([r])
+        same(alone, out, exact=False)  # packed with others: threaded CPU matmuls may move the last bits
+    m0, m1 = stages[0].cache.manager, stages[1].cache.manager
+    assert m0.num_used == 0 and m0.admitted == 0 and not transport.workers[0].lent
+    assert m1.capacity == 1 and m1.num_used == 0 and not transport.workers[1].owed
+    assert orch.stage_stats[1].kv_peak_blocks == 0 and orch.stage_stats[0].kv_peak_blocks > 0
 
 
 # ---------------------------------------------------------------------------------------------- process backend
 def test_backend_is_process_with_two_workers(proc: Omni) -> None:
-    orch = proc.orchestrator
-    assert isinstance(orch, ProcessOrchestrator)
-    pids = orch.worker_pids
-    assert len(pids) == 2 and os.getpid() not in pids and set(pids) <= children()
+    transport = proc.orchestrator.transport
+    assert isinstance(transport, ProcessTransport)
+    pids = transport.pids
+    assert len(pids) == 2 and os.getpid() not in pids and all(alive(p) for p in pids)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -169,7 +221,7 @@ def test_streaming_tokens(proc: Omni) -> None:
     reqs = [CASES["text2text"], CASES["text2img_think"], CASES["img2text_think"]]
     outs = proc.generate(reqs, on_token=lambda i, t: seen.setdefault(i, []).append(t))
     for i, out in enumerate(outs):
-        assert seen[i] == out.token_ids[1:] and len(seen[i]) > 0
+        assert seen[i] == out.token_ids and len(seen[i]) > 0
 
 
 def check_32_mixed(single: Omni, omni: Omni) -> list[dict]:
@@ -190,9 +242,16 @@ def test_32_mixed_concurrent_requests(single: Omni, proc: Omni) -> None:
     assert st.requests == 32 and st.images == sum(1 for r in reqs if r["modality"].endswith("2img"))
 
 
+def test_stage_1_reads_lent_contexts_in_place(proc: Omni) -> None:
+    proc.generate([CASES["text2img"], CASES["img2img"], CASES["text2img_think"]])
+    st = proc.orchestrator.stage_stats
+    assert st[0].kv_peak_blocks > 0 and st[1].images == 3
+    assert st[1].kv_peak_blocks == 0  # stage 1 never held a row of its own
+
+
 def test_request_error_fails_only_that_request(single: Omni, proc: Omni) -> None:
     dim = single.config.patch_latent_dim
-    # A noise tensor of the right shape but without data: prepare accepts it, stage 1 fails on it.
+    # A noise tensor of the right shape but without data: prepare accepts it, the denoising fails on it.
     bad = {"modality": "text2img", "prompt": "x", "steps": 2, "height": 32, "width": 32,
            "noise": torch.empty((4, dim), device="meta")}
     for omni, batch in ((single, [CASES["text2text"], bad]), (proc, [CASES["text2text"], bad, CASES["text2img"]])):
@@ -207,47 +266,52 @@ def test_request_error_fails_only_that_request(single: Omni, proc: Omni) -> None
 
 
 def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = children()
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"stage 1 worker \(pid \d+\) did not become ready within init_timeout=1 s"):
         Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", init_timeout=1.0)
     assert time.monotonic() - t0 < 15
-    assert children() <= before  # both workers of that engine are gone
 
 
-def kill_stage_1_mid_batch(single: Omni, omni: Omni, died: str, delay: float) -> float:
-    """Check the engine serves, then SIGKILL stage 1's worker `delay` s into a long batch: the batch must
-    fail with a WorkerDiedError matching `died` (formatted with the pid); returns seconds from kill to error."""
+def test_a_worker_that_fails_at_start_says_why(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(START_DELAY_ENV, "soon")  # the worker's start-up raises on it
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"stage \d worker \(pid \d+\) failed to start: ValueError: "
+                                              r"BAGEL_SERVE_TEST_WORKER_START_DELAY='soon': expected seconds"):
+        Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", init_timeout=60.0)
+    assert time.monotonic() - t0 < 30
+
+
+def kill_stage_1_mid_batch(single: Omni, omni: Omni, sig: int, delay: float, error: str) -> float:
+    """Check the engine serves, then signal stage 1's worker `delay` s into a long batch: the batch must fail
+    with a WorkerDiedError matching `error` (formatted with the pid); returns seconds from signal to error."""
     (a,) = single.generate([CASES["text2img_think"]])
     (b,) = omni.generate([CASES["text2img_think"]])
     same(a, b)
-    stage1 = omni.orchestrator.worker_pids[1]
-    killed_at: list[float] = []
+    stage1 = omni.orchestrator.transport.pids[1]
+    sent_at: list[float] = []
 
     def kill() -> None:
         time.sleep(delay)
-        killed_at.append(time.monotonic())
-        os.kill(stage1, signal.SIGKILL)
+        sent_at.append(time.monotonic())
+        os.kill(stage1, sig)
 
-    long = {"modality": "text2img", "prompt": "slow", "steps": 20000, "height": 16, "width": 16, "seed": 5}
+    long = {"modality": "text2img", "prompt": "slow", "steps": 1000, "height": 16, "width": 16, "seed": 5}
     threading.Thread(target=kill, daemon=True).start()
-    with pytest.raises(WorkerDiedError, match=died.format(pid=stage1)):
+    with pytest.raises(WorkerDiedError, match=error.format(pid=stage1)):
         omni.generate([long, dict(long, seed=6)])
-    return time.monotonic() - killed_at[0]
+    return time.monotonic() - sent_at[0]
 
 
 def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path) -> None:
-    before = children()
     omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
                 worker_backend="multi_process")
-    orch = omni.orchestrator
-    assert isinstance(orch, ProcessOrchestrator)
-    took = kill_stage_1_mid_batch(single, omni, r"stage 1 worker \(pid {pid}\) exited with code -9 while 2 "
-                                                r"request\(s\) were in flight", delay=0.7)
+    pids = omni.orchestrator.transport.pids
+    took = kill_stage_1_mid_batch(single, omni, signal.SIGKILL, 0.7, r"stage 1 worker \(pid {pid}\) exited with code "
+                                                                     r"-9 while 2 request\(s\) were in flight")
     assert took < 5
-    assert not any(p.is_alive() for p in orch._workers.procs)
-    assert children() <= before
+    time.sleep(0.5)
+    assert not any(alive(p) for p in pids)
     t0 = time.monotonic()
     with pytest.raises(EngineShutDownError, match="engine is shut down.*stage 1 worker"):
         omni.generate([CASES["text2text"]])
@@ -255,71 +319,63 @@ def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path)
     omni.shutdown()  # idempotent
 
 
-# ---------------------------------------------------------------------------------------------- lending
-def test_stage_1_reads_lent_contexts_in_place(proc: Omni) -> None:
-    proc.generate([CASES["text2img"], CASES["img2img"], CASES["text2img_think"]])
-    st = proc.orchestrator.stage_stats
-    assert st[0].kv_peak_blocks > 0 and st[1].images == 3
-    assert st[1].kv_peak_blocks == 0  # stage 1 never held a row of its own
-
-
-def test_lent_blocks_come_back_to_stage_0(single: Omni) -> None:
-    """Two stage workers in threads of this process, over plain queues: every block stage 0 lends for a
-    hand-off returns to its pool once stage 1 is done, and stage 1's own pool stays empty."""
-    import queue
-
-    from bagel_serve.engine.scheduler import SchedulerConfig
-    from bagel_serve.pipeline.stage_worker import Codec, Flags, Numerics, StageSetup, StageWorker, make_runner
-
-    model, vae, tok = single.runner.model, single.runner.vae, single.runner.tok
-    boxes = [queue.Queue() for _ in range(3)]  # stage 0, stage 1, results
-    workers = []
-    for s in range(2):
-        setup = StageSetup(stage=s, num_stages=2, scheduler=SchedulerConfig(), batch_timeout=0.05,
-                           numerics=Numerics.here(), lend=True)
-        workers.append(StageWorker(setup, make_runner(setup, model, vae, tok), boxes[s], boxes[2],
-                                   boxes[1] if s == 0 else None, boxes[0] if s == 1 else None))
-    threads = [threading.Thread(target=w.loop, daemon=True) for w in workers]
-    for t in threads:
-        t.start()
+def test_stopped_worker_fails_the_batch_after_the_request_timeout(single: Omni, tiny_checkpoint: Path) -> None:
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", request_timeout=2.0)
+    pids = omni.orchestrator.transport.pids
     try:
-        reqs = [CASES["text2img"], CASES["img2img"], CASES["text2img_think"], CASES["text2text"]]
-        for i, r in enumerate(reqs):
-            req = make_request(r, i)
-            boxes[0].put(("request", None, (1, i), Codec.dumps((req, single.runner.prepare(i, req), Flags()))))
-        outs = {}
-        while len(outs) < len(reqs):
-            kind, stage, key, data = boxes[2].get(timeout=30)
-            assert kind == "output", data
-            outs[key[1]] = Codec.loads(data)
-        for i, r in enumerate(reqs):
-            (alone,) = single.generate([r])
-            same(alone, outs[i], exact=False)  # packed with others: threaded CPU matmuls may move the last bits
-        pool0, pool1 = workers[0].runner.pool, workers[1].runner.pool
-        deadline = time.monotonic() + 10
-        while (pool0.num_blocks_used or pool0.admitted or workers[0].lent) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert pool0.num_blocks_used == 0 and pool0.admitted == 0 and not workers[0].lent
-        assert pool0.capacity_blocks > 0 and pool1.capacity_blocks == 0 and not workers[1].owed
+        took = kill_stage_1_mid_batch(single, omni, signal.SIGSTOP, 0.7,
+                                      r"stage 1 worker \(pid {pid}\) sent nothing for \d+ s \(request_timeout=2 s\)")
+        assert took < 6
     finally:
-        for s in range(2):
-            boxes[s].put(("stop", None, None, None))
-        for t in threads:
-            t.join(5)
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGCONT)
+        omni.shutdown()
+    time.sleep(0.5)
+    assert not any(alive(p) for p in pids)
+
+
+# ---------------------------------------------------------------------------------------------- start anywhere
+SCRIPT = """
+import sys
+from bagel_serve import Omni
+omni = Omni(sys.argv[1] if len(sys.argv) > 1 else {ckpt!r}, device="cpu", deploy_config={deploy!r})
+outs = omni.generate([{{"modality": "text2text", "prompt": "hi", "max_tokens": 2}},
+                      {{"modality": "text2img", "prompt": "a cat", "steps": 2, "height": 16, "width": 16}}])
+assert all(o.ok for o in outs) and outs[1].images, outs
+print("STARTED", sorted(omni.orchestrator.transport.pids) != [])
+omni.shutdown()
+"""
+
+
+@pytest.mark.parametrize("how", ["file_with_guard", "file_without_guard", "python_c", "stdin"])
+def test_starts_from_anywhere(tiny_checkpoint: Path, tmp_path: Path, how: str) -> None:
+    """Stage workers do not re-import the caller's __main__, so every way of running Python starts them."""
+    code = SCRIPT.format(ckpt=str(tiny_checkpoint), deploy=str(ROOT / "deploy" / "bagel.yaml"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if how == "file_with_guard":
+        body = "def main():\n" + textwrap.indent(code, "    ") + "\nif __name__ == '__main__':\n    main()\n"
+        (tmp_path / "run.py").write_text(body)
+        cmd, stdin = [sys.executable, str(tmp_path / "run.py")], None
+    elif how == "file_without_guard":
+        (tmp_path / "run.py").write_text(code)
+        cmd, stdin = [sys.executable, str(tmp_path / "run.py")], None
+    elif how == "python_c":
+        cmd, stdin = [sys.executable, "-c", code], None
+    else:
+        cmd, stdin = [sys.executable, "-"], code
+    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "STARTED True" in done.stdout, done.stderr[-2000:]
 
 
 def test_shutdown_leaves_no_worker(proc: Omni) -> None:
     """Last: shuts the module's engine down (through the context manager)."""
-    orch = proc.orchestrator
-    procs = list(orch._workers.procs)
-    assert all(p.is_alive() for p in procs)
+    pids = proc.orchestrator.transport.pids
+    assert all(alive(p) for p in pids)
     with proc:
         pass
-    assert not any(p.is_alive() for p in procs)
-    assert not {p.pid for p in procs} & children()
-    for pid in orch.worker_pids:
-        assert not Path(f"/proc/{pid}").exists()
+    time.sleep(0.2)
+    assert not any(alive(p) for p in pids)
     with pytest.raises(EngineShutDownError, match="engine is shut down"):
         proc.generate([CASES["text2text"]])
     proc.shutdown()
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -11,24 +12,26 @@ import ray
 
 from bagel_serve import Omni
 from bagel_serve.config.engine_options import EngineOptionError
-from bagel_serve.pipeline.ray_workers import RayOrchestrator
-from bagel_serve.pipeline.workers import START_DELAY_ENV, EngineShutDownError
+from bagel_serve.pipeline.backends.ray import RayTransport, _wait_placed
+from bagel_serve.pipeline.orchestrator import EngineShutDownError
+from bagel_serve.pipeline.worker_main import START_DELAY_ENV
 
 from test_process_workers import CASES, check_32_mixed, kill_stage_1_mid_batch, same
 
 ROOT = Path(__file__).resolve().parents[1]
+SINGLE_STAGE = ROOT / "deploy" / "bagel_single_stage.yaml"
 
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE)
 
 
 def test_starts_a_local_cluster_when_given_no_address(tiny_checkpoint: Path) -> None:
     """First (before `on_ray`): with no cluster running and no ray_address the engine starts one."""
     assert not ray.is_initialized()
-    with Omni(tiny_checkpoint, device="cpu", worker_backend="ray") as omni:
-        assert ray.is_initialized() and isinstance(omni.orchestrator, RayOrchestrator)
+    with Omni(tiny_checkpoint, device="cpu", worker_backend="ray", deploy_config=SINGLE_STAGE) as omni:
+        assert ray.is_initialized() and isinstance(omni.orchestrator.transport, RayTransport)
         (out,) = omni.generate([CASES["text2text"]])
         assert out.token_ids
     ray.shutdown()
@@ -54,13 +57,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_stages_are_ray_actors(on_ray: Omni) -> None:
-    orch = on_ray.orchestrator
-    assert isinstance(orch, RayOrchestrator)
+    transport = on_ray.orchestrator.transport
+    assert isinstance(transport, RayTransport)
     assert ray.is_initialized()
-    pids = orch.worker_pids
+    pids = transport.pids
     assert len(pids) == 2 and None not in pids and os.getpid() not in pids and len(set(pids)) == 2
     # The parent holds no weights: its model is a skeleton that validates requests.
-    assert on_ray.runner.model.device.type == "meta" and on_ray.device.type == "cpu"
+    assert on_ray.model.device.type == "meta" and on_ray.device.type == "cpu"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,7 +74,7 @@ def test_ray_equals_single_stage(single: Omni, on_ray: Omni, case: str) -> None:
     stages = on_ray.orchestrator.stage_stats
     assert on_ray.last_stats.requests == 1 and len(stages) == 2
     if a.latents is not None:
-        # The rows crossed by value into stage 1's own pool.
+        # The rows crossed by value into stage 1's own cache.
         assert stages[1].kv_peak_blocks > 0 and stages[1].images == 1
 
 
@@ -80,7 +83,7 @@ def test_streaming_tokens(on_ray: Omni) -> None:
     outs = on_ray.generate([CASES["text2text"], CASES["text2img_think"]],
                            on_token=lambda i, t: seen.setdefault(i, []).append(t))
     for i, out in enumerate(outs):
-        assert seen[i] == out.token_ids[1:] and len(seen[i]) > 0
+        assert seen[i] == out.token_ids and len(seen[i]) > 0
 
 
 def test_32_mixed_concurrent_requests(single: Omni, on_ray: Omni) -> None:
@@ -98,9 +101,9 @@ def test_request_error_fails_only_that_request(single: Omni, on_ray: Omni) -> No
 
 
 def test_single_stage_on_one_actor(single: Omni, tiny_checkpoint: Path, on_ray: Omni) -> None:
-    omni = Omni(tiny_checkpoint, device="cpu", worker_backend="ray")  # the bundled single-stage config
+    omni = Omni(tiny_checkpoint, device="cpu", worker_backend="ray", deploy_config=SINGLE_STAGE)
     try:
-        assert omni.pipeline.single_stage and len(omni.orchestrator.worker_pids) == 1
+        assert omni.pipeline.single_stage and len(omni.orchestrator.transport.pids) == 1
         reqs = [CASES["text2img"], CASES["img2text"]]
         for r in reqs:
             (a,) = single.generate([r])
@@ -122,15 +125,15 @@ def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest
 def test_killed_actor_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path, on_ray: Omni) -> None:
     omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
                 worker_backend="ray")
-    orch = omni.orchestrator
-    took = kill_stage_1_mid_batch(single, omni, r"stage 1 Ray actor \(pid {pid}\) died .* while 2 request\(s\) "
-                                                r"were in flight", delay=1.0)
+    transport = omni.orchestrator.transport
+    took = kill_stage_1_mid_batch(single, omni, signal.SIGKILL, 1.0, r"stage 1 Ray actor \(pid {pid}\) died .* while "
+                                                                     r"2 request\(s\) were in flight")
     assert took < 10
     t0 = time.monotonic()
     with pytest.raises(EngineShutDownError, match="engine is shut down.*stage 1 Ray actor"):
         omni.generate([CASES["text2text"]])
     assert time.monotonic() - t0 < 1
-    stage0 = orch.worker_pids[0]
+    stage0 = transport.pids[0]
     deadline = time.monotonic() + 10
     while _alive(stage0) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -141,8 +144,6 @@ def test_killed_actor_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path, 
 def test_placement_fails_clearly(on_ray: Omni) -> None:
     """Stages the cluster can never hold fail at once; stages it holds no room for now, after init_timeout."""
     from ray.util.placement_group import placement_group
-
-    from bagel_serve.pipeline.ray_workers import _wait_placed
 
     t0 = time.monotonic()
     never = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 100.0}]
@@ -164,7 +165,7 @@ def test_ray_address_needs_the_ray_backend(tiny_checkpoint: Path) -> None:
 
 def test_shutdown_stops_the_actors(on_ray: Omni) -> None:
     """Last: shuts the module's engine down."""
-    pids = on_ray.orchestrator.worker_pids
+    pids = on_ray.orchestrator.transport.pids
     assert all(_alive(p) for p in pids)
     on_ray.shutdown()
     deadline = time.monotonic() + 10

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from bagel_serve import Omni
-from bagel_serve.engine.batch import TextPiece
+from bagel_serve.engine.diffusion import Handoff, HandoffError
+from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.request import make_request
-from bagel_serve.engine.runner import Handoff, HandoffError
-from bagel_serve.engine.scheduler import Engine, SchedulerConfig
+from bagel_serve.engine.scheduler import SchedulerConfig
+from bagel_serve.engine.stage_engine import Engine, Stage
+from bagel_serve.model.layout import TextPiece
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
@@ -20,7 +22,7 @@ EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / 
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_single_stage.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +83,19 @@ def test_32_mixed_concurrent_requests(single: Omni, two_stage: Omni) -> None:
 
 
 def test_stage_limits_and_chunked_prefill(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = single.runner
+    stage = single.stage
+    runner = stage.runner
     rows_per_forward: list[int] = []
-    orig = runner._forward
+    orig = runner.execute
 
     def spy(works):
         rows_per_forward.append(sum(w.piece.ids.shape[0] for w in works if isinstance(w.piece, TextPiece)))
         return orig(works)
 
-    monkeypatch.setattr(runner, "_forward", spy)
+    monkeypatch.setattr(runner, "execute", spy)
     long_prompt = "one two three four five six seven eight nine ten " * 3
     reqs = [make_request({"modality": "text2text", "prompt": long_prompt, "max_tokens": 4}, i) for i in range(3)]
-    engine = Engine(runner, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8))
+    engine = Engine(stage, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8))
     for i, r in enumerate(reqs):
         engine.add_request(i, r)
     running_sizes = []
@@ -103,14 +106,13 @@ def test_stage_limits_and_chunked_prefill(single: Omni, monkeypatch: pytest.Monk
         outs.update({rid: res for rid, res, err in engine.pop_finished()})
     assert max(running_sizes) <= 2
     assert max(rows_per_forward) <= 8  # the prompt (~40 tokens) was prefilled in chunks of at most 8 rows
-    monkeypatch.setattr(runner, "_forward", orig)
+    monkeypatch.setattr(runner, "execute", orig)
     (ref,) = single.generate([reqs[0]])
     assert all(o.token_ids == ref.token_ids for o in outs.values())
 
 
 def test_new_request_joins_running_decodes(single: Omni) -> None:
-    runner = single.runner
-    engine = Engine(runner)
+    engine = Engine(single.stage)
     a = make_request({"modality": "text2text", "prompt": "first", "max_tokens": 30}, 0)
     b = make_request({"modality": "text2text", "prompt": "second", "max_tokens": 4}, 1)
     engine.add_request(0, a)
@@ -131,8 +133,8 @@ def test_new_request_joins_running_decodes(single: Omni) -> None:
 def test_streaming_tokens(single: Omni) -> None:
     seen: dict[int, list[int]] = {}
     outs = single.generate([CASES[0], CASES[5]], on_token=lambda i, t: seen.setdefault(i, []).append(t))
-    assert seen[0] == outs[0].token_ids[1:]
-    assert seen[1] == outs[1].token_ids[1:]  # the think plan streams too
+    assert seen[0] == outs[0].token_ids
+    assert seen[1] == outs[1].token_ids  # the think plan streams too
 
 
 def test_top_k_top_p(single: Omni) -> None:
@@ -144,25 +146,25 @@ def test_top_k_top_p(single: Omni) -> None:
 
 
 def test_missing_cfg_context_is_an_error(single: Omni) -> None:
-    runner = single.runner
+    stage = single.stage
     req = make_request({"modality": "text2img", "prompt": "x", "steps": 3, "height": 32, "width": 32}, 0)
-    handoff: Handoff = runner.run_alone(runner.context_program(0, req, runner.prepare(0, req)))
+    handoff: Handoff = stage.run_alone(stage.context_program(0, req, stage.prepare(0, req)))
     handoff.cfg_text = None  # as if a transfer dropped it
     with pytest.raises(HandoffError, match="text-dropped CFG context is missing"):
-        next(runner.image_program(handoff))
+        next(stage.image_program(handoff))
 
 
 def test_failing_request_does_not_stop_the_others(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = single.runner
-    orig = runner.image_program
+    stage = single.stage
+    orig = stage.image_program
 
     def broken(h):
         if h.request.prompt == "boom":
             raise RuntimeError("worker lost")
         return (yield from orig(h))
 
-    monkeypatch.setattr(runner, "image_program", broken)
-    engine = Engine(runner)
+    monkeypatch.setattr(stage, "image_program", broken)
+    engine = Engine(stage)
     reqs = [make_request({"modality": "text2img", "prompt": p, "steps": 2, "height": 32, "width": 32}, i)
             for i, p in enumerate(["fine", "boom"])]
     for i, r in enumerate(reqs):
@@ -172,15 +174,16 @@ def test_failing_request_does_not_stop_the_others(single: Omni, monkeypatch: pyt
     assert isinstance(results[1][1], RuntimeError)
 
 
-def test_admission_bounded_by_kv_pool(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a bounded pool, requests wait for room instead of failing mid-flight; one that can never fit
-    fails alone with the numbers, and nothing else is disturbed."""
-    runner = single.runner
+def test_admission_bounded_by_kv_cache(single: Omni) -> None:
+    """With a small cache, requests wait for room instead of failing mid-flight; one that can never fit fails
+    alone with the numbers, and nothing else is disturbed."""
+    big_stage = single.stage
     reqs = [make_request({"modality": "text2text", "prompt": f"count {i}", "max_tokens": 20}, i) for i in range(4)]
-    need = runner.estimate_blocks(reqs[0], runner.prepare(0, reqs[0]))
+    need = big_stage.estimate_blocks(reqs[0], big_stage.prepare(0, reqs[0]))
     assert need >= 2
-    monkeypatch.setattr(runner.pool, "max_blocks", runner.pool.num_blocks_used + 2 * need)
-    engine = Engine(runner)
+    llm = big_stage.cfg.llm
+    cache = KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 1 + 2 * need)
+    engine = Engine(Stage(big_stage.model, big_stage.vae, big_stage.tok, cache))
     for i, r in enumerate(reqs):
         engine.add_request(i, r)
     big = make_request({"modality": "text2text", "prompt": "long", "max_tokens": 10_000}, 4)
@@ -191,29 +194,29 @@ def test_admission_bounded_by_kv_pool(single: Omni, monkeypatch: pytest.MonkeyPa
         most_running = max(most_running, len(engine.running))
         results.update({rid: (res, err) for rid, res, err in engine.pop_finished()})
     assert most_running == 2
-    monkeypatch.setattr(runner.pool, "max_blocks", None)
     for i, r in enumerate(reqs):
         assert results[i][1] is None and results[i][0].token_ids == single.generate([r])[0].token_ids
-    assert "KV blocks but the pool holds at most" in str(results[4][1])
+    assert f"KV blocks but the cache holds {2 * need}" in str(results[4][1])
+    assert cache.manager.num_used == 0 and cache.manager.admitted == 0
 
 
 def test_estimate_bounds_what_requests_hold(single: Omni) -> None:
     """The admission estimate is an upper bound on the blocks a request's contexts really hold."""
-    runner = single.runner
+    stage = single.stage
     for case in CASES:
         req = make_request(case, 0)
-        prep = runner.prepare(0, req)
+        prep = stage.prepare(0, req)
         held = []
-        orig = runner._forward
+        orig = stage.runner.execute
 
         def spy(works):
             out = orig(works)
             held.append(len({b for w in works for b in w.context.block_table}))
             return out
 
-        runner._forward = spy
+        stage.runner.execute = spy
         try:
-            runner.run_alone(runner.program(0, req, prep))
+            stage.run_alone(stage.program(0, req, prep))
         finally:
-            runner._forward = orig
-        assert max(held) <= runner.estimate_blocks(req, prep), case
+            del stage.runner.execute
+        assert max(held) <= stage.estimate_blocks(req, prep), case

@@ -44,6 +44,9 @@ class EngineOptions:
     init_timeout: float = 300.0
     stage_init_timeout: float = 300.0
     batch_timeout: float = 5.0
+    request_timeout: float = 60.0
+    """Seconds a request may wait on a stage worker that shows no sign of life (no token, output or heartbeat)."""
+    enforce_eager: bool | None = None
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "EngineOptions":
@@ -75,7 +78,7 @@ class EngineOptions:
         if self.hsdp_shard_size is not None and (isinstance(self.hsdp_shard_size, bool) or not isinstance(self.hsdp_shard_size, int)
                                                  or (self.hsdp_shard_size < 1 and self.hsdp_shard_size != -1)):
             raise EngineOptionError(f"{_name('hsdp_shard_size')} must be a positive integer or -1 (auto), got {self.hsdp_shard_size!r}")
-        for name in ("vae_use_tiling", "use_hsdp", "log_stats", "enable_diffusion_pipeline_profiler"):
+        for name in ("vae_use_tiling", "use_hsdp", "log_stats", "enable_diffusion_pipeline_profiler", "enforce_eager"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise EngineOptionError(f"{_name(name)} must be true or false, got {v!r}")
@@ -83,7 +86,7 @@ class EngineOptions:
             raise EngineOptionError(f"{_name('worker_backend')} must be one of {', '.join(WORKER_BACKENDS)}, got {self.worker_backend!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise EngineOptionError(f"{_name('quantization')} must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        for name in ("init_timeout", "stage_init_timeout", "batch_timeout"):
+        for name in ("init_timeout", "stage_init_timeout", "batch_timeout", "request_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise EngineOptionError(f"{_name(name)} must be a positive number of seconds, got {v!r}")

@@ -55,7 +55,8 @@ class BagelTokenizer:
         return [self.special.bos, *self.encode(text), self.special.eos]
 
     def decode_generation(self, ids: list[int]) -> str:
-        """The reference's post-processing: the text between the start token and the first end token."""
-        text = self.decode(ids).split(IM_END)[0]
+        """The reference's post-processing of generated tokens (which it returns after the start token it
+        fed): the text between that start token and the first end token."""
+        text = self.decode([self.special.bos, *ids]).split(IM_END)[0]
         parts = text.split(IM_START)
         return parts[1] if len(parts) > 1 else parts[0]

@@ -82,7 +82,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs and reporting")
     g.add_argument("--output", default=".", help="output directory (default: current directory)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--log-stats", action="store_true", help="print per-phase times, throughput, queue wait and KV pool use (per stage too)")
+    g.add_argument("--log-stats", action="store_true", help="print per-phase times, throughput, queue wait and KV cache use (per stage too)")
     g.add_argument("--enable-diffusion-pipeline-profiler", action="store_true",
                    help="print a per-request breakdown: context prefill, think decode, denoise, VAE")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -199,7 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except RequestError as e:
         raise CLIError(_request_error_message(e)) from None
     run_info = {"model": args.model, "model_dir": str(omni.model_dir), "engine": f"bagel-serve {__version__}",
-                "device": str(omni.device), "dtype": str(omni.runner.model.dtype).replace("torch.", ""),
+                "device": str(omni.device), "dtype": str(omni.model.dtype).replace("torch.", ""),
                 "pipeline": omni.pipeline.name, "command": sys.argv, "load_s": round(load_s, 3)}
     entries = save_outputs(plan, outputs, args.model, __version__, run_info)
 

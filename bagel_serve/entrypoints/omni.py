@@ -18,12 +18,18 @@ from bagel_serve.config.deploy import (
     resolve_pipeline,
 )
 from bagel_serve.config.engine_options import EngineOptions
+from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request
-from bagel_serve.engine.runner import Runner, RunStats
-from bagel_serve.pipeline.orchestrator import Orchestrator
+from bagel_serve.engine.stage_engine import Stage
+from bagel_serve.engine.stats import RunStats
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.engine.memory import StagePlacement, kv_block_budgets, weights_bytes
 from bagel_serve.model.loader import default_device, default_dtype, load_model, load_skeleton, read_config, resolve_model_dir
+from bagel_serve.pipeline.backends.inline import InlineTransport
+from bagel_serve.pipeline.backends.process import ProcessTransport
+from bagel_serve.pipeline.backends.ray import RayTransport
+from bagel_serve.pipeline.orchestrator import Orchestrator
+from bagel_serve.pipeline.placement import stage_devices, stage_setups
+from bagel_serve.testing.demo import DEMO_MODEL, ensure_demo_model
 
 
 class Omni:
@@ -49,7 +55,7 @@ class Omni:
         **kwargs: Any,
     ) -> None:
         self.options = EngineOptions.from_kwargs(kwargs)
-        model_dir = resolve_model_dir(model)
+        model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
         read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
         config_json = _read_config_json(model_dir)
         deploy = load_deploy_config(deploy_config or default_deploy_config(config_json))
@@ -69,25 +75,37 @@ class Omni:
             loaded = load_model(model_dir, device=self._device, dtype=dtype, progress=progress)
         self.config = loaded.config
         self.model_dir = loaded.model_dir
+        self.model = loaded.model
         self.tokenizer = BagelTokenizer(loaded.model_dir)
-        self.runner = Runner(loaded.model, loaded.vae, self.tokenizer,
-                             enable_prefix_caching=deploy.prefix_caching_enabled(0))
         self.progress = progress
-        backend = self.options.worker_backend
-        if self.options.uses_ray:
-            from bagel_serve.pipeline.ray_workers import RayOrchestrator
-
+        backend = "ray" if self.options.uses_ray else (
+            "process" if self.pipeline.num_stages > 1 and self.options.worker_backend in ("process", "multi_process")
+            else "inline")
+        device = self._device if self.options.uses_ray else loaded.model.device
+        setups = stage_setups(self.pipeline, deploy, self.options, device, backend=backend)
+        max_model_len = deploy.stage(0).max_model_len or loaded.config.llm.max_position_embeddings
+        cfg, tok = loaded.config, self.tokenizer
+        if backend == "ray":
             where = str(model_dir.resolve()) if Path(model).expanduser().is_dir() else str(model)
-            self.orchestrator = RayOrchestrator(self.runner, self.pipeline, deploy, self.options, model=where,
-                                                device=self._device, dtype=loaded.model.dtype)
-        elif self.pipeline.num_stages > 1 and backend in ("process", "multi_process"):
-            from bagel_serve.pipeline.workers import ProcessOrchestrator
-
-            self.orchestrator = ProcessOrchestrator(self.runner, self.pipeline, deploy, self.options,
-                                                    model_dir=loaded.model_dir)
+            transport = RayTransport(setups, stage_devices(device, deploy, self.pipeline.num_stages), model=where,
+                                     dtype=loaded.model.dtype, ray_address=self.options.ray_address,
+                                     init_timeout=self.options.init_timeout)
+        elif backend == "process":
+            transport = ProcessTransport(setups, loaded.model, loaded.vae, str(loaded.model_dir))
         else:
-            _bound_kv_pool(self.runner, self.pipeline, deploy)
-            self.orchestrator = Orchestrator(self.runner, self.pipeline, deploy)
+            transport = InlineTransport(setups, loaded.model, loaded.vae, tok, progress=progress)
+        self.orchestrator = Orchestrator(
+            self.pipeline, lambda i, r: prepare(i, r, cfg, tok, max_model_len), transport,
+            init_timeout=min(self.options.init_timeout, self.options.stage_init_timeout),
+            request_timeout=self.options.request_timeout)
+
+    @property
+    def stage(self) -> Stage:
+        """Stage 0 when the stages run in this process (`worker_backend="inline"` or a single stage)."""
+        stages = getattr(self.orchestrator.transport, "stages", None)
+        if not stages:
+            raise AttributeError("the stages run in worker processes or Ray actors: there is no stage in this process")
+        return stages[0]
 
     def shutdown(self) -> None:
         """Stop the stage worker processes, if any (idempotent; also done at exit). The in-process
@@ -105,7 +123,7 @@ class Omni:
     @property
     def device(self) -> torch.device:
         """Where the model computes (with Ray: inside the actors, where this process holds no weights)."""
-        return self._device if self.options.uses_ray else self.runner.model.device
+        return self._device if self.options.uses_ray else self.model.device
 
     @property
     def last_stats(self) -> RunStats | None:
@@ -130,19 +148,6 @@ class Omni:
         reqs = [make_request(r, i) for i, r in enumerate(requests)]
         timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
-
-
-def _bound_kv_pool(runner: Runner, pipeline: PipelineSpec, deploy: DeployConfig) -> None:
-    """Every stage in this process shares one pool: on CUDA it gets what the stages' pooled
-    `gpu_memory_utilization` leaves after the weights and an activation reserve (`engine.memory`), and the
-    schedulers admit requests within it."""
-    dev = runner.model.device
-    if dev.type != "cuda":
-        return
-    placements = [StagePlacement(dev, deploy.stage(s.stage_id).gpu_memory_utilization, False) for s in pipeline.stages]
-    budgets = kv_block_budgets(placements, weights_bytes=weights_bytes(runner.model, runner.vae),
-                               block_bytes=runner.pool.bytes_per_block, one_process=True)
-    runner.pool.max_blocks = sum(b for b in budgets if b is not None)
 
 
 def _read_config_json(model_dir: Path) -> dict[str, Any] | None:

@@ -1,52 +1,41 @@
-"""One attention call over one sequence: new queries against their keys (context + own new keys).
+"""The attention of one decoder layer over the paged KV cache.
 
-Every forward in the engine is a packed batch of sequences; the batch object slices each sequence out
-and calls `attend` here, so the kernel choice lives in one place. Causal masks are aligned to the
-bottom-right (query i of q_len new tokens sees the whole context plus new tokens 0..i), as flash-attn's
-varlen kernels do in the reference.
+New rows' K/V are already in the cache when this runs: the fused norm-RoPE prologue
+(`kernels.qk_norm_rope`) stores every committed row at its `slot_mapping` slot. What is left is reading:
+the one-token decode steps of all sequences attend together through their block tables, every other
+sequence (a prompt, an image block, a denoising step) attends over its cached rows plus its new ones.
+Which kernels do that is the backend's business (`attention_backends`), picked once by the runner.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch import nn
+
+from bagel_serve.layers.forward_context import get_forward_context
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Lk >= Lq; returns (Lq, Hq, D) in q's dtype."""
-    if q.device.type == "cpu":
-        return _attend_exact(q, k, v, causal)
-    return _attend_sdpa(q, k, v, causal)
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_index: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_index = layer_index
 
+    def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (keys, values) cache views, [slots, kv heads, head dim] each."""
+        kv = get_forward_context().kv_cache
+        return kv[self.layer_index, 0], kv[self.layer_index, 1]
 
-def _attend_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Float32 explicit softmax: the path our parity tests hold to the reference."""
-    lq, hq, d = q.shape
-    lk, hkv, _ = k.shape
-    group = hq // hkv
-    qf = q.float().transpose(0, 1)  # (Hq, Lq, D)
-    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) / math.sqrt(d)
-    if causal and lq > 1:
-        offset = lk - lq
-        allowed = torch.arange(lk)[None, :] <= (torch.arange(lq)[:, None] + offset)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)
-
-
-def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    lq, lk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if causal and lq > 1:
-        # The causal-bias path does not take grouped KV heads, so expand them (prefill only).
-        group = q.shape[1] // k.shape[1]
-        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(lq, lk))
-    else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (rows, Hq, D), k/v (rows, Hkv, D) -> (rows, Hq, D)."""
+        ctx = get_forward_context()
+        k_cache, v_cache = self.cache()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if ctx.decode is not None and ctx.decode.n:
+            n = ctx.decode.n
+            ctx.backend.decode(q[:n], k_cache, v_cache, ctx.decode, out[:n])
+        for seq in ctx.sequences:
+            ctx.backend.sequence(q, k, v, seq, k_cache, v_cache, out)
+        return out

@@ -9,7 +9,7 @@ from torch import nn
 
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.model.embeddings import MLPConnector, PositionEmbedding, TimestepEmbedder
-from bagel_serve.model.qwen2_mot import AttentionBatch, Qwen2MoTForCausalLM
+from bagel_serve.model.qwen2_mot import Qwen2MoTForCausalLM
 from bagel_serve.model.siglip import SiglipVisionModel
 
 
@@ -54,11 +54,14 @@ class Bagel(nn.Module):
         temb = self.time_embedder(t).repeat_interleave(torch.tensor(counts, device=t.device), dim=0)
         return (self.vae2llm(x.to(self.dtype)) + temb) + self.latent_pos_embed(position_ids)
 
-    def transformer(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        return self.language_model.model(x, batch)
+    def transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """The LLM over the rows of the current forward context (hidden rows before the final norm)."""
+        return self.language_model.model(x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.lm_head(hidden)
+        """Logits of understanding rows (final norm of the understanding expert, then the LM head)."""
+        return self.language_model.lm_head(self.language_model.model.norm(hidden))
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm2vae(hidden)
+        """Velocity of generation rows (final norm of the generation expert, then llm2vae)."""
+        return self.llm2vae(self.language_model.model.norm_moe_gen(hidden))

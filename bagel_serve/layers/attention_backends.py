@@ -1,0 +1,166 @@
+"""Attention kernels, by name, chosen once per engine.
+
+- `exact`: float32 explicit softmax, one sequence at a time. The CPU path and the judge of every change:
+  the golden parity suite holds it to the official implementation (whose flash-attn varlen kernels align a
+  causal mask bottom-right, as this does).
+- `cuda`: cuDNN / flash SDPA for prefill and denoising sequences, and a Triton paged kernel for the
+  one-token decode steps of every sequence at once, reading keys through block tables (CUDA-graph safe).
+
+Both take the same inputs (`layers.forward_context`): a backend never sees requests, only rows, slots and
+block tables.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from bagel_serve.layers.forward_context import DecodeBatch, SequenceAttention, current_forward_context
+
+BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Lk >= Lq; float32 softmax, output in q's dtype."""
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    qf = q.float().transpose(0, 1)  # (Hq, Lq, D)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) / math.sqrt(d)
+    if causal and lq > 1:
+        allowed = torch.arange(lk, device=q.device)[None, :] <= (torch.arange(lq, device=q.device)[:, None] + lk - lq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)
+
+
+def block_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """Cache slots of rows [0, n) of a sequence whose blocks are `block_table` (int tensor)."""
+    rows = torch.arange(n, device=block_table.device)
+    return block_table.long()[rows // block_size] * block_size + rows % block_size
+
+
+def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: torch.Tensor,
+          v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's keys and values: its cached rows, then its unstored new rows, in order."""
+    ks, vs = [], []
+    if seq.kv_slots is not None and seq.kv_slots.numel():
+        ks.append(k_cache.index_select(0, seq.kv_slots))
+        vs.append(v_cache.index_select(0, seq.kv_slots))
+    for a, n in seq.new_segments:
+        ks.append(k[a : a + n])
+        vs.append(v[a : a + n])
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks), torch.cat(vs)
+
+
+class AttentionBackend:
+    name = ""
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
+               out: torch.Tensor) -> None:
+        """One-token steps: q (n, Hq, D) -> out (n, Hq, D)."""
+        raise NotImplementedError
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        """One sequence's queries (rows of q) into the same rows of out."""
+        raise NotImplementedError
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Full attention within each of several packed sequences (the ViT's images), no cache."""
+        raise NotImplementedError
+
+
+class ExactBackend(AttentionBackend):
+    name = "exact"
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
+               out: torch.Tensor) -> None:
+        for i, n in enumerate(batch.context_lens[: batch.n].tolist()):
+            slots = block_slots(batch.block_tables[i], n, batch.block_size)
+            out[i : i + 1] = exact_attention(q[i : i + 1], k_cache.index_select(0, slots),
+                                             v_cache.index_select(0, slots), causal=False)
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        keys, values = _keys(k, v, seq, k_cache, v_cache)
+        for a, n in seq.q_segments:
+            out[a : a + n] = exact_attention(q[a : a + n], keys, values, seq.causal)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for n in lengths:
+            outs.append(exact_attention(q[start : start + n], k[start : start + n], v[start : start + n], False))
+            start += n
+        return torch.cat(outs)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(Lq, Hq, D) against (Lk, Hkv, D) through torch's fused SDPA kernels; causal aligned bottom-right."""
+    lq, lk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = q.shape[1] != k.shape[1]
+    if causal and lq > 1:
+        if lq == lk:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        else:
+            # The lower-right bias path does not take grouped KV heads: expand them.
+            group = q.shape[1] // k.shape[1]
+            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(lq, lk))
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
+
+
+class CudaBackend(AttentionBackend):
+    name = "cuda"
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
+               out: torch.Tensor) -> None:
+        from bagel_serve.layers.kernels.decode_attention import paged_decode_attention
+
+        paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.block_size,
+                               1.0 / math.sqrt(q.shape[-1]), out=out)
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        keys, values = _keys(k, v, seq, k_cache, v_cache)
+        for a, n in seq.q_segments:
+            out[a : a + n] = _sdpa(q[a : a + n], keys, values, seq.causal)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for n in lengths:
+            outs.append(_sdpa(q[start : start + n], k[start : start + n], v[start : start + n], False))
+            start += n
+        return torch.cat(outs)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"exact": ExactBackend, "cuda": CudaBackend}
+
+
+def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
+    """The backend for a device: `name` (or $BAGEL_SERVE_ATTENTION_BACKEND) if given, else `exact` on the CPU
+    and `cuda` on a GPU."""
+    name = name or os.environ.get(BACKEND_ENV) or ("cuda" if device.type == "cuda" else "exact")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)})")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"attention backend 'cuda' needs a CUDA device, the model is on {device}")
+    return BACKENDS[name]()
+
+
+def backend_for(device: torch.device) -> AttentionBackend:
+    """The running forward's backend, or the default one for `device` outside a forward (a module called
+    on its own, as tests do)."""
+    ctx = current_forward_context()
+    return ctx.backend if ctx is not None else select_backend(device)

@@ -1,0 +1,46 @@
+"""The mixture-of-transformers expert pair: both experts' GEMMs on their contiguous row ranges.
+
+A forward's rows [0, n_und) belong to the understanding expert and the rest to the generation expert
+(`forward_context`). Each expert multiplies only its rows, writing into one output buffer — no gather,
+no concatenation — and a row-parallel pair reduces that buffer once over the tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bagel_serve.distributed.parallel_state import tp_all_reduce
+from bagel_serve.layers.kernels.activation import silu_and_mul
+from bagel_serve.layers.linear import LinearBase
+
+MLP_CHUNK_ROWS = 8192
+"""Rows per MLP chunk: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
+GEMMs of this many rows already run at full rate."""
+
+
+def expert_linear(x: torch.Tensor, n_und: int, und: LinearBase, gen: LinearBase, reduce: bool = False) -> torch.Tensor:
+    n = x.shape[0]
+    if n_und >= n:
+        out = und(x)
+    elif n_und <= 0:
+        out = gen(x)
+    else:
+        out = torch.empty((n, und.output_size_per_partition), dtype=x.dtype, device=x.device)
+        und(x[:n_und], out=out[:n_und])
+        gen(x[n_und:], out=out[n_und:])
+    return tp_all_reduce(out) if reduce else out
+
+
+def expert_mlp(x: torch.Tensor, n_und: int, und: nn.Module, gen: nn.Module) -> torch.Tensor:
+    """SwiGLU MLP of both experts (modules with `gate_up_proj` and `down_proj`), in row chunks."""
+    n = x.shape[0]
+    if n <= MLP_CHUNK_ROWS:
+        h = silu_and_mul(expert_linear(x, n_und, und.gate_up_proj, gen.gate_up_proj))
+        return expert_linear(h, n_und, und.down_proj, gen.down_proj, reduce=True)
+    out = torch.empty_like(x)
+    for a in range(0, n, MLP_CHUNK_ROWS):
+        b = min(n, a + MLP_CHUNK_ROWS)
+        h = silu_and_mul(expert_linear(x[a:b], n_und - a, und.gate_up_proj, gen.gate_up_proj))
+        out[a:b] = expert_linear(h, n_und - a, und.down_proj, gen.down_proj)
+    return tp_all_reduce(out)

@@ -1,0 +1,175 @@
+"""One worker process per stage on this host (`worker_backend="process"` / `"multi_process"`).
+
+Workers are started through an entry point of their own (`python -m bagel_serve.pipeline.worker_main`), not
+by multiprocessing's spawn, which re-imports the caller's `__main__`: so an engine starts the same from a
+script with or without a main guard, from `python -c`, from standard input and from a notebook. Each worker
+connects back to a listener of ours and receives its setup and the model through that connection, pickled by
+`torch.multiprocessing`: the weights are loaded once, here, and shared — CUDA IPC handles on a GPU, shared
+memory on the CPU (the workers get this process's authentication key so they may fetch those) — and a stage
+placed on another GPU copies them to its GPU once. The model is sent from a thread, so a worker that dies
+before reading it can never block this process; any start-up failure becomes an error within `init_timeout`,
+with the worker's own last error (its traceback message, or the last line it printed).
+
+Workers send a heartbeat every second from a thread of their own, so a stopped or hung worker is told from a
+busy one (`request_timeout`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import multiprocessing
+import subprocess
+import sys
+import threading
+from collections import deque
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bagel_serve.pipeline.placement import StageSetup
+from bagel_serve.pipeline.stage_worker import IpcCodec
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
+
+
+class ProcessTransport:
+    codec = IpcCodec
+
+    def __init__(self, setups: list[StageSetup], model: Any, vae: Any, tokenizer_source: Any) -> None:
+        self.num_stages = len(setups)
+        # This process's own key: the resource sharer that hands shared-memory tensors out checks it.
+        self._key = bytes(multiprocessing.current_process().authkey)
+        self._listener = Listener(authkey=self._key)
+        self._conns: list[Connection | None] = [None] * self.num_stages
+        self._send_locks = [threading.Lock() for _ in setups]
+        self._results: queue.Queue[tuple] = queue.Queue()
+        self._stderr: list[deque[str]] = [deque(maxlen=20) for _ in setups]
+        self.stopped = False
+        if model.device.type == "cpu":
+            _ensure_fd_limit([model, vae])
+            model.share_memory()
+            vae.share_memory()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
+                                                           if p)}
+        self.procs: list[subprocess.Popen] = []
+        for s in range(self.num_stages):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bagel_serve.pipeline.worker_main", self._listener.address, str(s)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+            proc.stdin.write(self._key.hex() + "\n")
+            proc.stdin.close()
+            threading.Thread(target=self._drain_stderr, args=(s, proc), daemon=True).start()
+            self.procs.append(proc)
+        payloads = [(setup, model, vae, tokenizer_source) for setup in setups]
+        threading.Thread(target=self._accept, args=(payloads,), name="bagel-serve-accept", daemon=True).start()
+
+    # ------------------------------------------------------------------ start-up
+    def _accept(self, payloads: list[tuple]) -> None:
+        for _ in range(self.num_stages):
+            try:
+                conn = self._listener.accept()
+                kind, stage = conn.recv()
+            except (OSError, EOFError):
+                return  # stopped (the listener closed) or a worker died while connecting
+            if kind != "hello" or not 0 <= stage < self.num_stages:
+                conn.close()
+                continue
+            self._conns[stage] = conn
+            threading.Thread(target=self._serve, args=(stage, conn, payloads[stage]), daemon=True).start()
+
+    def _serve(self, stage: int, conn: Connection, payload: tuple) -> None:
+        """Send a worker its setup and model, then forward what it sends until it closes."""
+        try:
+            with self._send_locks[stage]:
+                conn.send(payload)
+        except (OSError, EOFError, ValueError):
+            return  # it died; `exited` says how
+        del payload
+        while True:
+            try:
+                msg = conn.recv()
+            except (OSError, EOFError):
+                return
+            self._results.put(msg)
+
+    def _drain_stderr(self, stage: int, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            if line.strip():
+                self._stderr[stage].append(line.rstrip())
+
+    # ------------------------------------------------------------------ transport
+    def send(self, stage: int, msg: tuple) -> None:
+        conn = self._conns[stage]
+        if conn is None:
+            raise RuntimeError(f"{self.name(stage)} is not connected")
+        with self._send_locks[stage]:
+            conn.send(msg)
+
+    def recv(self, timeout: float) -> tuple | None:
+        try:
+            return self._results.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def name(self, stage: int) -> str:
+        return f"stage {stage} worker (pid {self.procs[stage].pid})"
+
+    def exited(self, stage: int) -> str | None:
+        code = self.procs[stage].poll()
+        if code is None:
+            return None
+        last = self._stderr[stage][-1] if self._stderr[stage] else None
+        return f"exited with code {code}" + (f" (its last words: {last})" if last else "")
+
+    def heartbeats(self) -> bool:
+        return True
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for s, conn in enumerate(self._conns):
+            if conn is not None and self.procs[s].poll() is None:
+                try:
+                    self.send(s, ("stop", None, None, None))
+                except Exception:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=2.0)
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()
+        self._listener.close()
+
+
+def _ensure_fd_limit(modules: list[torch.nn.Module]) -> None:
+    """Shared CPU tensors travel as file descriptors (one per storage): make sure we may open enough."""
+    try:
+        import resource
+    except ImportError:
+        return
+    storages = sum(1 for m in modules for t in [*m.parameters(), *m.buffers()])
+    need = 2 * storages + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        pass

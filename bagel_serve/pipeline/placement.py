@@ -1,0 +1,178 @@
+"""Where each stage runs and what it owns: its device, whether it allocates a KV cache (and how big) or reads
+another stage's in place, its scheduler limits — `StageSetup`, decided here from the deploy config — and
+`build_stage`, which turns a setup and a model into a running `Stage` in whatever process it lands.
+
+On CUDA, stages whose deploy `devices` equal stage 0's share the model's device; any other stage runs on
+`cuda:<its first device id>`. Stages on one device pool their `gpu_memory_utilization` shares: in one process
+they share one `Stage` (one cache); with one process per stage the first allocates the cache and the others
+borrow it (the DiT reads the Thinker's blocks in place). A stage with its own copy of the weights (another
+GPU, or a Ray actor) allocates its own cache from its own share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bagel_serve.config.deploy import DeployConfig, PipelineSpec
+from bagel_serve.config.engine_options import EngineOptions
+from bagel_serve.engine.kv_budget import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    cpu_blocks,
+    cuda_blocks,
+    profile_activation_bytes,
+    weights_bytes,
+)
+from bagel_serve.engine.kv_cache import BLOCK_SIZE, KVCache
+from bagel_serve.engine.scheduler import SchedulerConfig
+from bagel_serve.engine.stage_engine import Stage
+from bagel_serve.engine.tokenizer import BagelTokenizer
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Settings a worker copies from its parent so that it computes the same numbers."""
+
+    num_threads: int
+    matmul_precision: str
+
+    @classmethod
+    def here(cls) -> "Numerics":
+        return cls(torch.get_num_threads(), torch.get_float32_matmul_precision())
+
+    def apply(self) -> None:
+        torch.set_num_threads(self.num_threads)
+        torch.set_float32_matmul_precision(self.matmul_precision)
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """Everything a stage needs besides its model."""
+
+    stage: int
+    num_stages: int
+    scheduler: SchedulerConfig
+    device: str
+    numerics: Numerics
+    batch_timeout: float = 5.0
+    kv_blocks: int | None = None
+    """KV cache size in blocks (None: sized on the device)."""
+    borrows_cache: bool = False
+    """Reads another stage's cache in place and allocates only a token one of its own."""
+    utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    counts_weights: bool = True
+    """The weights on this stage's device count against its utilization (once per copy on a device)."""
+    other_processes: int = 0
+    """Other processes computing on this device (each keeps an activation reserve)."""
+    decodes: bool = True
+    """Runs text decoding (so CUDA graphs pay); the DiT stage does not."""
+    denoises: bool = True
+    enable_prefix_caching: bool = False
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+    lend: bool = False
+    """Hand contexts over in place (one host) instead of copying them into the message."""
+    to_cpu: bool = False
+    """Copied contexts go through the CPU (for transports that pickle by value)."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def stage_devices(model_device: torch.device, deploy: DeployConfig, num_stages: int) -> list[torch.device]:
+    if model_device.type != "cuda":
+        return [model_device] * num_stages
+    first = deploy.stage(0).device_ids
+    out = []
+    for s in range(num_stages):
+        ids = deploy.stage(s).device_ids
+        out.append(model_device if ids == first else torch.device("cuda", ids[0]))
+    return out
+
+
+def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOptions, model_device: torch.device,
+                 *, backend: str) -> list[StageSetup]:
+    """One setup per stage for `backend` ("inline": one process; "process": one process per stage mapping the
+    parent's weights; "ray": one actor per stage, each with its own weights)."""
+    n = pipeline.num_stages
+    devices = stage_devices(model_device, deploy, n)
+    numerics = Numerics.here()
+    setups = []
+    for s, dev in enumerate(devices):
+        st = deploy.stage(s)
+        peers = [t for t in range(n) if devices[t] == dev]
+        shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
+        pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers) for x in shares))
+        own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers)
+        role = pipeline.stages[s]
+        common = dict(stage=s, num_stages=n, device=str(dev), numerics=numerics, batch_timeout=float(options.batch_timeout),
+                      scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
+                      kv_blocks=getattr(st, "kv_cache_blocks", None), decodes=role.kind == "ar" or n == 1,
+                      denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
+                      enforce_eager=bool(st.enforce_eager or options.enforce_eager),
+                      max_model_len=st.max_model_len, env=dict(st.env))
+        if backend == "ray":
+            setups.append(StageSetup(**common, utilization=own, to_cpu=True))
+        elif backend == "process":
+            first = peers[0] == s
+            setups.append(StageSetup(**common, utilization=pooled, borrows_cache=not first, lend=True,
+                                     counts_weights=first, other_processes=len(peers) - 1 if first else 0))
+        else:
+            setups.append(StageSetup(**common, utilization=pooled, borrows_cache=peers[0] != s))
+    return setups
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """A stage's deploy `env`, set in the process it runs in (before it builds anything)."""
+    os.environ.update(env)
+
+
+def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> Stage:
+    """The stage's `Stage`: on its device (the weights are copied there once when they live elsewhere), with
+    its KV cache sized and allocated and its decode graphs captured."""
+    device = torch.device(setup.device)
+    if device != model.device:
+        model, vae = model.to(device), vae.to(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cache = _make_cache(setup, model, vae, tok)
+    stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
+                  enforce_eager=setup.enforce_eager or not setup.decodes)
+    if stage.runner.graphs is not None:
+        stage.runner.graphs.capture()
+    return stage
+
+
+def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> KVCache:
+    llm, device = model.config.llm, model.device
+    block_bytes = KVCache.bytes_per_block_of((llm.num_hidden_layers, 2, 0, llm.num_key_value_heads, llm.head_dim),
+                                             model.dtype, BLOCK_SIZE)
+    if setup.borrows_cache:
+        blocks = 2
+    elif setup.kv_blocks is not None:
+        blocks = setup.kv_blocks
+    elif device.type == "cuda":
+        max_rows = min(setup.scheduler.max_num_batched_tokens, setup.max_model_len or llm.max_position_embeddings)
+        activations = profile_activation_bytes(model, vae, tok.special, max_rows=max_rows, denoises=setup.denoises)
+        blocks = cuda_blocks(total_bytes=torch.cuda.get_device_properties(device).total_memory,
+                             utilization=setup.utilization,
+                             weights_bytes=weights_bytes(model, vae) if setup.counts_weights else 0,
+                             activation_bytes=activations, other_processes=setup.other_processes,
+                             block_bytes=block_bytes, graphs=setup.decodes and not setup.enforce_eager,
+                             where=f"{device} (stage {setup.stage})")
+    else:
+        blocks = cpu_blocks(block_bytes)
+    return KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, blocks, dtype=model.dtype,
+                   device=device, enable_prefix_caching=setup.enable_prefix_caching, shared=setup.lend)
+
+
+def ray_bundles(devices: list[torch.device]) -> tuple[list[dict[str, float]], list[float]]:
+    """One bundle per stage: a CPU, and a GPU or an equal share of one among stages on the same device."""
+    gpus = [1.0 / sum(1 for e in devices if e == d) if d.type == "cuda" else 0.0 for d in devices]
+    return [{"CPU": 1.0, **({"GPU": g} if g else {})} for g in gpus], gpus
+
+
+def with_device(setup: StageSetup, device: str) -> StageSetup:
+    return dataclasses.replace(setup, device=device)

@@ -1,0 +1,141 @@
+"""Entry point of a stage worker process: `python -m bagel_serve.pipeline.worker_main ADDRESS STAGE`.
+
+Reads the parent's authentication key from standard input, connects back to the parent's listener, receives
+its setup and the (shared) model, builds its stage and serves messages until told to stop or until the
+parent goes away. Started by `backends.process`; never imports the parent's `__main__`.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Client, Connection
+
+import torch
+
+from bagel_serve.engine.stage_engine import Stage
+from bagel_serve.engine.tokenizer import BagelTokenizer
+from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage
+from bagel_serve.pipeline.stage_worker import IpcCodec, StageWorker
+
+HEARTBEAT_S = 1.0
+START_DELAY_ENV = "BAGEL_SERVE_TEST_WORKER_START_DELAY"
+"""Test hook, read by the workers: delay a worker's start by some seconds ("2.5": every stage; "1:30": stage 1
+by 30 s; "0:1,1:3": both), to exercise `init_timeout`."""
+
+
+def start_delay(stage: int, spec: str | None) -> float:
+    """Seconds to wait before starting, from the test hook's "secs" or "stage:secs[,stage:secs]"."""
+    if not spec:
+        return 0.0
+    try:
+        if ":" not in spec:
+            return float(spec)
+        for part in spec.split(","):
+            s, _, secs = part.partition(":")
+            if int(s) == stage:
+                return float(secs)
+    except ValueError:
+        raise ValueError(f"{START_DELAY_ENV}={spec!r}: expected seconds or "
+                         f"stage:seconds[,stage:seconds]") from None
+    return 0.0
+
+
+class _Link:
+    """The connection to the parent, safe to send on from the loop and the heartbeat thread."""
+
+    def __init__(self, conn: Connection, stage: int) -> None:
+        self.conn = conn
+        self.stage = stage
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            if not self.closed:
+                self.conn.send(msg)
+
+    def heartbeat(self) -> None:
+        while not self.closed:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self.send(("alive", self.stage, None, None))
+            except (OSError, ValueError):
+                return
+
+
+def serve(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
+    """Deliver messages and step the engine until a stop message, or until the parent is gone."""
+    conn, parent = link.conn, os.getppid()
+    while True:
+        wait = 0.0 if worker.busy else setup.batch_timeout
+        try:
+            while conn.poll(wait):
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    return
+                worker.handle(msg)
+                wait = 0.0
+        except (EOFError, OSError):
+            return  # the parent closed the connection
+        if os.getppid() != parent:
+            return  # orphaned
+        if worker.busy:
+            worker.step()
+
+
+def main() -> None:
+    address, stage = sys.argv[1], int(sys.argv[2])
+    key = bytes.fromhex(sys.stdin.readline().strip())
+    multiprocessing.current_process().authkey = key  # to fetch the parent's shared-memory tensors
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    conn = Client(address, authkey=key)
+    conn.send(("hello", stage))
+    link = _Link(conn, stage)
+    try:
+        setup, model, vae, tokenizer_source = conn.recv()
+        delay = start_delay(stage, os.environ.get(START_DELAY_ENV))
+        if delay > 0:
+            time.sleep(delay)
+        setup.numerics.apply()
+        apply_env(setup.env)
+        tok = tokenizer_source if isinstance(tokenizer_source, BagelTokenizer) else BagelTokenizer(tokenizer_source)
+        stage_obj = build_stage(setup, model, vae, tok)
+        del model, vae
+        worker = StageWorker(setup, stage_obj, link.send, IpcCodec)
+        link.send(("ready", stage, os.getpid(), None))
+        threading.Thread(target=link.heartbeat, name="heartbeat", daemon=True).start()
+        serve(link, setup, worker)
+        worker.close()
+        _unmap(stage_obj)
+    except BaseException:
+        try:
+            link.send(("fatal", stage, None, traceback.format_exc()))
+        finally:
+            os._exit(1)
+    link.closed = True
+    # Skip the interpreter's teardown, which takes seconds with torch loaded.
+    os._exit(0)
+
+
+def _unmap(stage: Stage) -> None:
+    """Drop what we mapped of the parent's memory (weights; lent KV goes with the contexts) before leaving:
+    CUDA IPC counts the mappings, and the parent would otherwise warn about (and wait on) every weight tensor
+    it frees later."""
+    for m in (stage.model, stage.vae):
+        for t in (*m.parameters(), *m.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    stage.runner.graphs = None
+    gc.collect()
+    if stage.model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
