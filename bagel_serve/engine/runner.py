@@ -49,6 +49,8 @@ class _Layout:
     n_und: int = 0
     n_decode: int = 0
     und_ids: list[int] = field(default_factory=list)
+    decode_positions: list[int] = field(default_factory=list)
+    decode_slots: list[int] = field(default_factory=list)
     vit_rows: list[int] = field(default_factory=list)
     vits: list[VitPiece] = field(default_factory=list)
     latents: list[LatentPiece] = field(default_factory=list)
@@ -137,20 +139,34 @@ class ModelRunner:
     # ------------------------------------------------------------------ layout
     def _layout(self, works: list[Work]) -> _Layout:
         lay = _Layout()
-        order = [i for i, w in enumerate(works) if w.is_decode] + [i for i, w in enumerate(works) if not w.is_decode]
-        lay.n_decode = sum(1 for w in works if w.is_decode)
-        lay.n_und = sum(und_rows(w.piece) for w in works)
+        decode = [i for i, w in enumerate(works) if w.is_decode]
+        rest = [i for i, w in enumerate(works) if not w.is_decode]
+        lay.n_decode = len(decode)
+        lay.n_und = len(decode) + sum(und_rows(works[i].piece) for i in rest)
+        bs = works[0].context.cache.block_size
+        # Decode steps: plain integers (this runs for every token of every sequence).
+        for u, i in enumerate(decode):
+            w = works[i]
+            ctx, n = w.context, w.context.length
+            table = ctx.block_table
+            lay.und_ids.append(int(w.piece.ids[0]))
+            lay.decode_positions.append(ctx.rope)
+            lay.decode_slots.append(table[n // bs] * bs + n % bs)
+            lay.decode_tables.append(table)
+            lay.decode_lens.append(n + 1)
+            if w.want_output:
+                lay.outputs.append((i, "logits", u))
         vs, ve = self.special.start_of_image, self.special.end_of_image
-        u, g, gen_pos = 0, lay.n_und, []
-        for i in order:
+        u, g, gen_pos = lay.n_decode, lay.n_und, []
+        for i in rest:
             w = works[i]
             ctx, piece = w.context, w.piece
             nu, ng = und_rows(piece), gen_rows(piece)
             pu, pg = piece_positions(piece, ctx.rope)
             lay.positions.append(pu)
             gen_pos.append(pg)
-            slots = ctx.slots(ctx.length, ctx.length + nu + ng) if w.commit else None
-            if slots is not None:
+            if w.commit:
+                slots = ctx.slots(ctx.length, ctx.length + nu + ng)
                 lay.slots.append((u, slots[:nu]))
                 if ng:
                     lay.slots.append((g, slots[nu:]))
@@ -166,34 +182,29 @@ class ModelRunner:
                 lay.und_ids += [vs, ve]
                 lay.latents.append(piece)
                 segments = [(u, nu), (g, ng)]
-            if w.is_decode:
-                lay.decode_tables.append(ctx.block_table)
-                lay.decode_lens.append(ctx.length + 1)
-            else:
-                kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
-                lay.sequences.append((segments, is_causal(piece), kv, [] if w.commit else segments))
+            kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
+            lay.sequences.append((segments, is_causal(piece), kv, [] if w.commit else segments))
             if w.want_output:
                 if isinstance(piece, LatentPiece):
                     lay.outputs.append((i, "velocity", (g, ng)))
                 else:
-                    lay.logit_rows.append(u + nu - 1)
                     lay.outputs.append((i, "logits", u + nu - 1))
             u += nu
             g += ng
         lay.positions += gen_pos
-        # Results are read in work order below; the rows of each kind were laid out in `order`.
+        # Results are read in work order; the logits rows in that order too.
         lay.outputs.sort(key=lambda o: o[0])
-        logit_of = {o[0]: o[2] for o in lay.outputs if o[1] == "logits"}
-        lay.logit_rows = [logit_of[i] for i in sorted(logit_of)]
+        lay.logit_rows = [where for _, kind, where in lay.outputs if kind == "logits"]
         return lay
 
     def _context(self, lay: _Layout, cache: KVCache) -> ForwardContext:
         dev = self.device
         n = lay.n_und + sum(p.latents.shape[0] for p in lay.latents)
-        positions = torch.cat(lay.positions).to(dev)
+        positions = torch.cat([torch.tensor(lay.decode_positions, dtype=torch.int64), *lay.positions]).to(dev)
         slot_mapping = None
-        if lay.slots:
+        if lay.slots or lay.decode_slots:
             sm = torch.full((n,), -1, dtype=torch.int64)
+            sm[: lay.n_decode] = torch.tensor(lay.decode_slots, dtype=torch.int64)
             for a, s in lay.slots:
                 sm[a : a + s.shape[0]] = s
             slot_mapping = sm.to(dev)
@@ -232,7 +243,8 @@ class ModelRunner:
 
 class DecodeGraphs:
     """CUDA graphs of the decode forward (embedding, every layer, final norm, LM head), one per batch-size
-    bucket, over static input buffers; padded rows write nowhere (slot -1) and attend to nothing."""
+    bucket, over static input buffers; padded rows write nowhere (slot -1) and attend to nothing. Inputs go
+    up from pinned staging buffers in three asynchronous copies."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int) -> None:
         self.runner = runner
@@ -240,11 +252,13 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         dev = runner.device
         n = self.max_batch
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
+        self.rows = torch.zeros((3, n), dtype=torch.int64, device=dev)  # token ids, positions, slots
         self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
+        self.ids, self.positions, self.slots = self.rows[0], self.rows[1], self.rows[2]
+        self._rows = torch.zeros((3, n), dtype=torch.int64).pin_memory()
+        self._lens = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._tables = torch.zeros(n * max_blocks, dtype=torch.int32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
@@ -262,6 +276,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (so smaller ones reuse its memory in the shared pool)."""
+        self.slots.fill_(-1)
         torch.cuda.synchronize()
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = None
@@ -281,17 +296,18 @@ class DecodeGraphs:
     def run(self, lay: _Layout) -> torch.Tensor:
         n = lay.n_decode
         bs = next(b for b in self.sizes if b >= n)
-        self.ids[:n].copy_(torch.tensor(lay.und_ids))
-        self.positions[:n].copy_(torch.cat(lay.positions))
-        self.slots[:n].copy_(torch.cat([s for _, s in lay.slots]))
-        self.lens[:n].copy_(torch.tensor(lay.decode_lens, dtype=torch.int32))
+        rows = self._rows.numpy()
+        rows[0, :n], rows[1, :n], rows[2, :n] = lay.und_ids, lay.decode_positions, lay.decode_slots
+        rows[2, n:bs] = -1  # padding: stores nothing
+        lens = self._lens.numpy()
+        lens[:n], lens[n:bs] = lay.decode_lens, 0  # and attends to nothing
         width = max(len(t) for t in lay.decode_tables)
-        tables = torch.zeros((n, width), dtype=torch.int32)
+        tables = self._tables[: n * width].view(n, width)
+        tab = tables.numpy()
         for i, t in enumerate(lay.decode_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:n, :width].copy_(tables)
-        if bs > n:
-            self.slots[n:bs].fill_(-1)
-            self.lens[n:bs].zero_()
+            tab[i, : len(t)] = t
+        self.rows[:, :bs].copy_(self._rows[:, :bs], non_blocking=True)
+        self.lens[:bs].copy_(self._lens[:bs], non_blocking=True)
+        self.tables[:n, :width].copy_(tables, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
