@@ -17,7 +17,8 @@ from bagel_serve import Omni
 
 
 def run(ckpt: str, enabled: bool, res: dict, tag: str, reverse: bool = False, dtype: str = "bf16") -> list:
-    omni = Omni(ckpt, dtype=dtype, log_stats=True, stage_overrides={"0": {"enable_prefix_caching": enabled}})
+    omni = Omni(ckpt, dtype=dtype, log_stats=True, deploy_config="bagel_single_stage.yaml",
+                stage_overrides={"0": {"enable_prefix_caching": enabled}})
     omni.generate([{"modality": "text2text", "prompt": "warm up", "max_tokens": 2, "think": True}])
     reqs = [{"modality": "text2text", "prompt": f"Question {i}: why is the sky blue at noon?", "think": True,
              "max_tokens": 32, "seed": i} for i in range(32)]
@@ -26,7 +27,7 @@ def run(ckpt: str, enabled: bool, res: dict, tag: str, reverse: bool = False, dt
     outs = [outs[order.index(i)] for i in range(32)]
     st = omni.last_stats
     res.update({f"{tag}_wall_s": t, f"{tag}_prefill_s": st.phase_s.get("context_prefill", 0.0),
-                f"{tag}_cached_blocks": len(omni.runner.pool.prefix_cache) if enabled else 0})
+                f"{tag}_cached_blocks": len(omni.stage.cache.manager.prefix_cache) if enabled else 0})
     del omni
     torch.cuda.empty_cache()
     return outs

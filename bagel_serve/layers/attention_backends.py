@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from bagel_serve.layers.forward_context import DecodeBatch, SequenceAttention, current_forward_context
+from bagel_serve.layers.kernels.decode_attention import paged_decode_attention
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
 
@@ -62,7 +63,13 @@ def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: tor
 
 
 class AttentionBackend:
+    """A backend is one attention kernel for a sequence (`attend`) and one for a batch of decode steps."""
+
     name = ""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """(Lq, Hq, D) queries against (Lk, Hkv, D) keys, causal aligned bottom-right."""
+        raise NotImplementedError
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:
@@ -72,15 +79,24 @@ class AttentionBackend:
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         """One sequence's queries (rows of q) into the same rows of out."""
-        raise NotImplementedError
+        keys, values = _keys(k, v, seq, k_cache, v_cache)
+        for a, n in seq.q_segments:
+            out[a : a + n] = self.attend(q[a : a + n], keys, values, seq.causal)
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Full attention within each of several packed sequences (the ViT's images), no cache."""
-        raise NotImplementedError
+        outs, start = [], 0
+        for n in lengths:
+            outs.append(self.attend(q[start : start + n], k[start : start + n], v[start : start + n], False))
+            start += n
+        return torch.cat(outs)
 
 
 class ExactBackend(AttentionBackend):
     name = "exact"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        return exact_attention(q, k, v, causal)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:
@@ -88,19 +104,6 @@ class ExactBackend(AttentionBackend):
             slots = block_slots(batch.block_tables[i], n, batch.block_size)
             out[i : i + 1] = exact_attention(q[i : i + 1], k_cache.index_select(0, slots),
                                              v_cache.index_select(0, slots), causal=False)
-
-    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-        keys, values = _keys(k, v, seq, k_cache, v_cache)
-        for a, n in seq.q_segments:
-            out[a : a + n] = exact_attention(q[a : a + n], keys, values, seq.causal)
-
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        outs, start = [], 0
-        for n in lengths:
-            outs.append(exact_attention(q[start : start + n], k[start : start + n], v[start : start + n], False))
-            start += n
-        return torch.cat(outs)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -124,25 +127,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 class CudaBackend(AttentionBackend):
     name = "cuda"
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        return _sdpa(q, k, v, causal)
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:
-        from bagel_serve.layers.kernels.decode_attention import paged_decode_attention
-
         paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.block_size,
                                1.0 / math.sqrt(q.shape[-1]), out=out)
-
-    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-        keys, values = _keys(k, v, seq, k_cache, v_cache)
-        for a, n in seq.q_segments:
-            out[a : a + n] = _sdpa(q[a : a + n], keys, values, seq.causal)
-
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        outs, start = [], 0
-        for n in lengths:
-            outs.append(_sdpa(q[start : start + n], k[start : start + n], v[start : start + n], False))
-            start += n
-        return torch.cat(outs)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"exact": ExactBackend, "cuda": CudaBackend}
