@@ -113,10 +113,23 @@ def test_dispatchers_on_cpu_are_the_native_twins() -> None:
     if DEVICE != "cpu":
         pytest.skip("CPU dispatch only")
     g = torch.Generator().manual_seed(0)
-    x, w = randn(g, 3, 64, dtype=torch.bfloat16), randn(g, 64, dtype=torch.bfloat16)
-    assert torch.equal(rms_norm(x, w)[0], rms_norm_native(x, w)[0])
-    gu = randn(g, 3, 80, dtype=torch.bfloat16)
+    bf = torch.bfloat16
+    x, w, r = randn(g, 3, 64, dtype=bf), randn(g, 64, dtype=bf), randn(g, 3, 64, dtype=bf)
+    r1, r2 = r.clone(), r.clone()
+    assert torch.equal(rms_norm(x, w, residual=r1)[0], rms_norm_native(x, w, residual=r2)[0])
+    assert torch.equal(r1, r2)
+    gu = randn(g, 3, 80, dtype=bf)
     assert torch.equal(silu_and_mul(gu), silu_and_mul_native(gu))
+    qkv = randn(g, 2, 8 * 16, dtype=bf)
+    ws = [randn(g, 16, dtype=bf) for _ in range(4)]
+    pos, inv = torch.tensor([3, 9]), torch.rand(8, generator=g)
+    a, b = qkv.clone(), qkv.clone()
+    qk_norm_rope_(a, 4, 2, 16, *ws, 1, pos, inv, 1e-6)
+    qk_norm_rope_native(b, 4, 2, 16, *ws, 1, pos, inv, 1e-6)
+    assert torch.equal(a, b)
+    q, kc, vc, tables, ctx = paged_case(g, bf, 4, 2, 16, 16, [20, 0])
+    assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx, 16, 0.25),
+                       paged_decode_attention_native(q, kc, vc, tables, ctx, 16, 0.25))
 
 
 # ----------------------------------------------------------------------------------------------------------
