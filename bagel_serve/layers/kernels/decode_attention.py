@@ -20,11 +20,10 @@ float32 V multiply float32 probabilities in IEEE float32.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from bagel_serve.layers.kernels import next_power_of_2, use_triton
+from bagel_serve.layers.kernels import INTERPRET, next_power_of_2, use_triton
 
 try:
     import triton
@@ -41,7 +40,6 @@ LOG2E = 1.4426950408889634
 # `while` (compiled kernels keep the `for`, which Triton software-pipelines); and its `tl.dot` multiplies
 # bf16 operands as their raw uint16 bits, so bf16 operands are upcast first (exact: a bf16 product is
 # exact in float32, as in the tensor-core MMA, so only the accumulation order differs).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -252,7 +250,7 @@ def paged_decode_attention_triton(
         block_tables.stride(0), out.stride(0), out.stride(1), scale * LOG2E,
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), D=d, BLOCK_N=block_n, PAGE=block_size,
         NUM_SPLITS=num_splits, QK_IEEE=fp32, PV_MODE=1 if k_cache.dtype == torch.bfloat16 else 0,
-        INTERPRET=_INTERPRET, num_warps=4, num_stages=2,
+        INTERPRET=INTERPRET, num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _merge_kernel[(b * hq,)](
