@@ -1,51 +1,187 @@
-"""Per-head q/k RMSNorm, RoPE and the K/V store of a merged QKV buffer (placeholder: native only)."""
+"""QK-norm + RoPE on the merged QKV projection output, in place, with the K/V cache store fused.
+
+After the QKV GEMM every q and k head vector is RMS-normalised with its expert's norm weight and rotated;
+k and v then go to the paged cache. Unfused that is ~15 kernels per layer (norms, cos/sin tables, rotate
+half, casts, two index stores); here it is one pass over the row.
+
+Numerics: the whole chain is float32 from the loaded value to the final rounding (the reference's
+generation-mode precision, used for every row): `y = w * (x * rsqrt(mean(x^2) + eps))` with the
+normalised value *not* rounded before the weight multiply, then rotate-half RoPE with float32 angles
+`position * inv_freq` and float32 cos/sin, then one rounding to the buffer's dtype.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from bagel_serve.layers.kernels import next_power_of_2, use_triton
 
-def _norm_rope(x: torch.Tensor, w_und: torch.Tensor, w_gen: torch.Tensor, n_und: int, cos: torch.Tensor,
-               sin: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    n = x.shape[0]
-    if n_und >= n:
-        h = w_und * h
-    elif n_und <= 0:
-        h = w_gen * h
-    else:
-        h = torch.cat([w_und * h[:n_und], w_gen * h[n_und:]])
-    half = h.shape[-1] // 2
-    rotated = torch.cat([-h[..., half:], h[..., :half]], dim=-1)
-    return (h * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+try:
+    import triton
+    import triton.language as tl
+
+    from bagel_serve.layers.kernels import cast_rne
+except ImportError:
+    triton = None
 
 
-def qk_norm_rope_native_(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_w_und: torch.Tensor,
-                         k_w_und: torch.Tensor, q_w_gen: torch.Tensor, k_w_gen: torch.Tensor, n_und: int,
-                         positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
-                         k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-                         slot_mapping: torch.Tensor | None = None) -> None:
-    n = qkv.shape[0]
-    qd, kd = num_heads * head_dim, num_kv_heads * head_dim
-    q = qkv[:, :qd].view(n, num_heads, head_dim)
-    k = qkv[:, qd : qd + kd].view(n, num_kv_heads, head_dim)
-    v = qkv[:, qd + kd :].view(n, num_kv_heads, head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    q.copy_(_norm_rope(q, q_w_und, q_w_gen, n_und, cos, sin, eps))
-    k.copy_(_norm_rope(k, k_w_und, k_w_gen, n_und, cos, sin, eps))
+def _check(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor,
+           k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None) -> None:
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qkv must be [N, {width}], got {tuple(qkv.shape)}")
+    if num_heads % num_kv_heads or head_dim % 2:
+        raise ValueError("num_heads must be a multiple of num_kv_heads and head_dim even")
+    if positions.shape != (qkv.shape[0],):
+        raise ValueError("positions must be [N]")
     if slot_mapping is not None:
-        keep = (slot_mapping >= 0).nonzero().squeeze(1)
-        slots = slot_mapping.index_select(0, keep)
-        k_cache.index_copy_(0, slots, k.index_select(0, keep))
-        v_cache.index_copy_(0, slots, v.index_select(0, keep))
+        if k_cache is None or v_cache is None or slot_mapping.shape != (qkv.shape[0],):
+            raise ValueError("slot_mapping [N] needs k_cache and v_cache")
+        for c in (k_cache, v_cache):
+            if c.dim() != 3 or c.shape[1:] != (num_kv_heads, head_dim) or c.dtype != qkv.dtype:
+                raise ValueError(f"caches must be [S, {num_kv_heads}, {head_dim}] {qkv.dtype}")
 
 
-def qk_norm_rope_(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_w_und: torch.Tensor,
-                  k_w_und: torch.Tensor, q_w_gen: torch.Tensor, k_w_gen: torch.Tensor, n_und: int,
-                  positions: torch.Tensor, inv_freq: torch.Tensor, eps: float, k_cache: torch.Tensor | None = None,
-                  v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None) -> None:
-    qk_norm_rope_native_(qkv, num_heads, num_kv_heads, head_dim, q_w_und, k_w_und, q_w_gen, k_w_gen, n_und,
-                         positions, inv_freq, eps, k_cache, v_cache, slot_mapping)
+def qk_norm_rope_native(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_w_und: torch.Tensor, k_w_und: torch.Tensor, q_w_gen: torch.Tensor, k_w_gen: torch.Tensor, n_und: int,
+    positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """The definition, in place (row selection of the slot store uses a boolean mask: not graph-capturable)."""
+    _check(qkv, num_heads, num_kv_heads, head_dim, positions, k_cache, v_cache, slot_mapping)
+    n, hq, hkv, d = qkv.shape[0], num_heads, num_kv_heads, head_dim
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    x = heads[:, : hq + hkv].float()
+    is_und = (torch.arange(n, device=qkv.device) < n_und)[:, None, None]
+    w_q = torch.where(is_und, q_w_und.float(), q_w_gen.float())  # [N, 1, D]
+    w_k = torch.where(is_und, k_w_und.float(), k_w_gen.float())
+    w = torch.cat([w_q.expand(n, hq, d), w_k.expand(n, hkv, d)], dim=1)
+    y = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    a = positions.float()[:, None] * inv_freq.float()[None]
+    emb = torch.cat([a, a], dim=-1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    rotated = torch.cat([-y[..., d // 2:], y[..., : d // 2]], dim=-1)
+    heads[:, : hq + hkv] = (y * cos + rotated * sin).to(qkv.dtype)
+    if slot_mapping is not None:
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache[slots] = heads[keep, hq: hq + hkv]
+        v_cache[slots] = heads[keep, hq + hkv:]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qk_norm_rope_kernel(
+        qkv_ptr, pos_ptr, inv_ptr, qwu_ptr, kwu_ptr, qwg_ptr, kwg_ptr,
+        slot_ptr, kc_ptr, vc_ptr,
+        n_und, stride_row, stride_kc_s, stride_kc_h, stride_vc_s, stride_vc_h, eps,
+        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = qkv_ptr + row * stride_row
+        heads = tl.arange(0, BLOCK_HEADS)  # q heads then k heads: [0, HQ + HKV)
+        cols = tl.arange(0, BLOCK_HALF)
+        hmask = heads < HQ + HKV
+        cmask = cols < HALF
+        mask = hmask[:, None] & cmask[None, :]
+        lo = base + heads[:, None] * (2 * HALF) + cols[None, :]
+        x1 = tl.load(lo, mask=mask, other=0.0)
+        x2 = tl.load(lo + HALF, mask=mask, other=0.0)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)[:, None]
+        # Each row's expert picks its weights; q heads take the q weight, k heads the k weight.
+        if row < n_und:
+            qw1 = tl.load(qwu_ptr + cols, mask=cmask, other=0.0)
+            qw2 = tl.load(qwu_ptr + HALF + cols, mask=cmask, other=0.0)
+            kw1 = tl.load(kwu_ptr + cols, mask=cmask, other=0.0)
+            kw2 = tl.load(kwu_ptr + HALF + cols, mask=cmask, other=0.0)
+        else:
+            qw1 = tl.load(qwg_ptr + cols, mask=cmask, other=0.0)
+            qw2 = tl.load(qwg_ptr + HALF + cols, mask=cmask, other=0.0)
+            kw1 = tl.load(kwg_ptr + cols, mask=cmask, other=0.0)
+            kw2 = tl.load(kwg_ptr + HALF + cols, mask=cmask, other=0.0)
+        is_q = (heads < HQ)[:, None]
+        w1 = tl.where(is_q, qw1.to(tl.float32)[None, :], kw1.to(tl.float32)[None, :])
+        w2 = tl.where(is_q, qw2.to(tl.float32)[None, :], kw2.to(tl.float32)[None, :])
+        y1 = w1 * (f1 * rstd)
+        y2 = w2 * (f2 * rstd)
+        angle = tl.load(pos_ptr + row).to(tl.float32) * tl.load(inv_ptr + cols, mask=cmask, other=0.0)
+        c = tl.cos(angle)[None, :]
+        s = tl.sin(angle)[None, :]
+        o1 = cast_rne(y1 * c - y2 * s, x1.dtype)
+        o2 = cast_rne(y2 * c + y1 * s, x1.dtype)
+        tl.store(lo, o1, mask=mask)
+        tl.store(lo + HALF, o2, mask=mask)
+        if STORE:
+            slot = tl.load(slot_ptr + row)
+            if slot >= 0:
+                # k heads are rows [HQ, HQ + HKV) of the tile just computed; v heads are copied unchanged.
+                kh = heads - HQ
+                kmask = mask & (heads >= HQ)[:, None]
+                kdst = kc_ptr + slot * stride_kc_s + kh[:, None] * stride_kc_h + cols[None, :]
+                tl.store(kdst, o1, mask=kmask)
+                tl.store(kdst + HALF, o2, mask=kmask)
+                vh = tl.arange(0, BLOCK_KV)
+                vmask = (vh < HKV)[:, None] & cmask[None, :]
+                vsrc = base + (HQ + HKV + vh[:, None]) * (2 * HALF) + cols[None, :]
+                vdst = vc_ptr + slot * stride_vc_s + vh[:, None] * stride_vc_h + cols[None, :]
+                tl.store(vdst, tl.load(vsrc, mask=vmask), mask=vmask)
+                tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=vmask), mask=vmask)
+
+
+def qk_norm_rope_triton(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_w_und: torch.Tensor, k_w_und: torch.Tensor, q_w_gen: torch.Tensor, k_w_gen: torch.Tensor, n_und: int,
+    positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """One program per row holds all q and k heads (28+4 heads x 128 = 4096 values), split in rotate halves.
+
+    Slot -1 rows are skipped inside the kernel, so the call is CUDA-graph capturable.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check(qkv, num_heads, num_kv_heads, head_dim, positions, k_cache, v_cache, slot_mapping)
+    if qkv.stride(1) != 1:
+        raise ValueError("qkv must have unit stride along its columns")
+    n = qkv.shape[0]
+    if n == 0:
+        return
+    if not 0 <= n_und <= n:
+        raise ValueError(f"n_und={n_und} outside [0, {n}]")
+    store = slot_mapping is not None
+    if store:
+        for c in (k_cache, v_cache):
+            if c.stride(2) != 1:
+                raise ValueError("caches need unit stride along head_dim")
+    half = head_dim // 2
+    kc = k_cache if store else qkv
+    vc = v_cache if store else qkv
+    _qk_norm_rope_kernel[(n,)](
+        qkv, positions, inv_freq, q_w_und, k_w_und, q_w_gen, k_w_gen,
+        slot_mapping if store else positions, kc, vc,
+        n_und, qkv.stride(0),
+        kc.stride(0) if store else 0, kc.stride(1) if store else 0,
+        vc.stride(0) if store else 0, vc.stride(1) if store else 0, eps,
+        HQ=num_heads, HKV=num_kv_heads, HALF=half,
+        BLOCK_HEADS=next_power_of_2(num_heads + num_kv_heads), BLOCK_KV=next_power_of_2(num_kv_heads),
+        BLOCK_HALF=next_power_of_2(half), STORE=store, num_warps=4,
+    )
+
+
+def qk_norm_rope_(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_w_und: torch.Tensor, k_w_und: torch.Tensor, q_w_gen: torch.Tensor, k_w_gen: torch.Tensor, n_und: int,
+    positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """In place on `qkv`; with `slot_mapping`, also stores k and v rows into the caches (slot -1: skipped)."""
+    fn = qk_norm_rope_triton if use_triton(qkv, k_cache) else qk_norm_rope_native
+    fn(qkv, num_heads, num_kv_heads, head_dim, q_w_und, k_w_und, q_w_gen, k_w_gen, n_und,
+       positions, inv_freq, eps, k_cache, v_cache, slot_mapping)

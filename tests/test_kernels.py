@@ -1,0 +1,352 @@
+"""The fused Triton kernels against their native twins, and the twins against float64 formulas.
+
+On a machine without a GPU the `*_triton` functions run under Triton's interpreter (conftest sets
+`TRITON_INTERPRET=1`); on a GPU machine the same tests run the compiled kernels on CUDA tensors.
+
+Tolerances (u = 2^-24, the float32 unit roundoff; "ulp" = the spacing of the output dtype at the native
+value). Triton and native differ only in how rsqrt/exp/cos/sin are implemented and in reduction order,
+so every bound is a float32 rounding-error bound computed from the actual data:
+- rms_norm: relative 2(ceil(log2 H) + 8)u per element (sum of squares in any order, rsqrt, two products,
+  on each side). The residual sum is one IEEE add on both sides: equal bit for bit.
+- qk_norm_rope_: 2(ceil(log2 D) + 8)u + 8u (cos/sin within 2 ulp, each side), relative to
+  |y_j| + |y_(j +- D/2)|, the magnitudes the rotation mixes (an absolute bound: the sum may cancel).
+- paged_decode_attention: per (sequence, head), with s the scaled scores and m their max,
+  ds = 2(D + 2)u scale max_r sum_i |q_i k_ri| + 2u max_r |s_r - m|  (worst-case dot-product error, exp2 argument),
+  dp = 2 ds + 4u (relative error of each probability), bound = (2 dp + 2(ceil(log2 L) + 2)u [+ 2^-16 for
+  bf16 V, whose probabilities are split into two bf16 parts]) * sum_r p_r |v_r|.
+- silu_and_mul: relative (16 + 4|g|)u (exp's argument is rounded, so its error grows with |g|).
+- bf16/fp16 outputs: a single final rounding (qk_norm_rope_, attention) gives <= 1 ulp plus the float32
+  bound; an intermediate rounding followed by a product (rms_norm's normalised value times the weight,
+  silu(g) times u) can flip one ulp before the product, worth <= 2 ulp of the output, plus the two final
+  roundings: <= 3.5 ulp. Flips need the float32 values to straddle a rounding boundary, so at most 1% of
+  the elements may differ at all (a wrong rounding point or a dropped term fails this).
+Outputs are poisoned with NaN (caches with random values) before each run, and every element is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from bagel_serve.layers.kernels import DISABLE_ENV, triton_available, use_triton
+from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_native, silu_and_mul_triton
+from bagel_serve.layers.kernels.decode_attention import (
+    paged_decode_attention,
+    paged_decode_attention_native,
+    paged_decode_attention_triton,
+    plan_splits,
+)
+from bagel_serve.layers.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_native, qk_norm_rope_triton
+from bagel_serve.layers.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_triton
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+U = 2.0**-24
+DTYPES = [torch.float32, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+_MIN_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+
+
+def seeded(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters (crc32: stable across processes, unlike hash())."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def randn(g: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at |x| (float64), the subnormal spacing near zero."""
+    _, e = torch.frexp(x.double().abs())
+    e = torch.clamp(e - 1, min=_MIN_EXP[dtype])
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - _MANT[dtype])
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, tol: torch.Tensor | float,
+                 k_ulp: float, what: str) -> None:
+    """|actual - expected| <= tol (float32 error bound) + k_ulp ulps (low precision only), every element."""
+    assert actual.shape == expected.shape, what
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(a).any(), f"{what}: {int(torch.isnan(a).sum())} elements left unwritten (NaN poison)"
+    tol = torch.as_tensor(tol, dtype=torch.float64).cpu()
+    bound = tol + (k_ulp * ulp(e, dtype) if dtype != torch.float32 else 0.0)
+    err = (a - e).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        i = int(torch.argmax((err - bound).flatten()))
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements out of bound; worst "
+                             f"{a.flatten()[i].item()} vs {e.flatten()[i].item()} "
+                             f"(bound {bound.flatten()[i].item():.3g})")
+    if dtype != torch.float32:
+        frac = (a != e).double().mean().item()
+        assert frac <= 0.01, f"{what}: {frac:.2%} of the elements differ (expected rare one-ulp flips)"
+
+
+def nan_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_dispatch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(2)
+    assert not use_triton(cpu), "CPU tensors always take the native path"
+    assert not use_triton(cpu, None)
+    if torch.cuda.is_available():
+        gpu = cpu.cuda()
+        assert use_triton(gpu, None)
+        assert not use_triton(gpu, cpu)
+        monkeypatch.setenv(DISABLE_ENV, "1")
+        assert not use_triton(gpu)
+        monkeypatch.setenv(DISABLE_ENV, "0")
+        assert use_triton(gpu)
+
+
+def test_dispatchers_on_cpu_are_the_native_twins() -> None:
+    if DEVICE != "cpu":
+        pytest.skip("CPU dispatch only")
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    x, w, r = randn(g, 3, 64, dtype=bf), randn(g, 64, dtype=bf), randn(g, 3, 64, dtype=bf)
+    r1, r2 = r.clone(), r.clone()
+    assert torch.equal(rms_norm(x, w, residual=r1)[0], rms_norm_native(x, w, residual=r2)[0])
+    assert torch.equal(r1, r2)
+    gu = randn(g, 3, 80, dtype=bf)
+    assert torch.equal(silu_and_mul(gu), silu_and_mul_native(gu))
+    qkv = randn(g, 2, 8 * 16, dtype=bf)
+    ws = [randn(g, 16, dtype=bf) for _ in range(4)]
+    pos, inv = torch.tensor([3, 9]), torch.rand(8, generator=g)
+    a, b = qkv.clone(), qkv.clone()
+    qk_norm_rope_(a, 4, 2, 16, *ws, 1, pos, inv, 1e-6)
+    qk_norm_rope_native(b, 4, 2, 16, *ws, 1, pos, inv, 1e-6)
+    assert torch.equal(a, b)
+    q, kc, vc, tables, ctx = paged_case(g, bf, 4, 2, 16, 16, [20, 0])
+    assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx, 16, 0.25),
+                       paged_decode_attention_native(q, kc, vc, tables, ctx, 16, 0.25))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rms_norm
+
+
+def rms_norm_f64(x, w_und, w_gen, n_und, eps, residual):
+    dt = x.dtype
+    s = (x.double() + residual.double()).to(dt) if residual is not None else x
+    sd = s.double()
+    h = (sd / torch.sqrt((sd * sd).mean(-1, keepdim=True) + eps)).to(dt).double()
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    w = w_und.double() if w_gen is None else torch.where(rows < n_und, w_und.double(), w_gen.double())
+    return (h * w).to(dt), s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 100, 3584])
+@pytest.mark.parametrize("n_und", ["mixed", 0, "all", "no_gen"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, hidden, n_und, with_residual) -> None:
+    g = seeded(str(dtype), hidden, str(n_und), with_residual)
+    n = 7
+    x = randn(g, n, hidden, dtype=dtype, scale=3.0)
+    x[1] *= 1e-3  # a row whose mean square is comparable to eps, so eps matters
+    w_und, w_gen = randn(g, hidden, dtype=dtype), randn(g, hidden, dtype=dtype)
+    if n_und == "no_gen":
+        w_gen, nu = None, None
+    else:
+        nu = {"mixed": 3, 0: 0, "all": n}[n_und]
+    res = randn(g, n, hidden, dtype=dtype) if with_residual else None
+    if res is not None:
+        res[1] *= 1e-3
+    rtol = 2 * (math.ceil(math.log2(hidden)) + 8) * U
+
+    r_nat = res.clone() if with_residual else None
+    out_nat, ro_nat = rms_norm_native(x, w_und, w_gen, nu, 1e-6, r_nat)
+    r_tri = res.clone() if with_residual else None
+    out_tri, ro_tri = rms_norm_triton(x, w_und, w_gen, nu, 1e-6, r_tri, out=nan_like(x))
+    ref, s_ref = rms_norm_f64(x, w_und, w_gen, nu if nu is not None else n, 1e-6, res)
+
+    assert_close(out_tri, out_nat, dtype, rtol * out_nat.double().abs(), 3.5, "triton vs native")
+    assert_close(out_nat, ref, dtype, rtol * ref.double().abs(), 3.5, "native vs float64")
+    if with_residual:
+        assert ro_tri is r_tri and ro_nat is r_nat, "the residual is updated in place"
+        assert torch.equal(r_tri, r_nat) and torch.equal(r_nat, s_ref), "rounded residual sum"
+    else:
+        assert ro_tri is None and ro_nat is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# qk_norm_rope_
+
+
+def qk_norm_rope_f64(qkv, hq, hkv, d, ws, n_und, positions, inv_freq, eps):
+    """(new q and k heads in qkv's dtype, float64 magnitudes |y_j| + |y_(j+-D/2)| the rotation mixes)."""
+    n = qkv.shape[0]
+    x = qkv.view(n, hq + 2 * hkv, d)[:, : hq + hkv].double()
+    q_u, k_u, q_g, k_g = (w.double() for w in ws)
+    und = (torch.arange(n, device=qkv.device) < n_und)[:, None, None]
+    w = torch.cat([torch.where(und, q_u, q_g).expand(n, hq, d), torch.where(und, k_u, k_g).expand(n, hkv, d)], 1)
+    y = w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+    angle = (positions.double()[:, None] * inv_freq.double()[None]).float().double()  # f32 product, exact rounding
+    angle = torch.cat([angle, angle], -1)[:, None]
+    rot = torch.cat([-y[..., d // 2:], y[..., : d // 2]], -1)
+    return (y * angle.cos() + rot * angle.sin()).to(qkv.dtype), y.abs() + rot.abs()
+
+
+GEOMETRIES = [(4, 2, 16), (7, 1, 16), (4, 2, 128), (7, 1, 128), (28, 4, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("n_und", ["mixed", 0, "all"])
+@pytest.mark.parametrize("store", [False, True])
+def test_qk_norm_rope(dtype, geometry, n_und, store) -> None:
+    hq, hkv, d = geometry
+    g = seeded(str(dtype), geometry, str(n_und), store)
+    n, slots_total = 6, 13
+    nu = {"mixed": 2, 0: 0, "all": n}[n_und]
+    qkv = randn(g, n, (hq + 2 * hkv) * d, dtype=dtype, scale=2.0)
+    qkv[2] *= 1e-3  # head vectors whose mean square is comparable to eps, so eps matters
+    ws = [randn(g, d, dtype=dtype) for _ in range(4)]
+    positions = torch.tensor([0, 1, 37, 4097, 31000, 40000], dtype=torch.int64, device=DEVICE)
+    inv_freq = (1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))).to(DEVICE)
+    caches = [randn(g, slots_total, hkv, d, dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([5, -1, 0, 12, -1, 7], dtype=torch.int64, device=DEVICE) if store else None
+
+    nat, tri = qkv.clone(), qkv.clone()
+    kc_n, vc_n = (c.clone() for c in caches) if store else (None, None)
+    kc_t, vc_t = (c.clone() for c in caches) if store else (None, None)
+    qk_norm_rope_native(nat, hq, hkv, d, *ws, nu, positions, inv_freq, 1e-6, kc_n, vc_n, slots)
+    qk_norm_rope_triton(tri, hq, hkv, d, *ws, nu, positions, inv_freq, 1e-6, kc_t, vc_t, slots)
+    ref, mag = qk_norm_rope_f64(qkv, hq, hkv, d, ws, nu, positions, inv_freq, 1e-6)
+
+    tol = (2 * (math.ceil(math.log2(d)) + 8) * U + 8 * U) * mag
+    heads = lambda t: t.view(n, hq + 2 * hkv, d)  # noqa: E731
+    assert_close(heads(tri)[:, : hq + hkv], heads(nat)[:, : hq + hkv], dtype, tol, 1, "triton vs native")
+    assert_close(heads(nat)[:, : hq + hkv], ref, dtype, tol, 1, "native vs float64")
+    assert torch.equal(heads(tri)[:, hq + hkv:], heads(qkv)[:, hq + hkv:]), "v heads are left unchanged"
+    assert torch.equal(heads(nat)[:, hq + hkv:], heads(qkv)[:, hq + hkv:])
+    if store:
+        keep = (slots >= 0).cpu()
+        written = torch.zeros(slots_total, dtype=torch.bool)
+        written[slots.cpu()[keep]] = True
+        for kc, vc, new in ((kc_n, vc_n, nat), (kc_t, vc_t, tri)):
+            assert torch.equal(kc.cpu()[~written], caches[0].cpu()[~written]), "slot -1 rows must not be stored"
+            assert torch.equal(vc.cpu()[~written], caches[1].cpu()[~written])
+            # The cache holds exactly the final (rotated, rounded) k and the unchanged v of each stored row.
+            assert torch.equal(kc.cpu()[slots.cpu()[keep]], heads(new).cpu()[keep, hq: hq + hkv])
+            assert torch.equal(vc.cpu()[slots.cpu()[keep]], heads(qkv).cpu()[keep, hq + hkv:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paged_decode_attention
+
+
+def attention_f64(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, bf16_split):
+    """(output in q's dtype, float64 per-element error bound of a float32 implementation)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    tol = torch.zeros(b, hq, d, dtype=torch.float64)
+    for i in range(b):
+        length = int(context_lens[i])
+        if length == 0:
+            continue
+        slots = [int(block_tables[i, r // block_size]) * block_size + r % block_size for r in range(length)]
+        for h in range(hq):
+            qh = q[i, h].double().cpu()
+            k = k_cache[slots, h // (hq // hkv)].double().cpu()
+            v = v_cache[slots, h // (hq // hkv)].double().cpu()
+            s = (k @ qh) * scale
+            p = torch.exp(s - s.max())
+            out[i, h] = (p[:, None] * v).sum(0) / p.sum()
+            ds = 2 * (d + 2) * U * scale * (k.abs() @ qh.abs()).max() + 2 * U * (s.max() - s).max()
+            dp = 2 * ds + 4 * U
+            rel = 2 * dp + 2 * (math.ceil(math.log2(length)) + 2) * U + (2.0**-16 if bf16_split else 0.0)
+            tol[i, h] = rel * (p[:, None] * v.abs()).sum(0) / p.sum()
+    return out.to(q.dtype), tol
+
+
+def paged_case(g, dtype, hq, hkv, d, block_size, lens, extra_blocks=3):
+    """Caches with blocks handed out out of order, a block shared by two sequences, and a strided q."""
+    b = len(lens)
+    max_blocks = max(1, max(-(-n // block_size) for n in lens))
+    num_blocks = b * max_blocks + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: b * max_blocks].view(b, max_blocks).clone()
+    if b > 2:
+        tables[2, 0] = tables[0, 0]  # a shared prefix block
+    k_cache = randn(g, num_blocks * block_size, hkv, d, dtype=dtype)
+    v_cache = randn(g, num_blocks * block_size, hkv, d, dtype=dtype)
+    qkv = randn(g, b, (hq + 2 * hkv) * d, dtype=dtype, scale=2.0)
+    q = qkv[:, : hq * d].view(b, hq, d)  # strided rows, as a view into the QKV buffer
+    return (q, k_cache, v_cache, tables.to(torch.int32).to(DEVICE),
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+
+
+ATTN_CASES = [
+    # (hq, hkv, d, block_size, context lengths, num_splits)
+    (4, 2, 16, 16, [37, 0, 16, 5], None),
+    (4, 2, 16, 16, [37, 0, 16, 5], 1),
+    (4, 2, 16, 32, [100, 1, 64, 33], 3),
+    (7, 1, 16, 16, [75, 200, 0], 7),
+    (4, 2, 128, 16, [300, 17, 48], 2),
+    (7, 1, 128, 128, [129, 0, 250, 1], 4),
+    (28, 4, 128, 64, [90, 250], 5),
+    (4, 2, 16, 16, [0, 0], 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"h{c[0]}-{c[1]}_d{c[2]}_bs{c[3]}_s{c[5]}")
+def test_paged_decode_attention(dtype, case) -> None:
+    hq, hkv, d, block_size, lens, splits = case
+    g = seeded(str(dtype), str(case))
+    q, kc, vc, tables, ctx = paged_case(g, dtype, hq, hkv, d, block_size, lens)
+    scale = 1.0 / math.sqrt(d)
+    nat = paged_decode_attention_native(q, kc, vc, tables, ctx, block_size, scale)
+    out = torch.full((len(lens), hq, d), float("nan"), dtype=dtype, device=DEVICE)
+    tri = paged_decode_attention_triton(q, kc, vc, tables, ctx, block_size, scale, out=out, num_splits=splits)
+    assert tri is out
+    ref, tol = attention_f64(q, kc, vc, tables, ctx, block_size, scale, dtype == torch.bfloat16)
+    assert_close(tri, nat, dtype, tol, 1, "triton vs native")
+    assert_close(nat, ref, dtype, tol, 1, "native vs float64")
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(tri[i].cpu(), torch.zeros(hq, d, dtype=dtype)), "an empty context gives zeros"
+
+
+def test_plan_splits_fill_the_gpu() -> None:
+    # batch 1: many splits; a big batch already has enough programs; never more splits than 128-key chunks.
+    assert plan_splits(1, 4, 304) == 3
+    assert plan_splits(1, 4, 4096) == 32
+    assert plan_splits(64, 4, 768) == 2
+    assert plan_splits(256, 4, 1024) == 1
+    assert plan_splits(1, 4, 32768) == 64
+    for b in (1, 2, 8, 64, 256):
+        for keys in (16, 300, 4096, 32768):
+            s = plan_splits(b, 4, keys)
+            assert 1 <= s <= max(1, -(-keys // 128)) and s <= 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# silu_and_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [40, 1500])
+def test_silu_and_mul(dtype, inter) -> None:
+    g = seeded(str(dtype), inter)
+    x = randn(g, 5, 2 * inter, dtype=dtype, scale=4.0)
+    nat = silu_and_mul_native(x)
+    tri = silu_and_mul_triton(x, out=torch.full((5, inter), float("nan"), dtype=dtype, device=DEVICE))
+    gd, ud = x[:, :inter].double(), x[:, inter:].double()
+    ref = ((gd / (1 + torch.exp(-gd))).to(dtype).double() * ud).to(dtype)
+    tol = (16 + 4 * gd.abs()) * U * ref.double().abs()
+    assert_close(tri, nat, dtype, tol, 3.5, "triton vs native")
+    assert_close(nat, ref, dtype, tol, 3.5, "native vs float64")
