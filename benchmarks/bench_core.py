@@ -21,6 +21,9 @@ from common import header, machine_ceilings, parser, report, timed
 from bagel_serve import Omni
 from bagel_serve.testing.checkpoint import write_checkpoint
 
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+SINGLE, TWO = str(DEPLOY / "bagel_single_stage.yaml"), str(DEPLOY / "bagel.yaml")
+STAGE0 = {"max_num_seqs": 256, "enforce_eager": False}  # the limits this engine runs with (decode graphs on)
 T2I_1024 = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0,
             "return_latents": True}
 WARM = [{"modality": "text2img", "prompt": "warm up", "height": 256, "width": 256, "steps": 3, "seed": 1},
@@ -59,7 +62,7 @@ def main() -> None:
                          tokenizer_dir=Path(a.tokenizer_dir) if a.tokenizer_dir else None)
         res["write_s"] = time.perf_counter() - t0
 
-    omni, res["load_s"], _ = timed(lambda: Omni(a.ckpt, deploy_config="bagel_single_stage.yaml"))
+    omni, res["load_s"], _ = timed(lambda: Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": STAGE0}))
     graphs = omni.stage.runner.graphs
     res["graphs"] = graphs is not None
     if graphs is not None:
@@ -106,7 +109,7 @@ def main() -> None:
     if "peak" not in a.skip:
         # The engine's whole footprint for a 1024² image: weights, a KV cache sized for the job (256 blocks,
         # 4096 tokens), activations, CUDA graphs, the VAE decode.
-        small = Omni(a.ckpt, deploy_config="bagel_single_stage.yaml", kv_cache_blocks=256)
+        small = Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 256}})
         small.generate(WARM)
         torch.cuda.reset_peak_memory_stats()
         (out,), t, peak = timed(lambda: small.generate([T2I_1024]))
@@ -116,7 +119,7 @@ def main() -> None:
         free(small)
 
     if "two_stage" not in a.skip:
-        two = Omni(a.ckpt, deploy_config="bagel.yaml", kv_cache_blocks=256)
+        two = Omni(a.ckpt, deploy_config=TWO, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 256}})
         two.generate(WARM)
         (out,), t, _ = timed(lambda: two.generate([T2I_1024]))
         res["two_stage_t2i_s"] = t
@@ -133,8 +136,8 @@ def main() -> None:
                  "seed": i} for i in range(16)]
         got = []
         for eager in (False, True):
-            o = Omni(a.ckpt, deploy_config="bagel_single_stage.yaml", dtype="float32", enforce_eager=eager,
-                     kv_cache_blocks=2048)
+            o = Omni(a.ckpt, deploy_config=SINGLE, dtype="float32", enforce_eager=eager,
+                     stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 2048}})
             res[f"fp32_graphs_{'off' if eager else 'on'}"] = o.stage.runner.graphs is not None
             got.append([x.token_ids for x in o.generate(reqs)])
             free(o)

@@ -185,6 +185,7 @@ class StageConfig:
     max_num_batched_tokens: int = _opt(32768, ge=1)
     max_model_len: int | None = _opt(None, ge=1)
     gpu_memory_utilization: float | None = _opt(None, gt=0.0, le=1.0)
+    kv_cache_blocks: int | None = _opt(None, ge=2)
     enforce_eager: bool = False
     trust_remote_code: bool | None = None
     enable_prefix_caching: bool | None = None

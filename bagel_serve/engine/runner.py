@@ -26,7 +26,7 @@ from bagel_serve.engine.sequence import Work
 from bagel_serve.engine.tokenizer import SpecialTokens
 from bagel_serve.layers.attention_backends import AttentionBackend, select_backend
 from bagel_serve.layers.forward_context import DecodeBatch, ForwardContext, SequenceAttention, forward_context
-from bagel_serve.layers.kernels import triton_available
+from bagel_serve.layers.kernels import use_triton
 from bagel_serve.model.bagel import Bagel
 from bagel_serve.model.layout import LatentPiece, TextPiece, VitPiece, gen_rows, is_causal, piece_positions, rope_advance, und_rows
 
@@ -79,7 +79,8 @@ class ModelRunner:
         self.backend: AttentionBackend = select_backend(self.device, attention_backend)
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not enforce_eager and triton_available():
+        # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
+        if self.device.type == "cuda" and not enforce_eager and use_triton(cache.tensor):
             max_blocks = -(-max_model_len // cache.block_size) + 1
             self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks)
 

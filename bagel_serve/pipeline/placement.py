@@ -109,7 +109,7 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
         role = pipeline.stages[s]
         common = dict(stage=s, num_stages=n, device=str(dev), numerics=numerics, batch_timeout=float(options.batch_timeout),
                       scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
-                      kv_blocks=getattr(st, "kv_cache_blocks", None), decodes=role.kind == "ar" or n == 1,
+                      kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
                       enforce_eager=bool(st.enforce_eager or options.enforce_eager),
                       max_model_len=st.max_model_len, env=dict(st.env))
