@@ -162,6 +162,9 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
                              activation_bytes=activations, other_processes=setup.other_processes,
                              block_bytes=block_bytes, graphs=setup.decodes and not setup.enforce_eager,
                              where=f"{device} (stage {setup.stage})")
+        # More than every admitted request's three contexts at full length can never be used.
+        max_len = setup.max_model_len or llm.max_position_embeddings
+        blocks = min(blocks, 3 * setup.scheduler.max_num_seqs * -(-max_len // BLOCK_SIZE) + 1)
     else:
         blocks = cpu_blocks(block_bytes)
     return KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, blocks, dtype=model.dtype,
