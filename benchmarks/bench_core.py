@@ -11,6 +11,7 @@ allocated; two stages on one GPU <= 2 GiB more than one.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -41,9 +42,8 @@ def decode_bytes(omni: Omni) -> int:
     return total
 
 
-def free(omni: Omni) -> None:
-    omni.shutdown()
-    del omni
+def free() -> None:
+    gc.collect()
     torch.cuda.empty_cache()
 
 
@@ -104,7 +104,9 @@ def main() -> None:
         res["t2i_floor_s"] = 90 * 60e12 / (res["bf16_gemm_tflops"] * 1e12)
         reference = out.latents
         print("t2i", t, flush=True)
-    free(omni)
+    omni.shutdown()
+    del omni, out, graphs
+    free()
 
     if "peak" not in a.skip:
         # The engine's whole footprint for a 1024² image: weights, a KV cache sized for the job (256 blocks,
@@ -116,7 +118,9 @@ def main() -> None:
         res.update(t2i_small_cache_s=t, t2i_peak_gib=peak, weights_gib=sum(
             p.numel() * p.element_size() for m in (small.model, small.stage.vae) for p in m.parameters()) / 2**30)
         res["single_device_used_gib"] = device_used_gib()
-        free(small)
+        small.shutdown()
+        del small, out
+        free()
 
     if "two_stage" not in a.skip:
         two = Omni(a.ckpt, deploy_config=TWO, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 256}})
@@ -128,7 +132,9 @@ def main() -> None:
             res["two_stage_extra_gib"] = res["two_stage_device_used_gib"] - res["single_device_used_gib"]
         if "t2i" not in a.skip:
             res["two_stage_latents_max_diff"] = (out.latents - reference).abs().max().item()
-        free(two)
+        two.shutdown()
+        del two, out
+        free()
 
     if "fp32" not in a.skip:
         # Float32: CUDA-graph decode and eager decode must give identical tokens (16 requests x 64 tokens).
@@ -140,7 +146,9 @@ def main() -> None:
                      stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 2048}})
             res[f"fp32_graphs_{'off' if eager else 'on'}"] = o.stage.runner.graphs is not None
             got.append([x.token_ids for x in o.generate(reqs)])
-            free(o)
+            o.shutdown()
+            del o
+            free()
         res["fp32_graph_vs_eager_identical"] = f"{sum(x == y for x, y in zip(*got))}/{len(reqs)}"
     report(res, a.out)
 
