@@ -17,7 +17,7 @@ EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / 
 
 @pytest.fixture(scope="module")
 def omni(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 def pixels(img: Image.Image) -> np.ndarray:

@@ -32,7 +32,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def omni() -> Omni:
-    return Omni(GOLDEN / "checkpoint", device=DEVICE, dtype=torch.float32)
+    return Omni(GOLDEN / "checkpoint", device=DEVICE, dtype=torch.float32, deploy_config="bagel_single_stage.yaml")
 
 
 def case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -53,7 +53,7 @@ ALIGNED = {"max_num_seqs": 1, "max_num_batched_tokens": 16}
 
 @pytest.fixture(scope="module")
 def off(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", stage_overrides={0: ALIGNED})
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml", stage_overrides={0: ALIGNED})
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 def test_starts_a_local_cluster_when_given_no_address(tiny_checkpoint: Path) -> None:
     """First (before `on_ray`): with no cluster running and no ray_address the engine starts one."""
     assert not ray.is_initialized()
-    with Omni(tiny_checkpoint, device="cpu", worker_backend="ray") as omni:
+    with Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml", worker_backend="ray") as omni:
         assert ray.is_initialized() and isinstance(omni.orchestrator, RayOrchestrator)
         (out,) = omni.generate([CASES["text2text"]])
         assert out.token_ids
@@ -98,7 +98,7 @@ def test_request_error_fails_only_that_request(single: Omni, on_ray: Omni) -> No
 
 
 def test_single_stage_on_one_actor(single: Omni, tiny_checkpoint: Path, on_ray: Omni) -> None:
-    omni = Omni(tiny_checkpoint, device="cpu", worker_backend="ray")  # the bundled single-stage config
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml", worker_backend="ray")
     try:
         assert omni.pipeline.single_stage and len(omni.orchestrator.worker_pids) == 1
         reqs = [CASES["text2img"], CASES["img2text"]]
