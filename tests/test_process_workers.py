@@ -53,7 +53,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def kill_stage_1_mid_batch(single: Omni, omni: Omni, died: str, delay: float) ->
         killed_at.append(time.monotonic())
         os.kill(stage1, signal.SIGKILL)
 
-    long = {"modality": "text2img", "prompt": "slow", "steps": 20000, "height": 16, "width": 16, "seed": 5}
+    long = {"modality": "text2img", "prompt": "slow", "steps": 1000, "height": 16, "width": 16, "seed": 5}
     threading.Thread(target=kill, daemon=True).start()
     with pytest.raises(WorkerDiedError, match=died.format(pid=stage1)):
         omni.generate([long, dict(long, seed=6)])
