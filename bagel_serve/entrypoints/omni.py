@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError
-from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config
+from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
 from bagel_serve.config.engine_options import EngineOptionError, EngineOptions
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
@@ -55,7 +55,9 @@ class Omni:
         model_dir = resolve_model_dir(model)
         read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
         config_json = model_config_json(model_dir)
-        deploy = load_deploy_config(deploy_config if deploy_config is not None else default_deploy_config(config_json))
+        self.deploy_path = resolve_deploy_path(deploy_config if deploy_config is not None
+                                               else default_deploy_config(config_json))
+        deploy = load_deploy_config(self.deploy_path)
         deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
         self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
         self.options.require_runnable(self.pipeline.num_stages)
@@ -109,7 +111,7 @@ class Omni:
         `process`: one process per stage, `ray`: one Ray actor per stage) and the deploy config."""
         return {"pipeline": self.pipeline.name, "num_stages": self.pipeline.num_stages,
                 "stages": [r.name for r in self.pipeline.stages], "worker_backend": self._backend,
-                "deploy_config": self.deploy_config.source}
+                "deploy_config": str(self.deploy_path)}
 
     def make_requests(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]]) -> list[Request]:
         """Requests as `generate` runs them: validated, with every default resolved (request > stage 0's
