@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import numbers
 import types
 import typing
 from dataclasses import field
@@ -70,9 +69,8 @@ def opt(default: Any = MISSING, *, factory: Any = None, ge: float | None = None,
 
 def short(value: Any) -> str:
     """repr() of a value, cut to 60 characters (tensors and images by type and shape)."""
-    shape = getattr(value, "shape", None)
-    if shape is not None and not isinstance(value, numbers.Number) and hasattr(value, "dtype"):
-        return f"{type(value).__name__} of shape {tuple(shape)}"
+    if getattr(value, "ndim", 0) and hasattr(value, "dtype"):  # arrays and tensors, not numpy scalars
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
