@@ -100,7 +100,7 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
 
 def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     gen(tiny_checkpoint, tmp_path, "--prompts", "x", "--steps", "3", "--height", "32", "--width", "32",
-        "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"), "--worker-backend", "inline", "--log-stats")
+        "--deploy-config", "bagel.yaml", "--worker-backend", "inline", "--log-stats")
     out = capsys.readouterr().out
     thinker, dit = out.split("stage 0 (thinker):")[1].split("stage 1 (dit):")
     assert "1 request(s) admitted" in thinker and "context_prefill" in thinker and "queue wait" in thinker
@@ -178,10 +178,10 @@ def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
     unknown.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n    max_num_seqz: 1\n")
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
           "stages[0].max_num_seqz")
-    gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
+    gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", "bagel.yaml",
         "--worker-backend", "inline", "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["pipeline"] == "bagel"
-    gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", str(ROOT / "deploy" / "bagel_single_stage.yaml"),
+    gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", "bagel_single_stage.yaml",
         "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
 
 

@@ -29,20 +29,7 @@ __all__ = [
     "DeployConfig",
     "SUPPORTED_CONNECTORS",
     "DISTRIBUTED_EXECUTOR_BACKENDS",
-    # re-exported (see _MOVED)
-    "StageRole",
-    "PipelineSpec",
-    "PIPELINES",
-    "load_deploy_config",
-    "parse_deploy_config",
-    "apply_overrides",
-    "is_bagel_model_config",
-    "resolve_pipeline",
-    "resolve_deploy_path",
-    "bundled_deploy_dir",
-    "bundled_deploy_config",
-    "default_deploy_config",
-]
+]  # the names in _MOVED are importable from here too
 
 
 class DeployConfigError(ValueError):
