@@ -234,9 +234,9 @@ def test_missing_gpus_refused_before_loading(tiny_checkpoint: Path, tmp_path: Pa
     from bagel_serve import Omni
     from bagel_serve.config.devices import DeviceError
 
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match=r"device \(--device\) 'cuda': no CUDA GPU is available here"):
-            Omni(tiny_checkpoint, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"device \(--device\) 'cuda': no CUDA GPU is available here"):
+        Omni(tiny_checkpoint, device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match=r"device \(--device\) 'cuda:1': this machine has 1 CUDA GPU\(s\)"):

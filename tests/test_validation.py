@@ -140,7 +140,8 @@ def test_nan_and_inf_refused_for_every_float(name: str, value: float) -> None:
     ("cfg_renorm_type", "local", "must be one of global, channel, text_channel, got 'local'"),
     ("prompt", 5, "must be a string, got 5"),
     ("negative_prompt", 5, "must be a string, got 5"),
-    ("noise", [[0.0]], "must be Tensor, got [[0.0]]"),
+    ("noise", [[0.0]], "must be a torch.Tensor of shape (tokens, latent dim), got [[0.0]]"),
+    ("image", 3, "must be a PIL image or a path, got 3"),
 ])
 def test_request_fields_refused_by_name(name: str, value, reason: str) -> None:
     with pytest.raises(RequestError) as info:
@@ -171,8 +172,6 @@ def test_bad_noise(noise: torch.Tensor, reason: str) -> None:
 def test_image_rules() -> None:
     with pytest.raises(RequestError, match="request 0: image is required for img2text"):
         make_request({"modality": "img2text", "prompt": "x"})
-    with pytest.raises(RequestError, match="request 0: image must be Image or a string or PathLike, got 3"):
-        make_request({"modality": "img2text", "prompt": "x", "image": 3})
     r = quiet({"modality": "img2img", "prompt": "x", "image": Image.new("RGB", (32, 32))})
     assert isinstance(r.image, Image.Image)
 

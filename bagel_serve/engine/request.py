@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from bagel_serve.config.sampling import MAX_STEPS, MAX_TOKENS_LIMIT, SEED_MAX, SamplingParams
-from bagel_serve.config.validate import ValidationError, check_field, opt
+from bagel_serve.config.validate import ValidationError, check_field, opt, short
 from bagel_serve.engine.diffusion import RENORM_TYPES
 
 MODALITIES = ("text2text", "img2text", "text2img", "img2img")
@@ -190,13 +190,17 @@ def make_request(obj: Request | dict[str, Any], index: int = 0, defaults: Mappin
     return req
 
 
+_REASONS = {"cfg_interval": "must be two finite numbers [low, high]", "image": "must be a PIL image or a path",
+            "noise": "must be a torch.Tensor of shape (tokens, latent dim)"}
+
+
 def _check(name: str, value: Any, where: str, what: str = "") -> Any:
     try:
         out = check_field(_SPECS[name], _HINTS[name], value, name, style="python", given=True)
     except ValidationError as e:
         reason = e.reason if e.path == name else f"{e.path[len(name):]} {e.reason}"
-        if name == "cfg_interval":
-            reason = f"must be two finite numbers [low, high], got {value!r}"
+        if name in _REASONS:  # a plainer word for what these fields take than their type hints give
+            reason = f"{_REASONS[name]}, got {short(value)}"
         raise RequestError(f"{where}: {name}{what} {reason}", field=name, reason=reason) from None
     return out
 
