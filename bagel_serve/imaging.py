@@ -89,30 +89,74 @@ class ImageInputError(ValueError):
     """An input image could not be read or decoded; the message names the image."""
 
 
+def _to_8bit(img: Image.Image, what: str) -> Image.Image:
+    """Greyscale images of more than 8 bits, scaled to 8 bits ("L"), so that `convert("RGB")` (which clips
+    them: a 16-bit PNG turns white, a float TIFF black) sees the right values. Other modes pass through.
+
+    * 16-bit ("I;16", "I;16L", "I;16B", "I;16N"): value / 257, rounded (65535 -> 255).
+    * 32-bit integer ("I", how 16-bit PNGs open in some Pillow versions): read as 16-bit, so its values
+      must lie in [0, 65535]; anything else has no known scale and is refused.
+    * 32-bit float ("F"): values in [0, 1] are scaled by 255, rounded; anything else (negative, above 1,
+      NaN) has no known scale and is refused.
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageInputError(f"{what}: a 32-bit integer image with values in [{lo}, {hi}] has no known scale "
+                                  f"(16-bit values in [0, 65535] are read); convert it to 8 or 16 bits")
+        out = Image.fromarray(((a + 128) // 257).astype(np.uint8), mode="L")
+        t = img.info.get("transparency")
+        if isinstance(t, int):
+            out.info["transparency"] = (t + 128) // 257
+        return out
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            raise ImageInputError(f"{what}: a floating-point image with values in [{lo:g}, {hi:g}] has no known scale "
+                                  f"(values in [0, 1] are read, scaled by 255); convert it to 8 bits")
+        return Image.fromarray(np.rint(a * 255.0).astype(np.uint8), mode="L")
+    return img
+
+
 def _pil_img2rgb(img: Image.Image) -> Image.Image:
     # Same rule as the reference: only RGBA or images carrying a `transparency` entry are
     # composited onto white; other modes with alpha (LA, PA, RGBa) go through convert("RGB"),
-    # which drops the alpha channel instead of compositing.
+    # which drops the alpha channel instead of compositing. An RGB image is returned as it is.
     if img.mode == "RGBA" or img.info.get("transparency", None) is not None:
         rgba = img.convert("RGBA")
         white = Image.new(mode="RGB", size=rgba.size, color=(255, 255, 255))
         white.paste(rgba, mask=rgba.split()[3])
         return white
+    if img.mode == "RGB":
+        return img
     return img.convert("RGB")
 
 
+def _rgb(img: Image.Image, what: str) -> Image.Image:
+    img = _to_8bit(img, what)
+    try:
+        return _pil_img2rgb(img)
+    except ValueError as e:  # a mode Pillow cannot convert (e.g. LAB)
+        raise ImageInputError(f"{what}: cannot convert an image of mode {img.mode!r} to RGB: {e}") from None
+
+
 def load_image(image: str | os.PathLike | Image.Image, *, what: str = "image") -> Image.Image:
-    """Open (if given a path), fully decode, and convert an input image to RGB as the reference does.
+    """Open (if given a path), fully decode, and convert an input image to 8-bit RGB as the reference does
+    (16-bit and float greyscale scaled to 8 bits first, see `_to_8bit`).
 
     Decoding is forced here so that corrupt or truncated files fail now, with a message naming the
-    file, rather than later inside preprocessing.
+    file, rather than later inside preprocessing. Decode once and pass the returned image on (it is
+    returned unchanged when it already is RGB), rather than the path, to avoid a second decode.
     """
     if isinstance(image, Image.Image):
         try:
             image.load()
-            return _pil_img2rgb(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise ImageInputError(f"{what}: cannot decode image: {e}") from e
+        return _rgb(image, what)
 
     if not isinstance(image, (str, os.PathLike)):
         raise ImageInputError(f"{what}: expected a file path or PIL image, got {type(image).__name__}")
@@ -124,13 +168,14 @@ def load_image(image: str | os.PathLike | Image.Image, *, what: str = "image") -
     try:
         with Image.open(path) as img:
             img.load()
-            return _pil_img2rgb(img)
+            decoded = img  # the pixels stay loaded once the file is closed
     except UnidentifiedImageError as e:
         raise ImageInputError(f"{what}: not a recognized image file: {path}") from e
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"{what}: image too large: {path}: {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageInputError(f"{what}: corrupt or truncated image file: {path}: {e}") from e
+    return _rgb(decoded, f"{what}: {path}")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

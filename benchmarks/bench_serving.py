@@ -79,15 +79,15 @@ def main() -> None:
     res = header()
     if a.d2d:
         run_topology(a.ckpt, None, res, "single", text=False)
-        run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "d2d", text=False, backend="process",
+        run_topology(a.ckpt, str("bagel.yaml"), res, "d2d", text=False, backend="process",
                      stage_overrides={"1": {"devices": "1"}})
         report(res, a.out)
         return
     run_topology(a.ckpt, None, res, "single", text=True)
-    run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_stage", text=False)
+    run_topology(a.ckpt, str("bagel.yaml"), res, "two_stage", text=False)
     res["two_stage_extra_gib"] = res["two_stage_device_used_gib"] - res["single_device_used_gib"]
     if not a.skip_process:
-        run_topology(a.ckpt, str(ROOT / "deploy" / "bagel.yaml"), res, "two_proc", text=False, backend="process")
+        run_topology(a.ckpt, str("bagel.yaml"), res, "two_proc", text=False, backend="process")
         res["two_proc_extra_gib"] = res["two_proc_device_used_gib"] - res["single_device_used_gib"]
     report(res, a.out)
 

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--d2d", action="store_true", help="put stage 1 on GPU 1")
     a = ap.parse_args()
     overrides = {"stage_overrides": {"1": {"devices": "1"}}} if a.d2d else {}
-    omni = Omni(a.ckpt, deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="process", **overrides)
+    omni = Omni(a.ckpt, deploy_config="bagel.yaml", worker_backend="process", **overrides)
     omni.generate([{"modality": "text2img", "prompt": "a cat", "height": 256, "width": 256, "steps": 5, "seed": 0}])
     print("own KV blocks per stage:", [s.kv_peak_blocks for s in omni.stage_stats])
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ EDIT = ROOT.parent / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150
 
 @pytest.fixture(scope="module")
 def omni(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_single_stage.yaml")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 def run(omni: Omni, works: list[Work]) -> list:

@@ -68,15 +68,15 @@ def test_sharded_checkpoint_and_stale_max_latent_size(tmp_path: Path, tiny_check
     assert (sharded / "model.safetensors.index.json").exists()
     assert not (sharded / "ema.safetensors").exists()
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    a = Omni(sharded, device="cpu")
+    a = Omni(sharded, device="cpu", deploy_config="bagel_single_stage.yaml")
     assert a.config.max_latent_size == 8
-    b = Omni(tiny_checkpoint, device="cpu")
+    b = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 
 
 def test_load_dtype(tiny_checkpoint: Path) -> None:
-    o = Omni(tiny_checkpoint, device="cpu", dtype="bf16")
+    o = Omni(tiny_checkpoint, device="cpu", dtype="bf16", deploy_config="bagel_single_stage.yaml")
     assert o.model.dtype == torch.bfloat16
     assert o.stage.vae.decoder.conv_in.weight.dtype == torch.float32
-    assert Omni(tiny_checkpoint, device="cpu").model.dtype == torch.float32
+    assert Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml").model.dtype == torch.float32

@@ -20,15 +20,23 @@ EDIT = INPUTS / "edit_rgb_150x100.png"
 
 
 def gen(tiny: Path, out: Path, *flags: str) -> None:
+    """A successful run; single stage unless the flags name a deploy config (the topology is not the subject)."""
+    if "--deploy-config" not in flags:
+        flags = ("--deploy-config", "bagel_single_stage.yaml", *flags)
     assert main(["generate", "--model", str(tiny), "--output", str(out), "--no-progress", *flags]) == 0
 
 
-def fails(capsys: pytest.CaptureFixture, argv: list[str], pattern: str) -> str:
+def fails(capsys: pytest.CaptureFixture, argv: list[str], pattern: str, status: int = 2) -> str:
+    """`main(argv)` exits with `status` and one `error: ...` line containing `pattern` (single stage
+    unless argv names a deploy config)."""
+    if argv[0] == "generate" and "--deploy-config" not in argv:
+        argv = [*argv, "--deploy-config", "bagel_single_stage.yaml"]
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    assert exc.value.code == 2
+    assert exc.value.code == status
     err = capsys.readouterr().err
     assert pattern in err, err
+    assert "Traceback" not in err
     return err
 
 
@@ -92,7 +100,7 @@ def test_log_stats_and_profiler(tiny_checkpoint: Path, tmp_path: Path, capsys: p
 
 def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     gen(tiny_checkpoint, tmp_path, "--prompts", "x", "--steps", "3", "--height", "32", "--width", "32",
-        "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"), "--worker-backend", "inline", "--log-stats")
+        "--deploy-config", "bagel.yaml", "--worker-backend", "inline", "--log-stats")
     out = capsys.readouterr().out
     thinker, dit = out.split("stage 0 (thinker):")[1].split("stage 1 (dit):")
     assert "1 request(s) admitted" in thinker and "context_prefill" in thinker and "queue wait" in thinker
@@ -102,13 +110,22 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--steps", "1"], "--steps must be an integer >= 2"),
-    (["--height", "100"], "--height must be a positive multiple of 16"),
+    (["--steps", "1"], "--steps must be an integer in [2, 1000], got 1"),
+    (["--steps", "1000000000"], "--steps must be an integer in [2, 1000], got 1000000000"),
+    (["--height", "100"], "--height must be a multiple of 16, >= 16, got 100"),
     (["--height", "256"], "--height 256 is above this model's maximum of 128 px"),
+    (["--seed", str(2**64)], "--seed must be an integer in [0, 9223372036854775807], got 18446744073709551616"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 9223372036854775807], got -1"),
+    (["--cfg-text-scale", "inf"], "--cfg-text-scale must be a finite number > 0, got inf"),
+    (["--timestep-shift", "nan"], "--timestep-shift must be a finite number > 0, got nan"),
     (["--cfg-interval", "0.9", "0.1"], "--cfg-interval must satisfy 0 <= low <= high <= 1"),
-    (["--cfg-renorm-min", "2"], "--cfg-renorm-min must be a number in [0, 1]"),
-    (["--text-temperature", "0"], "--text-temperature must be a number > 0"),
-    (["--max-think-tokens", "0"], "--max-think-tokens must be a positive integer"),
+    (["--cfg-renorm-min", "2"], "--cfg-renorm-min must be a finite number in [0, 1], got 2.0"),
+    (["--text-temperature", "-1"], "--text-temperature must be a finite number >= 0, got -1.0"),
+    (["--top-p", "0"], "--top-p must be a finite number in (0, 1], got 0.0"),
+    (["--top-k", "-1"], "--top-k must be an integer >= 0, got -1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0, got 0.0"),
+    (["--max-think-tokens", "0"], "--max-think-tokens must be an integer in [1, 1048576], got 0"),
+    (["--max-tokens", str(10**12)], "--max-tokens must be an integer in [1, 1048576], got 1000000000000"),
     (["--modality", "img2img"], "--image-path is required for img2img"),
     (["--image-path", str(EDIT)], "--image-path is only used by img2img and img2text"),
     (["--modality", "img2img", "--image-path", "/nonexistent.png"], "/nonexistent.png"),
@@ -119,7 +136,17 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
     (["--vae-use-tiling"], "VAE tiling"),
     (["--quantization", "fp8"], "quantization"),
     (["--worker-backend", "inline", "--ray-address", "auto"], "--ray-address) places the stages with Ray"),
-    (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be a positive integer"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be an integer >= 1, got 0"),
+    (["--init-timeout", "nan"], "init_timeout (--init-timeout) must be a finite number > 0, got nan"),
+    (["--request-timeout", "0"], "request_timeout (--request-timeout) must be a finite number > 0, got 0.0"),
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization (--gpu-memory-utilization) must be a finite number in (0, 1], got 1.5"),
+    (["--kv-cache-blocks", "0"], "kv_cache_blocks (--kv-cache-blocks) must be an integer >= 1, got 0"),
+    (["--max-num-seqs", "0"], "max_num_seqs (--max-num-seqs) must be an integer >= 1, got 0"),
+    (["--stage-overrides", "{\"0\": {\"max_num_seq\": 2}}"], "overrides: stage 0: max_num_seq: unknown key"),
+    (["--stage-overrides", "not json"], "stage_overrides (--stage-overrides): not valid JSON"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"],
+     "device (--device) 'cuda"),
+    (["--device", "tpu"], "device (--device) 'tpu' is not a torch device"),
 ])
 def test_bad_flags(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                    message: str) -> None:
@@ -151,10 +178,10 @@ def test_deploy_config_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
     unknown.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n    max_num_seqz: 1\n")
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--deploy-config", str(unknown)],
           "stages[0].max_num_seqz")
-    gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", str(ROOT / "deploy" / "bagel.yaml"),
+    gen(tiny_checkpoint, tmp_path / "two", "--deploy-config", "bagel.yaml",
         "--worker-backend", "inline", "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["pipeline"] == "bagel"
-    gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", str(ROOT / "deploy" / "bagel_single_stage.yaml"),
+    gen(tiny_checkpoint, tmp_path / "ok", "--deploy-config", "bagel_single_stage.yaml",
         "--prompts", "x", "--steps", "2", "--height", "32", "--width", "32")
 
 
@@ -195,7 +222,7 @@ def test_omni_kwargs_say_what_the_cli_says(tiny_checkpoint: Path, tmp_path: Path
     from bagel_serve import Omni
 
     with pytest.raises((ValueError, NotImplementedError)) as exc:
-        Omni(tiny_checkpoint, device="cpu", **kwargs)
+        Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml", **kwargs)
     fails(capsys, ["generate", "--model", str(tiny_checkpoint), "--output", str(tmp_path), *flags], str(exc.value))
 
 
@@ -212,4 +239,4 @@ def test_download_offline_says_why(tmp_path: Path, capsys: pytest.CaptureFixture
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     fails(capsys, ["download", "someone/missing-model", "--local-dir", str(tmp_path / "dl")],
-          "could not download someone/missing-model")
+          "could not download someone/missing-model", status=1)

@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bagel_serve.config.deploy import (
-    PIPELINES,
-    DeployConfig,
-    DeployConfigError,
-    ParallelConfig,
-    apply_overrides,
-    bundled_deploy_config,
-    default_deploy_config,
-    is_bagel_model_config,
-    load_deploy_config,
-    parse_deploy_config,
-    resolve_pipeline,
-)
+from bagel_serve.config.deploy import DeployConfig, DeployConfigError, ParallelConfig
+from bagel_serve.config.deploy_loader import apply_overrides, bundled_deploy_config, load_deploy_config, parse_deploy_config, resolve_deploy_path
+from bagel_serve.config.pipelines import PIPELINES, default_deploy_config, is_bagel_model_config, resolve_pipeline
 
 BAGEL_JSON = {"llm_config": {}, "vit_config": {}, "vae_config": {}}  # what the real checkpoint's config.json has
 
@@ -52,7 +42,7 @@ def load_error(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize("name, stages", [("bagel", 2), ("bagel_think", 2), ("bagel_single_stage", 1)])
 def test_bundled_files_load_and_resolve(name: str, stages: int) -> None:
     path = bundled_deploy_config(name)
-    assert path.name == f"{name}.yaml" and path.parent.name == "deploy"
+    assert path.name == f"{name}.yaml" and path.parent.name == "deploy" and path.parent.parent.name == "bagel_serve"
     cfg = load_deploy_config(path)
     assert len(cfg.stages) == stages
     assert cfg.async_chunk is False
@@ -65,21 +55,21 @@ def test_bagel_yaml_values() -> None:
     cfg = load_deploy_config(bundled_deploy_config("bagel"))
     assert cfg.pipeline is None  # detected from the model, as in vllm-omni
     s0, s1 = cfg.stages
-    assert (s0.stage_id, s0.max_num_seqs, s0.max_num_batched_tokens, s0.gpu_memory_utilization) == (0, 3, 32768, 0.45)
+    # Sized for a continuous-batching engine (CFG contexts are not separate sequences).
+    assert (s0.stage_id, s0.max_num_seqs, s0.max_num_batched_tokens, s0.gpu_memory_utilization) == (0, 256, 32768, 0.45)
     assert s0.enable_prefix_caching is False and s0.devices == "0"
-    assert s0.default_sampling_params == {"temperature": 0.4, "top_p": 0.9, "top_k": 1, "max_tokens": 2048,
-                                          "seed": 52, "detokenize": True, "repetition_penalty": 1.05}
-    assert (s1.max_num_seqs, s1.enforce_eager, s1.devices) == (1, True, "0")
+    # The official BAGEL behaviour: greedy, no repetition penalty, no fixed seed (not vllm-omni's deviations).
+    assert s0.default_sampling_params == {}
+    assert (s1.max_num_seqs, s1.gpu_memory_utilization, s1.devices) == (16, 0.45, "0")
     assert s1.input_connectors == {"from_stage_0": "shared_memory_connector"}
-    assert s1.default_sampling_params == {"seed": 52}
-    assert cfg.connectors["shared_memory_connector"].name == "SharedMemoryConnector"
-    assert cfg.connectors["rdma_connector"].extra["zmq_port"] == 50051
+    assert s1.default_sampling_params == {}
+    assert {k: c.name for k, c in cfg.connectors.items()} == {"shared_memory_connector": "SharedMemoryConnector"}
 
 
 def test_single_stage_yaml_values() -> None:
     cfg = load_deploy_config(bundled_deploy_config("bagel_single_stage"))
     (s,) = cfg.stages
-    assert (s.max_num_batched_tokens, s.max_num_seqs, s.enforce_eager, s.vae_use_tiling) == (32768, 32, True, False)
+    assert (s.max_num_batched_tokens, s.max_num_seqs, s.enforce_eager, s.vae_use_tiling) == (32768, 256, False, False)
     assert s.parallel_config == ParallelConfig() and s.parallel_config.is_neutral
     assert s.default_sampling_params == {}
     assert cfg.single_stage
@@ -98,10 +88,12 @@ def test_bundled_unknown_name() -> None:
         bundled_deploy_config("nope")
 
 
-def test_default_deploy_config_is_single_stage_for_now() -> None:
-    assert default_deploy_config(BAGEL_JSON).name == "bagel_single_stage.yaml"
-    assert default_deploy_config(BAGEL_JSON, think=True).name == "bagel_single_stage.yaml"
-    assert default_deploy_config(None).name == "bagel_single_stage.yaml"
+def test_default_deploy_config_is_two_stage() -> None:
+    """As in the seed: a BAGEL checkpoint runs Thinker -> DiT unless a config says otherwise."""
+    assert default_deploy_config(BAGEL_JSON).name == "bagel.yaml"
+    assert default_deploy_config(BAGEL_JSON, think=True).name == "bagel_think.yaml"
+    assert default_deploy_config(None).name == "bagel.yaml"
+    assert resolve_pipeline(None, BAGEL_JSON).name == "bagel"
     with pytest.raises(DeployConfigError, match="not recognised as BAGEL"):
         default_deploy_config({"model_type": "llama"})
 
@@ -137,7 +129,7 @@ def test_flat_and_nested_conflict(tmp_path: Path) -> None:
 
 def test_flat_key_type_error_names_flat_path(tmp_path: Path) -> None:
     msg = load_error(tmp_path, "stages:\n  - stage_id: 0\n    cfg_parallel_size: two\n")
-    assert "stages[0].cfg_parallel_size: expected int, got 'two'" in msg
+    assert "stages[0].cfg_parallel_size: must be one of 1, 2, 3, got 'two'" in msg
 
 
 def test_devices_normalised(tmp_path: Path) -> None:
@@ -190,32 +182,36 @@ def test_unknown_parallel_config_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("snippet, expected", [
-    ("max_num_seqs: three", "stages[0].max_num_seqs: expected int, got 'three'"),
-    ("enforce_eager: 1", "stages[0].enforce_eager: expected bool, got 1"),
-    ("max_num_seqs: true", "stages[0].max_num_seqs: expected int, got True"),
-    ("parallel_config: [1, 2]", "stages[0].parallel_config: expected mapping, got [1, 2]"),
-    ("default_sampling_params: [seed]", "stages[0].default_sampling_params: expected mapping, got ['seed']"),
-    ("gpu_memory_utilization: high", "stages[0].gpu_memory_utilization: expected number or null, got 'high'"),
-    ("default_sampling_params: {seed: x}", "stages[0].default_sampling_params.seed: expected int, got 'x'"),
-    ("input_connectors: {from_stage_0: 3}", "stages[0].input_connectors.from_stage_0: expected str, got 3"),
+    ("max_num_seqs: three", "stages[0].max_num_seqs: must be an integer >= 1, got 'three'"),
+    ("enforce_eager: 1", "stages[0].enforce_eager: must be true or false, got 1"),
+    ("enforce_eager: 'no'", "stages[0].enforce_eager: must be true or false, got 'no'"),
+    ("max_num_seqs: true", "stages[0].max_num_seqs: must be an integer >= 1, got True"),
+    ("max_num_seqs: 2.0", "stages[0].max_num_seqs: must be an integer >= 1, got 2.0"),
+    ("parallel_config: [1, 2]", "stages[0].parallel_config: must be a mapping, got [1, 2]"),
+    ("default_sampling_params: [seed]", "stages[0].default_sampling_params: must be a mapping, got ['seed']"),
+    ("gpu_memory_utilization: high", "stages[0].gpu_memory_utilization: must be a finite number in (0, 1] or null, got 'high'"),
+    ("gpu_memory_utilization: .nan", "stages[0].gpu_memory_utilization: must be a finite number in (0, 1] or null, got nan"),
+    ("kv_cache_blocks: 0", "stages[0].kv_cache_blocks: must be an integer >= 1 or null, got 0"),
+    ("default_sampling_params: {seed: x}", "stages[0].default_sampling_params.seed: must be an integer in [0, 9223372036854775807] or null, got 'x'"),
+    ("input_connectors: {from_stage_0: 3}", "stages[0].input_connectors.from_stage_0: must be a string, got 3"),
 ])
 def test_wrong_types_name_the_path(tmp_path: Path, snippet: str, expected: str) -> None:
     assert expected in load_error(tmp_path, f"stages:\n  - stage_id: 0\n    {snippet}\n")
 
 
 def test_wrong_top_level_types(tmp_path: Path) -> None:
-    assert "async_chunk: expected bool, got 0" in load_error(tmp_path, SINGLE + "async_chunk: 0\n")
-    assert "stages: expected list, got" in load_error(tmp_path, "stages: {stage_id: 0}\n")
-    assert "connectors: expected mapping, got" in load_error(tmp_path, SINGLE + "connectors: [a]\n")
+    assert "async_chunk: must be true or false, got 0" in load_error(tmp_path, SINGLE + "async_chunk: 0\n")
+    assert "stages: must be a list, got" in load_error(tmp_path, "stages: {stage_id: 0}\n")
+    assert "connectors: must be a mapping, got" in load_error(tmp_path, SINGLE + "connectors: [a]\n")
 
 
 @pytest.mark.parametrize("snippet, expected", [
     ("parallel_config: {cfg_parallel_size: 4}", "stages[0].parallel_config.cfg_parallel_size: must be one of 1, 2, 3, got 4"),
     ("cfg_parallel_size: 4", "stages[0].cfg_parallel_size: must be one of 1, 2, 3, got 4"),
-    ("gpu_memory_utilization: 0", "stages[0].gpu_memory_utilization: must be > 0.0"),
-    ("gpu_memory_utilization: 1.5", "stages[0].gpu_memory_utilization: must be <= 1.0"),
-    ("max_num_seqs: 0", "stages[0].max_num_seqs: must be >= 1, got 0"),
-    ("parallel_config: {tensor_parallel_size: 0}", "stages[0].parallel_config.tensor_parallel_size: must be >= 1"),
+    ("gpu_memory_utilization: 0", "stages[0].gpu_memory_utilization: must be a finite number in (0, 1] or null, got 0"),
+    ("gpu_memory_utilization: 1.5", "stages[0].gpu_memory_utilization: must be a finite number in (0, 1] or null, got 1.5"),
+    ("max_num_seqs: 0", "stages[0].max_num_seqs: must be an integer >= 1, got 0"),
+    ("parallel_config: {tensor_parallel_size: 0}", "stages[0].parallel_config.tensor_parallel_size: must be an integer >= 1, got 0"),
     ("parallel_config: {allgather_degree: 2, ulysses_degree: 2}", "AllGather-KV is exclusive"),
     ("parallel_config: {use_hsdp: true, tensor_parallel_size: 2}", "HSDP cannot be combined"),
     ("parallel_config: {use_hsdp: true}", "needs an explicit hsdp_shard_size"),
@@ -366,7 +362,7 @@ def test_async_chunk_rejected_for_two_stage(tmp_path: Path) -> None:
 ])
 def test_topology_detection(tmp_path: Path, model_json: dict) -> None:
     assert is_bagel_model_config(model_json)
-    assert resolve_pipeline(None, model_json).name == "bagel_single_stage"  # the default while single-stage only
+    assert resolve_pipeline(None, model_json).name == "bagel"  # the default: two stages, as in the seed
     two = load_deploy_config(write(tmp_path, "stages:\n  - stage_id: 0\n  - stage_id: 1\n"))
     one = load_deploy_config(write(tmp_path, "stages:\n  - stage_id: 0\n", "one.yaml"))
     assert resolve_pipeline(two, model_json).name == "bagel"
@@ -443,3 +439,153 @@ def test_parse_from_dict() -> None:
     assert isinstance(cfg, DeployConfig) and cfg.stages[0].max_num_seqs == 1 and cfg.source is None
     with pytest.raises(DeployConfigError, match=r"^<cli>: stages\[0\]\.devices"):
         parse_deploy_config({"stages": [{"stage_id": 0, "devices": None}]}, source="<cli>")
+
+
+# --- where a deploy config argument points ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["bagel_single_stage.yaml", "bagel_single_stage", "deploy/bagel_single_stage.yaml",
+                                  "vllm_omni/deploy/bagel_single_stage.yaml"])
+def test_bare_names_and_seed_paths_resolve_to_bundled(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # from any directory
+    assert resolve_deploy_path(spec) == bundled_deploy_config("bagel_single_stage")
+    assert load_deploy_config(spec).stages[0].max_num_seqs == 256
+
+
+def test_existing_file_wins_over_bundled_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "deploy").mkdir()
+    own = write(tmp_path, SINGLE, "deploy/bagel_single_stage.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_deploy_path("deploy/bagel_single_stage.yaml") == Path("deploy/bagel_single_stage.yaml")
+    assert load_deploy_config("deploy/bagel_single_stage.yaml").stages[0].max_num_seqs == 1
+    assert own.is_file()
+
+
+def test_unknown_deploy_name_lists_the_bundled(tmp_path: Path) -> None:
+    with pytest.raises(DeployConfigError, match=r"nope.yaml: deploy config not found .*bagel_single_stage.yaml"):
+        load_deploy_config("nope.yaml")
+    with pytest.raises(DeployConfigError, match="not found"):
+        load_deploy_config(tmp_path / "deploy" / "nope.yaml")
+    with pytest.raises(DeployConfigError, match="is a directory"):
+        load_deploy_config(tmp_path)
+
+
+def test_garbage_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00")
+    with pytest.raises(DeployConfigError, match=rf"^{path}: not a text file"):
+        load_deploy_config(path)
+
+
+# --- default_sampling_params ----------------------------------------------------------------------------------
+
+
+def test_sampling_params_typed(tmp_path: Path) -> None:
+    cfg = load_deploy_config(write(tmp_path, """\
+        stages:
+          - stage_id: 0
+            default_sampling_params: {temperature: 0.4, top_p: 0.9, top_k: 1, max_tokens: 2048, seed: 52,
+                                      repetition_penalty: 1.05, detokenize: true}
+    """))
+    p = cfg.stages[0].sampling_params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed, p.repetition_penalty) == (0.4, 0.9, 1, 2048, 52, 1.05)
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ("{min_p: 0.1}", "stages[0].default_sampling_params.min_p: unknown key (known: detokenize, max_tokens, "
+                     "repetition_penalty, seed, temperature, top_k, top_p)"),
+    ("{temperature: .nan}", "default_sampling_params.temperature: must be a finite number >= 0 or null, got nan"),
+    ("{temperature: -1}", "default_sampling_params.temperature: must be a finite number >= 0 or null, got -1"),
+    ("{seed: 18446744073709551616}", "default_sampling_params.seed: must be an integer in [0, 9223372036854775807]"),
+    ("{top_p: 0}", "default_sampling_params.top_p: must be a finite number in (0, 1] or null, got 0"),
+    ("{max_tokens: 0}", "default_sampling_params.max_tokens: must be an integer in [1, 1048576] or null, got 0"),
+    ("{repetition_penalty: .inf}", "default_sampling_params.repetition_penalty: must be a finite number > 0"),
+    ("{detokenize: false}", "default_sampling_params.detokenize: false cannot be honoured"),
+])
+def test_sampling_params_refused_by_name(tmp_path: Path, snippet: str, expected: str) -> None:
+    assert expected in load_error(tmp_path, f"stages:\n  - stage_id: 0\n    default_sampling_params: {snippet}\n")
+
+
+# --- every key drives code or is refused by name ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    (SINGLE + "platforms: {npu: {stages: []}}\n", "platforms (npu) cannot be honoured"),
+    (SINGLE + "session_mode: multi\n", "session_mode='multi' is not supported"),
+    (SINGLE + "distributed_executor_backend: external_launcher\n",
+     "distributed_executor_backend='external_launcher' is not supported"),
+    (SINGLE + "enable_chunked_prefill: false\n", "enable_chunked_prefill=false cannot be honoured"),
+    (SINGLE + "data_parallel_size: 2\n", "data parallel (data_parallel_size=2) is not built yet"),
+    ("stages:\n  - {stage_id: 0, enable_chunked_prefill: false}\n", "stages[0].enable_chunked_prefill=false"),
+    ("stages:\n  - {stage_id: 0, num_replicas: 2}\n", "stage replicas (stages[0].num_replicas=2)"),
+    ("stages:\n  - {stage_id: 0, vae_use_tiling: true}\n", "VAE tiling"),
+    ("stages:\n  - {stage_id: 0, vae_parallel_mode: spatial_shard_height}\n",
+     "VAE patch parallel (stages[0].parallel_config.vae_parallel_mode='spatial_shard_height')"),
+    ("stages:\n  - {stage_id: 0, hsdp_replicate_size: 2}\n", "HSDP (stages[0].parallel_config.hsdp_replicate_size=2)"),
+    ("stages:\n  - stage_id: 0\n  - {stage_id: 1, default_sampling_params: {seed: 52}}\n",
+     "stages[1].default_sampling_params (seed) cannot be honoured: requests take their defaults from stage 0"),
+    ("connectors: {rdma: {name: MooncakeTransferEngineConnector}}\n"
+     "stages:\n  - stage_id: 0\n  - {stage_id: 1, input_connectors: {from_stage_0: rdma}}\n",
+     "connector 'rdma' (MooncakeTransferEngineConnector, bound at stages[1].input_connectors.from_stage_0) is not built"),
+    ("connectors: {shm: {name: SharedMemoryConnector, extra: {shm_threshold_bytes: 65536}}}\n"
+     "stages:\n  - stage_id: 0\n  - {stage_id: 1, input_connectors: {from_stage_0: shm}}\n",
+     "connectors.shm.extra (shm_threshold_bytes) cannot be honoured"),
+])
+def test_unsupported_keys_refused_by_name(tmp_path: Path, text: str, expected: str) -> None:
+    cfg = load_deploy_config(write(tmp_path, text))  # loads and validates ...
+    with pytest.raises(NotImplementedError) as info:  # ... but does not run
+        cfg.require_runnable()
+    assert expected in str(info.value) and str(info.value).startswith(cfg.source)
+
+
+def test_accepted_compat_keys_run(tmp_path: Path) -> None:
+    """Keys whose value is what the engine does (or that need nothing here) load and run."""
+    cfg = load_deploy_config(write(tmp_path, """\
+        trust_remote_code: true
+        distributed_executor_backend: mp
+        enable_chunked_prefill: true
+        edges: [{from: 0, to: 1}]
+        connectors:
+          shm: {name: SharedMemoryConnector}
+          rdma: {name: MooncakeTransferEngineConnector, extra: {zmq_port: 50051}}   # defined, not bound
+        stages:
+          - {stage_id: 0, enforce_eager: true, max_model_len: 4096, kv_cache_blocks: 64,
+             default_sampling_params: {detokenize: true}, output_connectors: {to_stage_1: shm}}
+          - {stage_id: 1, input_connectors: {from_stage_0: shm}, env: {OMP_NUM_THREADS: 2}}
+    """))
+    cfg.require_runnable()
+    assert resolve_pipeline(cfg, BAGEL_JSON).name == "bagel"
+    assert cfg.stages[0].kv_cache_blocks == 64 and cfg.stages[1].env == {"OMP_NUM_THREADS": "2"}
+
+
+def test_edges_must_be_the_pipelines_graph(tmp_path: Path) -> None:
+    cfg = load_deploy_config(write(tmp_path, "edges: [{from: 1, to: 0}]\nstages:\n  - stage_id: 0\n  - stage_id: 1\n"))
+    with pytest.raises(DeployConfigError, match=r"edges: \[\(1, 0\)\] is not the stage graph of pipeline 'bagel'"):
+        resolve_pipeline(cfg, BAGEL_JSON)
+    assert "edges[0].weight: unknown key" in load_error(
+        tmp_path, "edges: [{from: 0, to: 1, weight: 2}]\nstages:\n  - stage_id: 0\n  - stage_id: 1\n")
+
+
+def test_new_stage_limits_are_overridable_in_every_stage() -> None:
+    cfg = load_deploy_config("bagel.yaml")
+    out = apply_overrides(cfg, {"kv_cache_blocks": 128, "enforce_eager": True, "max_model_len": 2048,
+                                "max_num_seqs": 8}, stage_overrides={"1": {"kv_cache_blocks": 32}})
+    assert [s.kv_cache_blocks for s in out.stages] == [128, 32]
+    assert all(s.enforce_eager and s.max_model_len == 2048 and s.max_num_seqs == 8 for s in out.stages)
+    with pytest.raises(DeployConfigError, match="kv_cache_blocks: must be an integer >= 1 or null, got 0"):
+        apply_overrides(cfg, {"kv_cache_blocks": 0})
+
+
+def test_every_schema_key_is_documented() -> None:
+    """docs/deploy-config.md says what each key does here (or that it is refused)."""
+    import dataclasses
+
+    from bagel_serve.config.deploy import ConnectorConfig, StageConfig
+    from bagel_serve.config.sampling import SamplingParams
+    from bagel_serve.config.validate import yaml_fields
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy-config.md").read_text()
+    for cls in (DeployConfig, StageConfig, ParallelConfig, ConnectorConfig, SamplingParams):
+        for name in yaml_fields(cls):
+            assert f"| `{name}` |" in doc, f"{cls.__name__}.{name} is not in docs/deploy-config.md"
+    assert dataclasses.is_dataclass(SamplingParams)

@@ -13,7 +13,7 @@ from bagel_serve import Omni
 from bagel_serve.model.layout import LatentPiece
 
 EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
-SINGLE_STAGE = Path(__file__).resolve().parents[1] / "deploy" / "bagel_single_stage.yaml"
+SINGLE_STAGE = "bagel_single_stage.yaml"
 
 
 @pytest.fixture(scope="module")

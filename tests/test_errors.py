@@ -32,7 +32,7 @@ def edit_png(golden_a: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def omni(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_repo_id_offline_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
-    with pytest.raises(CheckpointError, match=r"not in the Hugging Face cache.*huggingface-cli download nobody/no-such-model"):
+    with pytest.raises(CheckpointError, match=r"not in the Hugging Face cache.*`hf download nobody/no-such-model`"):
         Omni("nobody/no-such-model", device="cpu")
 
 
@@ -221,7 +221,7 @@ def test_image_not_used_by_text2img(omni: Omni, edit_png: Path) -> None:
 
 @pytest.mark.parametrize("name", ["height", "width"])
 def test_size_not_multiple_of_16(omni: Omni, name: str) -> None:
-    _bad(omni, rf"request 0: {name} must be a positive multiple of 16, got 72", modality="text2img", prompt="x",
+    _bad(omni, rf"request 0: {name} must be a multiple of 16, >= 16, got 72", modality="text2img", prompt="x",
          **{name: 72})
 
 
@@ -238,7 +238,8 @@ def test_img2img_height_above_model_maximum(omni: Omni, edit_png: Path) -> None:
 
 @pytest.mark.parametrize("steps", [1, 0])
 def test_steps_too_few(omni: Omni, steps: int) -> None:
-    _bad(omni, rf"request 0: steps must be an integer >= 2.*got {steps}", modality="text2img", prompt="x", steps=steps)
+    _bad(omni, rf"request 0: steps must be an integer in \[2, 1000\], got {steps}", modality="text2img",
+         prompt="x", steps=steps)
 
 
 @pytest.mark.parametrize(
@@ -247,11 +248,12 @@ def test_steps_too_few(omni: Omni, steps: int) -> None:
         ((0.8, 0.2), r"cfg_interval must satisfy 0 <= low <= high <= 1, got \[0\.8, 0\.2\]"),
         ((-0.1, 1.0), r"cfg_interval must satisfy 0 <= low <= high <= 1, got \[-0\.1, 1\.0\]"),
         ((0.0, 1.5), r"cfg_interval must satisfy 0 <= low <= high <= 1, got \[0\.0, 1\.5\]"),
-        ((0.4,), r"cfg_interval must be two numbers \[low, high\], got \(0\.4,\)"),
-        ((0.1, 0.4, 1.0), r"cfg_interval must be two numbers \[low, high\], got \(0\.1, 0\.4, 1\.0\)"),
-        (0.4, r"cfg_interval must be two numbers \[low, high\], got 0\.4"),
+        ((0.4,), r"cfg_interval must be two finite numbers \[low, high\], got \(0\.4,\)"),
+        ((0.1, 0.4, 1.0), r"cfg_interval must be two finite numbers \[low, high\], got \(0\.1, 0\.4, 1\.0\)"),
+        (0.4, r"cfg_interval must be two finite numbers \[low, high\], got 0\.4"),
+        ((float("nan"), 1.0), r"cfg_interval must be two finite numbers \[low, high\], got \(nan, 1\.0\)"),
     ],
-    ids=["reversed", "below-0", "above-1", "one-value", "three-values", "scalar"],
+    ids=["reversed", "below-0", "above-1", "one-value", "three-values", "scalar", "nan"],
 )
 def test_bad_cfg_interval(omni: Omni, interval, match: str) -> None:
     _bad(omni, r"request 0: " + match, modality="text2img", prompt="x", cfg_interval=interval)
@@ -264,29 +266,29 @@ def test_unknown_cfg_renorm_type(omni: Omni) -> None:
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_cfg_renorm_min_out_of_range(omni: Omni, value: float) -> None:
-    _bad(omni, rf"request 0: cfg_renorm_min must be a number in \[0, 1\], got {value}", modality="text2img", prompt="x",
+    _bad(omni, rf"request 0: cfg_renorm_min must be a finite number in \[0, 1\], got {value}", modality="text2img", prompt="x",
          cfg_renorm_min=value)
 
 
 def test_negative_max_tokens(omni: Omni) -> None:
-    _bad(omni, r"request 0: max_tokens must be a positive integer, got -1", modality="text2text", prompt="x",
-         max_tokens=-1)
+    _bad(omni, r"request 0: max_tokens must be an integer in \[1, 1048576\], got -1", modality="text2text",
+         prompt="x", max_tokens=-1)
 
 
-@pytest.mark.parametrize("value", [0, -0.5])
-def test_non_positive_text_temperature(omni: Omni, value: float) -> None:
-    _bad(omni, rf"request 0: text_temperature must be a number > 0, got {value}", modality="text2text", prompt="x",
-         text_temperature=value)
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_bad_text_temperature(omni: Omni, value: float) -> None:
+    _bad(omni, rf"request 0: text_temperature must be a finite number >= 0, got {value}", modality="text2text",
+         prompt="x", text_temperature=value)
 
 
 def test_non_numeric_text_temperature(omni: Omni) -> None:
-    _bad(omni, r"request 0: text_temperature must be a number > 0, got 'hot'", modality="text2text", prompt="x",
-         text_temperature="hot")
+    _bad(omni, r"request 0: text_temperature must be a finite number >= 0, got 'hot'", modality="text2text",
+         prompt="x", text_temperature="hot")
 
 
 def test_non_numeric_cfg_renorm_min(omni: Omni) -> None:
-    _bad(omni, r"request 0: cfg_renorm_min must be a number in \[0, 1\], got 'low'", modality="text2img", prompt="x",
-         cfg_renorm_min="low")
+    _bad(omni, r"request 0: cfg_renorm_min must be a finite number in \[0, 1\], got 'low'", modality="text2img",
+         prompt="x", cfg_renorm_min="low")
 
 
 def test_noise_wrong_shape(omni: Omni) -> None:

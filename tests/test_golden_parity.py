@@ -23,7 +23,7 @@ GOLDEN = Path(os.environ.get("BAGEL_GOLDEN_DIR", Path(__file__).resolve().parent
 DEVICE = os.environ.get("BAGEL_TEST_DEVICE", "cpu")
 CASES = json.loads((GOLDEN / "cases.json").read_text())
 TOL = 1e-4
-SINGLE_STAGE = Path(__file__).resolve().parents[1] / "deploy" / "bagel_single_stage.yaml"
+SINGLE_STAGE = "bagel_single_stage.yaml"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -240,3 +240,50 @@ def test_load_image_from_bytes_roundtrip(tmp_path: Path) -> None:
     path.write_bytes(buf.getvalue())
     img = load_image(str(path))
     assert img.mode == "RGB" and (np.asarray(img) == 77).all()
+
+
+# ----------------------------------------------------------------------------- more than 8 bits
+
+
+def test_16bit_grey_png_scaled_to_8_bits(tmp_path: Path) -> None:
+    """A 16-bit grey PNG is value / 257 (it used to clip to white)."""
+    values = np.array([[0, 257, 32896], [65535, 1000, 65278]], dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    img = load_image(path)
+    assert img.mode == "RGB"
+    want = np.array([[0, 1, 128], [255, 4, 254]], dtype=np.uint8)
+    assert np.array_equal(np.asarray(img)[..., 0], want) and np.array_equal(np.asarray(img)[..., 2], want)
+
+
+def test_32bit_int_image_read_as_16_bits() -> None:
+    """Mode "I" (how some Pillow versions open 16-bit PNGs) is read as 16-bit; values outside [0, 65535]
+    have no known scale and are refused."""
+    img = load_image(Image.fromarray(np.array([[0, 65535]], dtype=np.int32), mode="I"))
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 255]
+    with pytest.raises(ImageInputError, match=r"x: a 32-bit integer image with values in \[-5, 70000\] has no known scale"):
+        load_image(Image.fromarray(np.array([[-5, 70000]], dtype=np.int32), mode="I"), what="x")
+
+
+def test_float_tiff_scaled_to_8_bits(tmp_path: Path) -> None:
+    """A float image in [0, 1] is x 255 (it used to come out black); other ranges are refused."""
+    a = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.002]], dtype=np.float32)
+    path = tmp_path / "f.tif"
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode == "F"
+    got = np.asarray(load_image(path))[..., 1]
+    assert got.tolist() == [[0, 64, 128], [191, 255, 1]]
+    bad = tmp_path / "f255.tif"
+    Image.fromarray(a * 255).save(bad)
+    with pytest.raises(ImageInputError, match=rf"{bad}: a floating-point image with values in \[0, 255\] has no known "
+                                              r"scale \(values in \[0, 1\] are read, scaled by 255\)"):
+        load_image(bad)
+    with pytest.raises(ImageInputError, match="values in"):
+        load_image(Image.fromarray(np.array([[float("nan"), 0.5]], dtype=np.float32)))
+
+
+def test_rgb_image_is_not_copied() -> None:
+    """An RGB PIL image passes through as is: a big input is decoded and held once."""
+    img = Image.new("RGB", (64, 48), (10, 20, 30))
+    assert load_image(img) is img

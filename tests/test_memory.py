@@ -3,13 +3,15 @@ admission ledger the stages of one cache share."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from bagel_serve import Omni
-from bagel_serve.config.deploy import PIPELINES, apply_overrides, load_deploy_config
+from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, parse_deploy_config, resolve_deploy_path
+from bagel_serve.config.pipelines import PIPELINES
 from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.kv_budget import GRAPH_RESERVE_BYTES, OTHER_PROCESS_RESERVE_BYTES, cpu_blocks, cuda_blocks
 from bagel_serve.engine.request import make_request
@@ -19,7 +21,7 @@ from bagel_serve.pipeline.placement import ray_bundles, stage_devices, stage_set
 GIB = 2**30
 GPU0, GPU1 = torch.device("cuda", 0), torch.device("cuda", 1)
 ROOT = Path(__file__).resolve().parents[1]
-BAGEL = load_deploy_config(ROOT / "deploy" / "bagel.yaml")  # two stages on devices "0", 0.45 each
+BAGEL = load_deploy_config(resolve_deploy_path("bagel.yaml"))  # two stages on devices "0", 0.45 each
 PIPE = PIPELINES["bagel"]
 
 
@@ -66,10 +68,15 @@ def test_who_owns_the_cache() -> None:
     assert (s0.utilization, s0.borrows_cache, s0.counts_weights, s0.other_processes, s0.lend) == (0.9, False, True, 1, True)
     assert (s1.borrows_cache, s1.counts_weights, s1.decodes, s1.denoises) == (True, False, False, True)
     assert s0.decodes and not s0.denoises
-    # Stage 1 on another GPU has its own weights there and its own share (none given: the default).
+    # Stage 1 on another GPU has its own weights there and its own share.
     split = apply_overrides(BAGEL, {}, {"1": {"devices": "1"}})
     s0, s1 = stage_setups(PIPE, split, opts, GPU0, backend="process")
-    assert (s0.utilization, s0.other_processes, s1.device, s1.utilization, s1.borrows_cache) == (0.45, 0, "cuda:1", 0.9, False)
+    assert (s0.utilization, s0.other_processes, s1.device, s1.utilization, s1.borrows_cache) == (0.45, 0, "cuda:1", 0.45, False)
+    # A stage that gives no share gets an equal part of the default.
+    raw = copy.deepcopy(split.raw)
+    del raw["stages"][1]["gpu_memory_utilization"]
+    unset = parse_deploy_config(raw)
+    assert stage_setups(PIPE, unset, opts, GPU0, backend="process")[1].utilization == 0.9
     # Ray actors each load the weights and copy hand-offs by value.
     r0, r1 = stage_setups(PIPE, BAGEL, opts, GPU0, backend="ray")
     assert (r0.utilization, r0.borrows_cache, r0.to_cpu, r1.borrows_cache) == (0.45, False, True, False)
@@ -80,10 +87,10 @@ def test_inline_stages_share_one_cache_and_ledger(tiny_checkpoint: Path, monkeyp
     too and is given back once, when it ends; with room for one request at a time they still all complete."""
     reqs = [{"modality": "text2img", "prompt": f"a cat {i}", "steps": 3, "height": 32, "width": 32, "seed": i}
             for i in range(4)] + [{"modality": "text2text", "prompt": "hi", "max_tokens": 4}]
-    probe = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_single_stage.yaml")
+    probe = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
     need = max(probe.stage.estimate_blocks(r, probe.stage.prepare(0, r)) for r in (make_request(d, 0) for d in reqs))
     monkeypatch.setattr(placement, "cpu_blocks", lambda block_bytes, requested=None: need + 1)  # one request's worth
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="inline",
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", worker_backend="inline",
                 stage_overrides={"0": {"max_num_seqs": 8}, "1": {"max_num_seqs": 8}})
     s0, s1 = omni.orchestrator.transport.stages
     assert s0 is s1

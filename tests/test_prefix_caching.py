@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bagel_serve import Omni
-from bagel_serve.config.deploy import parse_deploy_config
+from bagel_serve.config.deploy_loader import parse_deploy_config
 from bagel_serve.model.layout import TextPiece
 from bagel_serve.engine.request import make_request
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT
@@ -54,7 +54,7 @@ ALIGNED = {"max_num_seqs": 1, "max_num_batched_tokens": 16}
 @pytest.fixture(scope="module")
 def off(tiny_checkpoint: Path) -> Omni:
     return Omni(tiny_checkpoint, device="cpu", stage_overrides={0: ALIGNED},
-                deploy_config=Path(__file__).resolve().parents[1] / "deploy" / "bagel_single_stage.yaml")
+                deploy_config="bagel_single_stage.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from multiprocessing.reduction import ForkingPickler
 from PIL import Image
 
 from bagel_serve import Omni
-from bagel_serve.config.deploy import PIPELINES, load_deploy_config
+from bagel_serve.config.deploy_loader import load_deploy_config, resolve_deploy_path
+from bagel_serve.config.pipelines import PIPELINES
 from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.diffusion import Handoff
 from bagel_serve.engine.kv_cache import Context, KVCache
@@ -36,7 +37,7 @@ from bagel_serve.pipeline.worker_main import START_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
-SINGLE_STAGE = ROOT / "deploy" / "bagel_single_stage.yaml"
+SINGLE_STAGE = "bagel_single_stage.yaml"
 
 SMALL = Image.open(EDIT).convert("RGB").resize((64, 64))  # small images keep this file fast on a CPU
 
@@ -62,7 +63,7 @@ def single(tiny_checkpoint: Path) -> Omni:
 
 @pytest.fixture(scope="module")
 def proc(tiny_checkpoint: Path):
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml")
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml")
     yield omni
     omni.shutdown()
 
@@ -184,7 +185,7 @@ def test_lent_blocks_come_back_to_stage_0(single: Omni) -> None:
     """Stage 0 lends its contexts, stage 1 reads them in place and allocates nothing of its own, and every
     block stage 0 lent comes back once stage 1 is done."""
     stage = single.stage
-    deploy = load_deploy_config(ROOT / "deploy" / "bagel.yaml")
+    deploy = load_deploy_config(resolve_deploy_path("bagel.yaml"))
     setups = stage_setups(PIPELINES["bagel"], deploy, EngineOptions(), stage.model.device, backend="process")
     stages = [build_stage(s, stage.model, stage.vae, stage.tok) for s in setups]
     transport = _ThreadlessTransport(lambda send: [StageWorker(s, st, send, IpcCodec) for s, st in zip(setups, stages)])
@@ -269,7 +270,7 @@ def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"stage 1 worker \(pid \d+\) did not become ready within init_timeout=1 s"):
-        Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", init_timeout=1.0)
+        Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", init_timeout=1.0)
     assert time.monotonic() - t0 < 15
 
 
@@ -278,7 +279,7 @@ def test_a_worker_that_fails_at_start_says_why(tiny_checkpoint: Path, monkeypatc
     t0 = time.monotonic()
     with pytest.raises(WorkerDiedError, match=r"stage \d worker \(pid \d+\) failed to start: ValueError: "
                                               r"BAGEL_SERVE_TEST_WORKER_START_DELAY='soon': expected seconds"):
-        Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", init_timeout=60.0)
+        Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", init_timeout=60.0)
     assert time.monotonic() - t0 < 30
 
 
@@ -304,7 +305,7 @@ def kill_stage_1_mid_batch(single: Omni, omni: Omni, sig: int, delay: float, err
 
 
 def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path) -> None:
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_think.yaml",
                 worker_backend="multi_process")
     pids = omni.orchestrator.transport.pids
     took = kill_stage_1_mid_batch(single, omni, signal.SIGKILL, 0.7, r"stage 1 worker \(pid {pid}\) exited with code "
@@ -320,7 +321,7 @@ def test_killed_worker_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path)
 
 
 def test_stopped_worker_fails_the_batch_after_the_request_timeout(single: Omni, tiny_checkpoint: Path) -> None:
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", request_timeout=2.0)
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", request_timeout=2.0)
     pids = omni.orchestrator.transport.pids
     try:
         took = kill_stage_1_mid_batch(single, omni, signal.SIGSTOP, 0.7,
@@ -351,7 +352,7 @@ omni.shutdown()
 @pytest.mark.parametrize("how", ["file_with_guard", "file_without_guard", "python_c", "stdin"])
 def test_starts_from_anywhere(tiny_checkpoint: Path, tmp_path: Path, how: str) -> None:
     """Stage workers do not re-import the caller's __main__, so every way of running Python starts them."""
-    code = SCRIPT.format(ckpt=str(tiny_checkpoint), deploy=str(ROOT / "deploy" / "bagel.yaml"))
+    code = SCRIPT.format(ckpt=str(tiny_checkpoint), deploy=str("bagel.yaml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if how == "file_with_guard":
         body = "def main():\n" + textwrap.indent(code, "    ") + "\nif __name__ == '__main__':\n    main()\n"

@@ -19,7 +19,7 @@ from bagel_serve.pipeline.worker_main import START_DELAY_ENV
 from test_process_workers import CASES, check_32_mixed, kill_stage_1_mid_batch, same
 
 ROOT = Path(__file__).resolve().parents[1]
-SINGLE_STAGE = ROOT / "deploy" / "bagel_single_stage.yaml"
+SINGLE_STAGE = "bagel_single_stage.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def on_ray(tiny_checkpoint: Path):
     """Two stages as Ray actors on a local cluster that this module starts: 8 logical CPUs (Ray's
     bookkeeping, one per stage actor), so that the few engines these tests build fit on a 2-core machine."""
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="ray")
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", worker_backend="ray")
     yield omni
     omni.shutdown()
     ray.shutdown()
@@ -117,13 +117,13 @@ def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"stage 1 Ray actor did not become ready within init_timeout=3 s"):
-        Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="ray",
+        Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", worker_backend="ray",
              init_timeout=3.0)
     assert time.monotonic() - t0 < 20
 
 
 def test_killed_actor_fails_the_batch_fast(single: Omni, tiny_checkpoint: Path, on_ray: Omni) -> None:
-    omni = Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_think.yaml",
                 worker_backend="ray")
     transport = omni.orchestrator.transport
     took = kill_stage_1_mid_batch(single, omni, signal.SIGKILL, 1.0, r"stage 1 Ray actor \(pid {pid}\) died .* while "

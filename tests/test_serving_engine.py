@@ -22,17 +22,17 @@ EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / 
 
 @pytest.fixture(scope="module")
 def single(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_single_stage.yaml")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml")
 
 
 @pytest.fixture(scope="module")
 def two_stage(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel.yaml", worker_backend="inline")
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", worker_backend="inline")
 
 
 @pytest.fixture(scope="module")
 def two_stage_think(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=ROOT / "deploy" / "bagel_think.yaml",
+    return Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_think.yaml",
                 worker_backend="inline")
 
 

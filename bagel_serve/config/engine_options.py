@@ -1,17 +1,33 @@
 """Engine options: the keyword arguments users of the seed system pass to `Omni(...)` and, as flags, to
-the CLI. Validated here once, so the API and the CLI say the same thing about the same mistake; each
-message names the keyword and its flag.
+the CLI. Validated here once, by the one validator (`config.validate`), so the API and the CLI say the same
+thing about the same mistake; each message names the keyword and its flag.
+
+Options left at None were not given: the deploy config's value stands. The stage options (`max_num_seqs`,
+`kv_cache_blocks`, `enforce_eager`, ...) override that key in every stage (`deploy_overrides()`);
+`stage_overrides` sets keys of single stages and wins over both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from bagel_serve.config.validate import ValidationError, check_field, opt
+
 WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
 QUANTIZATIONS = ("fp8",)
+
+# Options that set the deploy config key of the same name in every stage (None = not given).
+STAGE_OVERRIDE_KEYS = (
+    "tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
+    "hsdp_shard_size", "hsdp_replicate_size", "enforce_eager", "max_model_len", "gpu_memory_utilization",
+    "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
+)
+# Options that set a pipeline-wide deploy config key.
+GLOBAL_OVERRIDE_KEYS = ("quantization",)
 
 
 class EngineOptionError(ValueError):
@@ -28,25 +44,36 @@ def _name(name: str) -> str:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    tensor_parallel_size: int | None = None
-    cfg_parallel_size: int | None = None
-    vae_patch_parallel_size: int | None = None
+    # Parallel layout and quantization (refused by the deploy config's runnable check until built).
+    tensor_parallel_size: int | None = opt(None, ge=1)
+    cfg_parallel_size: int | None = opt(None, choices=(1, 2, 3))
+    vae_patch_parallel_size: int | None = opt(None, ge=1)
     vae_use_tiling: bool | None = None
     use_hsdp: bool | None = None
-    hsdp_shard_size: int | None = None
-    hsdp_replicate_size: int | None = None
-    quantization: str | None = None
-    worker_backend: str = "process"
+    hsdp_shard_size: int | None = opt(None, ge=-1)
+    hsdp_replicate_size: int | None = opt(None, ge=1)
+    quantization: str | None = opt(None, choices=QUANTIZATIONS)
+    # Stage limits, applied to every stage.
+    enforce_eager: bool | None = None
+    max_model_len: int | None = opt(None, ge=1)
+    gpu_memory_utilization: float | None = opt(None, gt=0.0, le=1.0)
+    max_num_seqs: int | None = opt(None, ge=1)
+    max_num_batched_tokens: int | None = opt(None, ge=1)
+    kv_cache_blocks: int | None = opt(None, ge=1)
+    # Where the stages run.
+    worker_backend: str = opt("process", choices=WORKER_BACKENDS)
     ray_address: str | None = None
-    stage_overrides: dict[str, Any] | None = None
+    stage_overrides: dict[Any, Any] | None = None
+    # Reporting.
     log_stats: bool = False
     enable_diffusion_pipeline_profiler: bool = False
-    init_timeout: float = 300.0
-    stage_init_timeout: float = 300.0
-    batch_timeout: float = 5.0
-    request_timeout: float = 60.0
-    """Seconds a request may wait on a stage worker that shows no sign of life (no token, output or heartbeat)."""
-    enforce_eager: bool | None = None
+    # Timeouts (seconds).
+    init_timeout: float = opt(300.0, gt=0.0)
+    stage_init_timeout: float = opt(300.0, gt=0.0)
+    batch_timeout: float = opt(5.0, gt=0.0)
+    request_timeout: float = opt(60.0, gt=0.0)
+    """How long a request may wait on a stage worker that shows no sign of life (no token, output or
+    heartbeat) before it fails."""
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "EngineOptions":
@@ -61,43 +88,30 @@ class EngineOptions:
                 values["stage_overrides"] = json.loads(so)
             except json.JSONDecodeError as e:
                 raise EngineOptionError(f"{_name('stage_overrides')}: not valid JSON: {e}") from None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            try:
+                values[name] = check_field(fields[name], hints[name], value, name, style="python", given=True)
+            except ValidationError as e:
+                raise EngineOptionError(f"{_name(name)} {e.reason}") from None
         opts = cls(**values)
         opts._check()
         return opts
 
     def _check(self) -> None:
-        def positive_int(name: str) -> None:
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise EngineOptionError(f"{_name(name)} must be a positive integer, got {v!r}")
-
-        for name in ("tensor_parallel_size", "vae_patch_parallel_size", "hsdp_replicate_size"):
-            positive_int(name)
-        if self.cfg_parallel_size not in (None, 1, 2, 3):
-            raise EngineOptionError(f"{_name('cfg_parallel_size')} must be 1, 2 or 3, got {self.cfg_parallel_size!r}")
-        if self.hsdp_shard_size is not None and (isinstance(self.hsdp_shard_size, bool) or not isinstance(self.hsdp_shard_size, int)
-                                                 or (self.hsdp_shard_size < 1 and self.hsdp_shard_size != -1)):
-            raise EngineOptionError(f"{_name('hsdp_shard_size')} must be a positive integer or -1 (auto), got {self.hsdp_shard_size!r}")
-        for name in ("vae_use_tiling", "use_hsdp", "log_stats", "enable_diffusion_pipeline_profiler", "enforce_eager"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, bool):
-                raise EngineOptionError(f"{_name(name)} must be true or false, got {v!r}")
-        if self.worker_backend not in WORKER_BACKENDS:
-            raise EngineOptionError(f"{_name('worker_backend')} must be one of {', '.join(WORKER_BACKENDS)}, got {self.worker_backend!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise EngineOptionError(f"{_name('quantization')} must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        for name in ("init_timeout", "stage_init_timeout", "batch_timeout", "request_timeout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise EngineOptionError(f"{_name(name)} must be a positive number of seconds, got {v!r}")
-        if self.stage_overrides is not None and not isinstance(self.stage_overrides, dict):
-            raise EngineOptionError(f"{_name('stage_overrides')} must be a mapping of stage id to settings")
+        if self.hsdp_shard_size == 0:
+            raise EngineOptionError(f"{_name('hsdp_shard_size')} must be -1 (auto) or an integer >= 1, got 0")
+        if self.stage_overrides is not None:
+            for sid, values in self.stage_overrides.items():
+                if not isinstance(values, dict):
+                    raise EngineOptionError(f"{_name('stage_overrides')} must map stage ids to mappings of settings, "
+                                            f"got {sid!r}: {values!r}")
 
     def deploy_overrides(self) -> dict[str, Any]:
-        """Options that override every stage of the deploy config (None = not given)."""
-        return {k: getattr(self, k) for k in ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size",
-                                              "vae_use_tiling", "use_hsdp", "hsdp_shard_size", "hsdp_replicate_size",
-                                              "quantization")}
+        """Options that override deploy config keys: stage keys in every stage, and pipeline-wide keys
+        (None = not given)."""
+        return {k: getattr(self, k) for k in (*STAGE_OVERRIDE_KEYS, *GLOBAL_OVERRIDE_KEYS)}
 
     @property
     def uses_ray(self) -> bool:
@@ -109,8 +123,8 @@ class EngineOptions:
 
         `inline` runs every stage in this process (two stages hand contexts over by reference). `process`
         (or `multi_process`) places one process per stage: for a single stage that is this process; two
-        stages run in two worker processes (`bagel_serve.pipeline.workers`). `ray` places one Ray actor
-        per stage (`bagel_serve.pipeline.ray_workers`); `ray_address` implies it.
+        stages run in two worker processes (`bagel_serve.pipeline.backends.process`). `ray` places one Ray
+        actor per stage (`bagel_serve.pipeline.backends.ray`); `ray_address` implies it.
         """
         if self.ray_address is not None and self.worker_backend in ("inline", "multi_process"):
             raise EngineOptionError(
@@ -121,3 +135,9 @@ class EngineOptions:
                 f"{_name('worker_backend')}={self.worker_backend}: one process per stage runs pipelines of at most "
                 f"two stages; run the {num_stages} stages in this process with worker_backend=inline (--worker-backend inline)"
             )
+        if self.uses_ray:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise EngineOptionError(f"{_name('worker_backend')}=ray needs Ray, which is not installed: "
+                                        f"pip install 'bagel-serve[ray]'")

@@ -131,11 +131,16 @@ class BagelConfig:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"missing checkpoint file: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_bagel_config(model_dir: str | Path) -> BagelConfig:
@@ -150,25 +155,43 @@ def load_bagel_config(model_dir: str | Path) -> BagelConfig:
     llm_path, vit_path = model_dir / "llm_config.json", model_dir / "vit_config.json"
     llm_d = _read_json(llm_path) if llm_path.exists() or "llm_config" not in top else top["llm_config"]
     vit_d = _read_json(vit_path) if vit_path.exists() or "vit_config" not in top else top["vit_config"]
-    try:
-        llm = LLMConfig.from_dict(llm_d)
-        vit = ViTConfig.from_dict(vit_d)
-    except KeyError as e:
-        raise ConfigError(f"{model_dir}: model config lacks required field {e.args[0]!r}") from None
+    llm_src = llm_path if llm_path.exists() else f"{top_path}: llm_config"
+    vit_src = vit_path if vit_path.exists() else f"{top_path}: vit_config"
+    for src, d in ((llm_src, llm_d), (vit_src, vit_d)):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{src} must be a JSON object, got {type(d).__name__}")
+    llm = _parse(LLMConfig.from_dict, llm_d, llm_src)
+    vit = _parse(ViTConfig.from_dict, vit_d, vit_src)
     try:
         vae = AutoEncoderParams.from_dict(top.get("vae_config"))
-    except ValueError as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{top_path}: vae_config: {e}") from None
+
+    def top_int(key: str, default: int) -> int:
+        return _parse(lambda d: int(d.get(key, default)), top, f"{top_path}: {key}")
+
     vae_t = top.get("vae_image_transform")
     vit_t = top.get("vit_image_transform")
     return BagelConfig(
         llm=llm,
         vit=vit,
         vae=vae,
-        latent_patch_size=int(top.get("latent_patch_size", 2)),
-        max_latent_size=int(top.get("max_latent_size", 64)),
-        vit_max_num_patch_per_side=int(top.get("vit_max_num_patch_per_side", 70)),
-        vae_transform=ImageTransformConfig.from_dict(vae_t) if vae_t else VAE_TRANSFORM_DEFAULT,
-        vit_transform=ImageTransformConfig.from_dict(vit_t) if vit_t else VIT_TRANSFORM_DEFAULT,
+        latent_patch_size=top_int("latent_patch_size", 2),
+        max_latent_size=top_int("max_latent_size", 64),
+        vit_max_num_patch_per_side=top_int("vit_max_num_patch_per_side", 70),
+        vae_transform=_parse(ImageTransformConfig.from_dict, vae_t, f"{top_path}: vae_image_transform") if vae_t else VAE_TRANSFORM_DEFAULT,
+        vit_transform=_parse(ImageTransformConfig.from_dict, vit_t, f"{top_path}: vit_image_transform") if vit_t else VIT_TRANSFORM_DEFAULT,
         raw=top,
     )
+
+
+def _parse(make: Any, d: Any, source: Any) -> Any:
+    """`make(d)`, with a missing or mistyped field reported as a ConfigError naming `source`."""
+    try:
+        return make(d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{source}: model config lacks required field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ConfigError(f"{source}: malformed model config ({type(e).__name__}: {e})") from None

@@ -111,7 +111,7 @@ class TextPrograms:
         return Context(self.cache)
 
     def _sampler(self, req: Request, seed: int, think_ids: list[int] | None, prep: Prepared) -> Sampler:
-        penalty = getattr(req, "repetition_penalty", 1.0)
+        penalty = req.repetition_penalty
         prompt = [*(think_ids or []), *prep.prompt_ids] if penalty != 1.0 else ()
         # Its own generator (seed + 1), so that sampling the plan never shifts the image noise.
         return Sampler(do_sample=req.do_sample, temperature=req.text_temperature, top_k=req.top_k, top_p=req.top_p,

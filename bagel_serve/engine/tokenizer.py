@@ -32,15 +32,20 @@ class SpecialTokens:
 
 class BagelTokenizer:
     def __init__(self, model_dir: str | Path) -> None:
+        from bagel_serve.model.loader import CheckpointError
+
         path = Path(model_dir) / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"missing checkpoint file: {path} (the BAGEL repo ships tokenizer.json)")
-        self._tok = Tokenizer.from_file(str(path))
+        if not path.is_file():
+            raise CheckpointError(f"missing checkpoint file: {path} (the BAGEL repo ships tokenizer.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+            raise CheckpointError(f"{path} is not a readable tokenizer file: {str(e).splitlines()[0][:200]}") from None
         ids = {}
         for name in (IM_START, IM_END, VISION_START, VISION_END):
             i = self._tok.token_to_id(name)
             if i is None:
-                raise ValueError(f"{path}: tokenizer has no {name} token")
+                raise CheckpointError(f"{path}: tokenizer has no {name} token (not a Qwen2.5 tokenizer of BAGEL?)")
             ids[name] = i
         self.special = SpecialTokens(ids[IM_START], ids[IM_END], ids[VISION_START], ids[VISION_END])
 

@@ -1,8 +1,17 @@
 """Command line: `bagel-serve generate|download` and the seed system's `end2end.py`.
 
 `end2end.py` users keep every flag and default they know; `bagel-serve generate` takes the same flags.
-Everything that can be checked without the model (prompts, images, flag ranges, output files, deploy
-config) is checked before the model loads, so a typo never costs a 30 GB load.
+Everything that can be checked without the model (prompts, images, flag values, the output directory and
+files, the device, Ray, the checkpoint's config and tokenizer, the deploy config) is checked before the
+weights load, so a typo never costs a 30 GB load.
+
+Generation flags default to "not given" (None): a request then takes stage 0's `default_sampling_params`
+of the deploy config, else the built-in default (request > CLI flag > deploy default > built-in; the flags
+a user gives are the request's fields). A flag that does not apply to the modality is warned about.
+
+Exit status: 0 when every request succeeded; 1 when the run failed (a request failed: the others are
+still saved; a worker died or timed out; an output file could not be written); 2 for a usage error found
+before the run (flags, inputs, output directory, device, checkpoint, deploy config); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,12 +28,21 @@ from bagel_serve import __version__
 DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
 DEFAULT_PROMPT = "A cute cat"
 MODALITIES = ("text2img", "img2img", "img2text", "text2text")
-# Request fields whose errors the CLI reports under another flag name.
-FIELD_FLAGS = {"max_tokens": "--max-tokens / --max-think-tokens", "image": "--image-path"}
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
+# Request fields whose errors and warnings the CLI reports under another flag name.
+FIELD_FLAGS = {"image": "--image-path"}
 
 
 class CLIError(Exception):
     """A usage error: printed as `error: ...` with exit status 2."""
+
+    status = 2
+
+
+class RunError(CLIError):
+    """The run failed (a request, a worker, an output file): printed as `error: ...` with exit status 1."""
+
+    status = 1
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,67 +50,138 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, Hugging Face repo id, or 'bagel-serve-demo' (tiny, random weights) "
                         f"(default: {DEFAULT_MODEL})")
-    g.add_argument("--deploy-config", default=None, help="deploy YAML (default: bundled config for the model)")
-    g.add_argument("--stage-overrides", default=None, help="JSON of per-stage settings, e.g. '{\"0\": {\"max_num_seqs\": 2}}'")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
-                   help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--worker-backend", default="process", choices=["process", "multi_process", "inline", "ray"],
-                   help="where the stages run: one process per stage of a two-stage pipeline (default; a single "
-                        "stage runs here), every stage in this process (inline), or one Ray actor per stage "
-                        "(ray, needs the ray extra)")
+    g.add_argument("--deploy-config", default=None,
+                   help="deploy YAML: a path, or the name of a bundled one (bagel.yaml, bagel_think.yaml, "
+                        "bagel_single_stage.yaml) (default: bagel.yaml, the two-stage Thinker -> DiT pipeline; "
+                        "bagel_think.yaml with --think)")
+    g.add_argument("--stage-overrides", default=None,
+                   help="JSON of per-stage settings, e.g. '{\"0\": {\"max_num_seqs\": 2}}' (default: none)")
+    g.add_argument("--device", default=None, help="torch device: cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weight dtype; the VAE always runs in fp32 (default: the deploy config's dtype, else bf16 "
+                        "on CUDA, fp32 on the CPU)")
+    g.add_argument("--worker-backend", default=None, choices=["process", "multi_process", "inline", "ray"],
+                   help="where the stages run: one process per stage of a two-stage pipeline (process; a single "
+                        "stage runs in this process), every stage in this process (inline), or one Ray actor per "
+                        "stage (ray, needs the ray extra) (default: process)")
     g.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (auto, ray://host:port); implies --worker-backend ray")
-    g.add_argument("--tensor-parallel-size", type=int, default=None)
-    g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2, 3])
-    g.add_argument("--vae-patch-parallel-size", type=int, default=None)
-    g.add_argument("--vae-use-tiling", action="store_true", default=None)
-    g.add_argument("--use-hsdp", action="store_true", default=None)
-    g.add_argument("--quantization", default=None, help="e.g. fp8")
-    g.add_argument("--init-timeout", type=float, default=300, help="engine start-up limit in seconds (multi-process workers)")
-    g.add_argument("--batch-timeout", type=float, default=5, help="cross-stage batching wait in seconds (multi-process workers)")
-    g.add_argument("--init-sleep-seconds", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--shm-threshold-bytes", type=int, default=None, help=argparse.SUPPRESS)
+                   help="join this Ray cluster (auto, ray://host:port); implies --worker-backend ray "
+                        "(default: none; ray starts a local cluster)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="tensor parallel GPUs per stage; refused until tensor parallelism is built (default: 1)")
+    g.add_argument("--cfg-parallel-size", type=int, default=None, choices=[1, 2, 3],
+                   help="GPUs the CFG branches spread over; refused above 1 until CFG parallel is built (default: 1)")
+    g.add_argument("--vae-patch-parallel-size", type=int, default=None,
+                   help="GPUs the VAE tiles spread over; refused above 1 until built (default: 1)")
+    g.add_argument("--vae-use-tiling", action="store_true", default=None,
+                   help="tiled VAE encode/decode; refused until built (default: off)")
+    g.add_argument("--use-hsdp", action="store_true", default=None,
+                   help="FSDP2 sharding of the decoder layers; refused until built (default: off)")
+    g.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="weight quantization; refused until FP8 is built (default: none)")
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="no CUDA graphs in any stage (default: the deploy config's enforce_eager, false)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit (prompt + output tokens) of every stage "
+                        "(default: the deploy config's, else the model's max_position_embeddings)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of the GPU each stage may use, in (0, 1] (default: the deploy config's, else an "
+                        "equal part of 0.9 for the stages on a GPU)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests each stage runs at once (default: the deploy config's)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="rows one packed forward of each stage may hold (default: the deploy config's)")
+    g.add_argument("--kv-cache-blocks", type=int, default=None,
+                   help="KV cache size of each stage in blocks of 16 tokens (default: the deploy config's, else "
+                        "sized from --gpu-memory-utilization on CUDA, a fixed size on the CPU)")
+    g.add_argument("--init-timeout", type=float, default=None,
+                   help="seconds the stage workers (or Ray actors) may take to start (default: 300)")
+    g.add_argument("--batch-timeout", type=float, default=None,
+                   help="seconds an idle stage worker waits for work before checking for shutdown (default: 5)")
+    g.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may wait on a stage worker that shows no sign of life before it fails "
+                        "(default: 60)")
+    g.add_argument("--init-sleep-seconds", type=int, default=None,
+                   help="legacy flag of the seed system, accepted with a note; no effect (default: none)")
+    g.add_argument("--shm-threshold-bytes", type=int, default=None,
+                   help="legacy flag of the seed system, accepted with a note; no effect (default: none)")
 
     g = p.add_argument_group("inputs")
-    g.add_argument("--modality", default="text2img", choices=MODALITIES)
+    g.add_argument("--modality", default="text2img", choices=MODALITIES, help="what to generate (default: text2img)")
     g.add_argument("--prompts", nargs="+", default=None, help=f"one or more prompts (default: {DEFAULT_PROMPT!r})")
-    g.add_argument("--txt-prompts", default=None, help="file with one prompt per line (blank lines skipped)")
-    g.add_argument("--prompt-type", default="text", choices=["text"])
+    g.add_argument("--txt-prompts", default=None,
+                   help="UTF-8 file with one prompt per line (blank lines skipped; wins over --prompts) (default: none)")
+    g.add_argument("--prompt-type", default="text", choices=["text"], help="the only prompt type (default: text)")
     g.add_argument("--image-path", nargs="+", default=None,
-                   help="input image(s) for img2img / img2text: one for all prompts, or one per prompt")
+                   help="input image(s) for img2img / img2text: one for all prompts, or one per prompt (default: none)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--seed", type=int, default=None, help="reproduces the official noise (default: random, reported)")
-    g.add_argument("--height", type=int, default=None, help="default: 1024 (text2img), the resized input (img2img)")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--timestep-shift", type=float, default=3.0)
-    g.add_argument("--cfg-text-scale", type=float, default=4.0)
-    g.add_argument("--cfg-img-scale", type=float, default=1.5)
-    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="default: 0.4 1.0")
-    g.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"], help="default: global")
-    g.add_argument("--cfg-renorm-min", type=float, default=None, help="default: 0.0")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--think", action="store_true")
-    g.add_argument("--max-think-tokens", type=int, default=1000, help="plan length; also the answer budget of text modalities")
-    g.add_argument("--max-tokens", type=int, default=None, help="answer budget of text modalities (default: --max-think-tokens)")
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--text-temperature", type=float, default=0.3)
+    g.add_argument("--steps", type=int, default=None, help="denoising timesteps, 2..1000 (steps - 1 model evaluations) (default: 50)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="reproduces the official noise, 0..2**63-1 (default: the deploy config's seed, else random and reported)")
+    g.add_argument("--height", type=int, default=None,
+                   help="output height, a multiple of 16 (default: 1024 for text2img, capped at the model's maximum; "
+                        "the resized input for img2img)")
+    g.add_argument("--width", type=int, default=None, help="output width, a multiple of 16 (default: as --height)")
+    g.add_argument("--timestep-shift", type=float, default=None, help="schedule shift (default: 3.0)")
+    g.add_argument("--cfg-text-scale", type=float, default=None, help="text guidance scale; <= 1 turns it off (default: 4.0)")
+    g.add_argument("--cfg-img-scale", type=float, default=None, help="image guidance scale; <= 1 turns it off (default: 1.5)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guidance only where LOW < t <= HIGH, on the shifted t (default: 0.4 1.0)")
+    g.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"],
+                   help="CFG renormalisation (default: global)")
+    g.add_argument("--cfg-renorm-min", type=float, default=None, help="renorm clamp minimum, in [0, 1] (default: 0.0)")
+    g.add_argument("--negative-prompt", default=None, help="text of the text-dropped CFG context (default: none)")
+    g.add_argument("--think", action="store_true", default=None,
+                   help="plan (image modalities) / reason (text modalities) first (default: off)")
+    g.add_argument("--max-think-tokens", type=int, default=None,
+                   help="most generated tokens of the think plan; also the text budget when --max-tokens is not "
+                        "given, as in the seed (default: 1000)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="most generated tokens of a text answer, think included (default: the deploy config's "
+                        "max_tokens, else --max-think-tokens)")
+    g.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample text instead of greedy decoding (default: the deploy config's temperature > 0, else off)")
+    g.add_argument("--text-temperature", type=float, default=None,
+                   help="sampling temperature, >= 0; 0 means greedy (default: the deploy config's temperature, else 0.3)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens when sampling; 0 = off (default: the deploy config's, else 0)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass, in (0, 1] (default: the deploy config's, else 1.0)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty (> 0) on tokens already in the context; 1 = off (default: the deploy config's, else 1.0)")
 
     g = p.add_argument_group("outputs and reporting")
-    g.add_argument("--output", default=".", help="output directory (default: current directory)")
-    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--log-stats", action="store_true", help="print per-phase times, throughput, queue wait and KV cache use (per stage too)")
+    g.add_argument("--output", default=".", help="output directory, created if missing (default: current directory)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: off)")
+    g.add_argument("--log-stats", action="store_true",
+                   help="print the topology, per-phase times, throughput, queue wait and KV cache use (per stage too) "
+                        "(default: off)")
     g.add_argument("--enable-diffusion-pipeline-profiler", action="store_true",
-                   help="print a per-request breakdown: context prefill, think decode, denoise, VAE")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+                   help="print a per-request breakdown: context prefill, think decode, denoise, VAE (default: off)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
+
+
+# Flags that become request fields when given (dest -> field).
+REQUEST_FLAGS = ("think", "seed", "do_sample", "text_temperature", "top_k", "top_p", "repetition_penalty",
+                 "max_think_tokens", "max_tokens", "steps", "height", "width", "timestep_shift", "cfg_text_scale",
+                 "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min", "negative_prompt")
+# Flags that become engine options when given.
+ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
+                "quantization", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
+                "request_timeout", "enable_diffusion_pipeline_profiler", "stage_overrides", "enforce_eager",
+                "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks")
+
+
+def flag_of(field: str) -> str:
+    return FIELD_FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.txt_prompts:
         try:
-            text = Path(args.txt_prompts).read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt.
+            text = Path(args.txt_prompts).read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise CLIError(f"--txt-prompts: file not found: {args.txt_prompts}") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -103,34 +193,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return list(args.prompts) if args.prompts else [DEFAULT_PROMPT]
 
 
-def build_requests(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
+def image_paths(args: argparse.Namespace, n: int) -> list[str | None]:
+    """The input image path of each of n requests (None for modalities without one)."""
     needs_image = args.modality in ("img2img", "img2text")
-    images: list[str | None] = [None] * len(prompts)
     if args.image_path:
         if not needs_image:
             raise CLIError(f"--image-path is only used by img2img and img2text, not {args.modality}")
-        if len(args.image_path) not in (1, len(prompts)):
-            raise CLIError(f"--image-path: give one image for all prompts or one per prompt "
-                           f"({len(prompts)}), got {len(args.image_path)}")
-        images = list(args.image_path) * (len(prompts) if len(args.image_path) == 1 else 1)
-    elif needs_image:
+        if len(args.image_path) not in (1, n):
+            raise CLIError(f"--image-path: give one image for all prompts or one per prompt ({n}), got {len(args.image_path)}")
+        return list(args.image_path) * (n if len(args.image_path) == 1 else 1)
+    if needs_image:
         raise CLIError(f"--image-path is required for {args.modality}")
+    return [None] * n
+
+
+def build_requests(args: argparse.Namespace, prompts: list[str], images: list[Any] | None = None) -> list[dict[str, Any]]:
+    """One request dict per prompt, holding the flags that were given (the rest stay "not given")."""
+    images = images if images is not None else image_paths(args, len(prompts))
+    given = {name: getattr(args, name) for name in REQUEST_FLAGS if getattr(args, name, None) is not None}
+    if "cfg_interval" in given:
+        given["cfg_interval"] = tuple(given["cfg_interval"])
     reqs = []
     for prompt, image in zip(prompts, images):
-        r: dict[str, Any] = {"modality": args.modality, "prompt": prompt, "think": args.think, "seed": args.seed,
-                             "do_sample": args.do_sample, "text_temperature": args.text_temperature,
-                             "max_think_tokens": args.max_think_tokens,
-                             "max_tokens": args.max_tokens if args.max_tokens is not None else args.max_think_tokens}
-        if args.modality in ("text2img", "img2img"):
-            r.update(steps=args.steps, height=args.height, width=args.width, timestep_shift=args.timestep_shift,
-                     cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
-                     negative_prompt=args.negative_prompt)
-            if args.cfg_interval is not None:
-                r["cfg_interval"] = tuple(args.cfg_interval)
-            if args.cfg_renorm_type is not None:
-                r["cfg_renorm_type"] = args.cfg_renorm_type
-            if args.cfg_renorm_min is not None:
-                r["cfg_renorm_min"] = args.cfg_renorm_min
+        r: dict[str, Any] = {"modality": args.modality, "prompt": prompt, **given}
         if image is not None:
             r["image"] = image
         reqs.append(r)
@@ -138,82 +223,169 @@ def build_requests(args: argparse.Namespace, prompts: list[str]) -> list[dict[st
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw = {k: getattr(args, k) for k in (
-        "tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
-        "quantization", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
-        "enable_diffusion_pipeline_profiler", "stage_overrides")}
-    return {k: v for k, v in kw.items() if v is not None}
+    kw = {k: getattr(args, k) for k in ENGINE_FLAGS}
+    return {k: v for k, v in kw.items() if v is not None and v is not False}
 
 
-def _request_error_message(e: Exception) -> str:
+def _field_message(e: Exception) -> str:
     field = getattr(e, "field", None)
     reason = getattr(e, "reason", None)
     if field and reason:
-        return f"{FIELD_FLAGS.get(field, '--' + field.replace('_', '-'))} {reason}"
+        return f"{flag_of(field)} {reason}"
     return str(e)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from bagel_serve.engine.request import RequestError, make_request
-    from bagel_serve.entrypoints.outputs import OutputExistsError, OutputPlan, save_outputs
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning once, as `warning: ...` (request warnings under their flag's name)."""
+    seen = set()
+    for w in caught:
+        text = _field_message(w.message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}; ignored" if getattr(w.message, "field", None) else f"warning: {text}",
+                  file=sys.stderr)
+
+
+def _load_images(paths: list[str | None]) -> list[Any]:
+    """Decode each distinct input image once; requests share the decoded image."""
     from bagel_serve.imaging import ImageInputError, load_image
+
+    decoded: dict[str, Any] = {}
+    for path in paths:
+        if path is not None and path not in decoded:
+            try:
+                decoded[path] = load_image(path, what="--image-path")
+            except ImageInputError as e:
+                raise CLIError(str(e)) from None
+    return [decoded[p] if p is not None else None for p in paths]
+
+
+def _default_deploy_config(args: argparse.Namespace) -> str | None:
+    """With --think and no --deploy-config, the model's think pipeline (bagel_think.yaml for BAGEL)."""
+    if args.deploy_config is not None or not args.think:
+        return args.deploy_config
+    from bagel_serve.config.deploy import DeployConfigError
+    from bagel_serve.config.pipelines import default_deploy_config
+    from bagel_serve.entrypoints.omni import model_config_json
+    from bagel_serve.model.loader import CheckpointError, resolve_model_dir
+
+    try:
+        return str(default_deploy_config(model_config_json(resolve_model_dir(args.model)), think=True))
+    except (CheckpointError, DeployConfigError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _load_omni(args: argparse.Namespace) -> Any:
+    """`Omni` for these flags; its start-up errors become `error:` lines (usage: 2, run-time: 1)."""
+    import torch
+
+    from bagel_serve.config.deploy import DeployConfigError
+    from bagel_serve.config.devices import DeviceError
+    from bagel_serve.config.engine_options import EngineOptionError
+    from bagel_serve.entrypoints.omni import Omni
+    from bagel_serve.model.loader import CheckpointError
+    from bagel_serve.pipeline.orchestrator import WorkerDiedError
+
+    try:
+        return Omni(args.model, device=args.device, dtype=args.dtype, deploy_config=_default_deploy_config(args),
+                    progress=not args.no_progress, **engine_kwargs(args))
+    except (EngineOptionError, DeployConfigError, CheckpointError, DeviceError, NotImplementedError) as e:
+        raise CLIError(str(e)) from None
+    except (WorkerDiedError, TimeoutError) as e:
+        raise RunError(f"the engine did not start: {e}") from None
+    except torch.OutOfMemoryError as e:
+        raise RunError(f"out of memory while loading the model: {str(e).splitlines()[0]}") from None
+    except OSError as e:  # the machine: shared memory, file descriptors, a checkpoint file that cannot be read
+        raise RunError(f"the engine did not start: {type(e).__name__}: {e}") from None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from bagel_serve.engine.request import RequestError, RequestWarning, make_request
+    from bagel_serve.entrypoints.outputs import OutputDirError, OutputExistsError, OutputPlan
     from bagel_serve.testing.demo import DEMO_MODEL, DEMO_NOTICE
 
     # Everything checkable without the model, before it loads.
     prompts = read_prompts(args)
-    dicts = build_requests(args, prompts)
-    try:
-        reqs = [make_request(d, i) for i, d in enumerate(dicts)]
-    except RequestError as e:
-        raise CLIError(_request_error_message(e)) from None
-    for path in sorted({str(d["image"]) for d in dicts if "image" in d}):
+    paths = image_paths(args, len(prompts))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequestWarning)
         try:
-            load_image(path, what="--image-path")
-        except ImageInputError as e:
-            raise CLIError(str(e)) from None
-    plan = OutputPlan(Path(args.output), reqs)
+            checked = [make_request(d, i) for i, d in enumerate(build_requests(args, prompts, paths))]
+        except RequestError as e:
+            raise CLIError(_field_message(e)) from None
+    _print_warnings(caught)
+    # Each input image is decoded once, here; the requests carry the decoded image (the path is kept for
+    # the outputs' parameters).
+    dicts = build_requests(args, prompts, _load_images(paths))
+    plan = OutputPlan(Path(args.output), checked, image_sources=paths)
     try:
         plan.check(args.overwrite)
-    except OutputExistsError as e:
-        raise CLIError(str(e)) from None
+    except (OutputExistsError, OutputDirError) as e:
+        raise CLIError(f"--output: {e}") from None
     if args.init_sleep_seconds is not None or args.shm_threshold_bytes is not None:
         print("note: --init-sleep-seconds and --shm-threshold-bytes are legacy flags of the seed system and have "
               "no effect here", file=sys.stderr)
     if args.model == DEMO_MODEL:
         print(f"WARNING: {DEMO_NOTICE}", file=sys.stderr)
 
-    from bagel_serve.config.deploy import DeployConfigError
-    from bagel_serve.config.engine_options import EngineOptionError
-    from bagel_serve.entrypoints.omni import Omni
-    from bagel_serve.model.loader import CheckpointError
-
     t0 = time.perf_counter()
-    try:
-        omni = Omni(args.model, device=args.device, dtype=args.dtype, deploy_config=args.deploy_config,
-                    progress=not args.no_progress, **engine_kwargs(args))
-    except (EngineOptionError, DeployConfigError, CheckpointError, NotImplementedError) as e:
-        raise CLIError(str(e)) from None
+    omni = _load_omni(args)
     load_s = time.perf_counter() - t0
+    try:
+        return _generate(args, omni, dicts, plan, load_s)
+    finally:
+        omni.shutdown()
+
+
+def _generate(args: argparse.Namespace, omni: Any, dicts: list[dict[str, Any]], plan: Any, load_s: float) -> int:
+    from bagel_serve.engine.request import RequestError, RequestWarning
+    from bagel_serve.entrypoints.outputs import OutputPlan, OutputWriteError, save_outputs
+    from bagel_serve.pipeline.orchestrator import WorkerDiedError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RequestWarning)  # printed above, before the model loaded
+        try:
+            reqs = omni.make_requests(dicts)  # stage 0's default_sampling_params apply now
+        except RequestError as e:
+            raise CLIError(_field_message(e)) from None
+    plan = OutputPlan(plan.directory, reqs, plan.image_sources)
     try:
         outputs = omni.generate(reqs)
     except RequestError as e:
-        raise CLIError(_request_error_message(e)) from None
+        raise CLIError(_field_message(e)) from None
+    except (WorkerDiedError, TimeoutError) as e:  # EngineShutDownError is a WorkerDiedError
+        raise RunError(f"{type(e).__name__}: {e}") from None
+    topology = omni.topology
     run_info = {"model": args.model, "model_dir": str(omni.model_dir), "engine": f"bagel-serve {__version__}",
                 "device": str(omni.device), "dtype": str(omni.model.dtype).replace("torch.", ""),
-                "pipeline": omni.pipeline.name, "command": sys.argv, "load_s": round(load_s, 3)}
-    entries = save_outputs(plan, outputs, args.model, __version__, run_info)
+                "pipeline": topology["pipeline"], "num_stages": topology["num_stages"],
+                "worker_backend": topology["worker_backend"], "deploy_config": topology["deploy_config"],
+                "command": sys.argv, "load_s": round(load_s, 3)}
+    write_error = None
+    try:
+        entries = save_outputs(plan, outputs, args.model, __version__, run_info)
+    except OutputWriteError as e:
+        entries, write_error = e.entries, e
 
+    failed = []
     for i, (req, out, entry) in enumerate(zip(reqs, outputs, entries)):
-        head = f"[{i}] {req.modality} seed={out.seed}: {req.prompt!r}"
-        print(head)
+        if not out.ok:
+            failed.append((i, req, out))
+            print(f"[{i}] {req.modality} FAILED: {req.prompt!r}: {type(out.error).__name__}: {out.error}")
+            continue
+        print(f"[{i}] {req.modality} seed={out.seed}: {req.prompt!r}")
         if out.think_text is not None:
             print(f"    think: {out.think_text}")
         if not req.outputs_image:
             print(f"    text: {out.text}")
         print(f"    files: {', '.join(str(plan.directory / f) for f in entry['files'])}")
-    print(f"manifest: {plan.directory / 'manifest.json'}")
+    if write_error is None:
+        print(f"manifest: {plan.directory / 'manifest.json'}")
     stats = omni.last_stats
     if args.log_stats and stats is not None:
+        stage_names = " -> ".join(topology["stages"])
+        print(f"topology: {topology['pipeline']} ({topology['num_stages']} stage(s): {stage_names}), "
+              f"worker backend {topology['worker_backend']}, deploy config {topology['deploy_config']}")
         print(f"load: {load_s:.2f} s")
         print(stats.summary())
         if len(omni.stage_stats) > 1:
@@ -225,6 +397,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print("profile (seconds):  " + "  ".join(f"{p:>15}" for p in phases))
         for i, out in enumerate(outputs):
             print(f"  request {i:<9}  " + "  ".join(f"{out.timings.get(p, 0.0):15.3f}" for p in phases))
+    if write_error is not None:
+        raise RunError(str(write_error))
+    if failed:
+        lines = [f"{len(failed)} of {len(reqs)} request(s) failed (the others were saved):"]
+        lines += [f"  [{i}] {req.prompt!r}: {type(out.error).__name__}: {out.error}" for i, req, out in failed]
+        raise RunError("\n".join(lines))
     return 0
 
 
@@ -236,24 +414,28 @@ def run_download(args: argparse.Namespace) -> int:
     try:
         path = snapshot_download(args.model, revision=args.revision, local_dir=args.local_dir, allow_patterns=HUB_FILES)
     except Exception as e:  # hub errors come in many types; all mean the same to the user here
-        raise CLIError(f"could not download {args.model}: {type(e).__name__}: {e}") from None
+        raise RunError(f"could not download {args.model}: {type(e).__name__}: {e}") from None
     print(path)
     return 0
 
 
 def _parser(prog: str, subcommands: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="BAGEL inference: text2text, img2text, text2img, img2img.")
-    p.add_argument("--version", action="version", version=f"bagel-serve {__version__}")
+    p = argparse.ArgumentParser(prog=prog, description="BAGEL inference: text2text, img2text, text2img, img2img.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"bagel-serve {__version__}",
+                   help="print the version and exit")
     if not subcommands:
         add_generate_arguments(p)
         return p
     sub = p.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text or images from prompts (the seed's end2end.py flags)")
+    gen = sub.add_parser("generate", help="generate text or images from prompts (the seed's end2end.py flags)",
+                         allow_abbrev=False)
     add_generate_arguments(gen)
-    dl = sub.add_parser("download", help="download a model's weights into the Hugging Face cache")
-    dl.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    dl.add_argument("--revision", default=None)
-    dl.add_argument("--local-dir", default=None, help="download into this directory instead of the cache")
+    dl = sub.add_parser("download", help="download a model's weights into the Hugging Face cache", allow_abbrev=False)
+    dl.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"Hugging Face repo id (default: {DEFAULT_MODEL})")
+    dl.add_argument("--revision", default=None, help="branch, tag or commit (default: the main branch)")
+    dl.add_argument("--local-dir", default=None,
+                    help="download into this directory instead of the cache (default: the Hugging Face cache)")
     return p
 
 
@@ -263,7 +445,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return run_download(args)
         return run_generate(args)
     except CLIError as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(e.status, f"error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")
 

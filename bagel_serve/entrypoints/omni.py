@@ -9,21 +9,17 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from bagel_serve.config.deploy import (
-    DeployConfig,
-    PipelineSpec,
-    apply_overrides,
-    default_deploy_config,
-    load_deploy_config,
-    resolve_pipeline,
-)
-from bagel_serve.config.engine_options import EngineOptions
+from bagel_serve.config.deploy import DeployConfig, DeployConfigError
+from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
+from bagel_serve.config.devices import check_device, check_stage_devices
+from bagel_serve.config.engine_options import EngineOptionError, EngineOptions
+from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
-from bagel_serve.engine.request import Request, RequestOutput, make_request
+from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.stats import RunStats
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.model.loader import default_device, default_dtype, load_model, load_skeleton, read_config, resolve_model_dir
+from bagel_serve.model.loader import default_dtype, load_model, load_skeleton, read_config, resolve_model_dir
 from bagel_serve.pipeline.backends.inline import InlineTransport
 from bagel_serve.pipeline.backends.process import ProcessTransport
 from bagel_serve.pipeline.backends.ray import RayTransport
@@ -36,12 +32,18 @@ class Omni:
     """One loaded BAGEL model serving all four modalities.
 
     `model` is a checkpoint directory or a Hugging Face repo id. Weights are bf16 on CUDA and float32 on
-    the CPU unless `dtype` says otherwise. `deploy_config` is a deploy YAML in the seed system's schema
-    (default: the bundled one for the model's topology); the other keyword arguments are the seed's engine
-    options (`tensor_parallel_size`, `cfg_parallel_size`, `vae_patch_parallel_size`, `vae_use_tiling`,
-    `quantization`, `worker_backend`, `ray_address`, `log_stats`, `init_timeout`, `batch_timeout`,
-    `enable_diffusion_pipeline_profiler`, `stage_overrides`, ...). An option whose feature is not built yet
+    the CPU unless `dtype` (or the deploy config's `dtype`) says otherwise. `deploy_config` is a deploy YAML
+    in the seed system's schema, a path or the bare name of a bundled one (`"bagel_single_stage.yaml"`);
+    default: `bagel.yaml`, the two-stage Thinker -> DiT pipeline, for a BAGEL checkpoint. The other keyword
+    arguments are the seed's engine options (`tensor_parallel_size`, `cfg_parallel_size`,
+    `vae_patch_parallel_size`, `vae_use_tiling`, `quantization`, `worker_backend`, `ray_address`,
+    `log_stats`, `init_timeout`, `batch_timeout`, `request_timeout`, `enable_diffusion_pipeline_profiler`,
+    `stage_overrides`, and the every-stage limits `max_num_seqs`, `max_num_batched_tokens`, `max_model_len`,
+    `gpu_memory_utilization`, `kv_cache_blocks`, `enforce_eager`). An option whose feature is not built yet
     fails by name rather than being ignored.
+
+    Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
+    deploy config, the GPUs it names) is checked before they load.
     """
 
     def __init__(
@@ -55,19 +57,32 @@ class Omni:
         **kwargs: Any,
     ) -> None:
         self.options = EngineOptions.from_kwargs(kwargs)
+        self._device = check_device(device)
         model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
         read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
-        config_json = _read_config_json(model_dir)
-        deploy = load_deploy_config(deploy_config or default_deploy_config(config_json))
+        config_json = model_config_json(model_dir)
+        self.deploy_path = resolve_deploy_path(deploy_config if deploy_config is not None
+                                               else default_deploy_config(config_json))
+        deploy = load_deploy_config(self.deploy_path)
         deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
         self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
         self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
+        if not self.options.uses_ray:  # Ray places the stages on its own cluster's GPUs
+            check_stage_devices(deploy, self._device)
         self.deploy_config: DeployConfig = deploy
+        self.request_defaults: dict[str, Any] = request_defaults(deploy.stage(0).sampling_params)
+        """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
+        if dtype is None and deploy.dtype is not None:
+            dtype = deploy.dtype
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
         self.model_name = str(model)
-        self._device = torch.device(device) if device is not None else default_device()
+        backend = self.options.worker_backend
+        in_process = not self.options.uses_ray and (self.pipeline.single_stage or backend == "inline")
+        if in_process:
+            _apply_env(deploy, self.pipeline)
+        self.tokenizer = BagelTokenizer(model_dir)  # a broken tokenizer.json fails before the weights load
         if self.options.uses_ray:
             # The actors load the weights where they run; here a skeleton validates the requests.
             loaded = load_skeleton(model_dir, dtype=dtype or default_dtype(self._device))
@@ -76,21 +91,18 @@ class Omni:
         self.config = loaded.config
         self.model_dir = loaded.model_dir
         self.model = loaded.model
-        self.tokenizer = BagelTokenizer(loaded.model_dir)
         self.progress = progress
-        backend = "ray" if self.options.uses_ray else (
-            "process" if self.pipeline.num_stages > 1 and self.options.worker_backend in ("process", "multi_process")
-            else "inline")
+        self._backend = "ray" if self.options.uses_ray else ("inline" if in_process else "process")
         device = self._device if self.options.uses_ray else loaded.model.device
-        setups = stage_setups(self.pipeline, deploy, self.options, device, backend=backend)
+        setups = stage_setups(self.pipeline, deploy, self.options, device, backend=self._backend)
         max_model_len = deploy.stage(0).max_model_len or loaded.config.llm.max_position_embeddings
         cfg, tok = loaded.config, self.tokenizer
-        if backend == "ray":
+        if self._backend == "ray":
             where = str(model_dir.resolve()) if Path(model).expanduser().is_dir() else str(model)
             transport = RayTransport(setups, stage_devices(device, deploy, self.pipeline.num_stages), model=where,
                                      dtype=loaded.model.dtype, ray_address=self.options.ray_address,
                                      init_timeout=self.options.init_timeout)
-        elif backend == "process":
+        elif self._backend == "process":
             transport = ProcessTransport(setups, loaded.model, loaded.vae, str(loaded.model_dir))
         else:
             transport = InlineTransport(setups, loaded.model, loaded.vae, tok, progress=progress)
@@ -106,6 +118,22 @@ class Omni:
         if not stages:
             raise AttributeError("the stages run in worker processes or Ray actors: there is no stage in this process")
         return stages[0]
+
+    @property
+    def topology(self) -> dict[str, Any]:
+        """Which topology runs: the pipeline, its stages, where they run (`inline`: in this process,
+        `process`: one process per stage, `ray`: one Ray actor per stage) and the deploy config."""
+        return {"pipeline": self.pipeline.name, "num_stages": self.pipeline.num_stages,
+                "stages": [r.name for r in self.pipeline.stages], "worker_backend": self._backend,
+                "deploy_config": str(self.deploy_path)}
+
+    def make_requests(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]]) -> list[Request]:
+        """Requests as `generate` runs them: validated, with every default resolved (request > stage 0's
+        `default_sampling_params` > built-in). Raises `RequestError`; warns (`RequestWarning`) about fields
+        a request's modality does not use."""
+        if isinstance(requests, (Request, dict)):
+            requests = [requests]
+        return [make_request(r, i, self.request_defaults) for i, r in enumerate(requests)]
 
     def shutdown(self) -> None:
         """Stop the stage worker processes, if any (idempotent; also done at exit). The in-process
@@ -139,30 +167,49 @@ class Omni:
                  on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
         """Run requests (dicts or `Request`s) together; one output per request, in order.
 
-        Requests are validated first: a bad one raises `RequestError` before any work. A request that fails
+        Requests are validated first (`make_requests`): a bad one raises `RequestError` before any work. A request that fails
         while running does not take the others down: its output carries the exception in `.error` (and
         `.ok` is False). `on_token(request_index, token_id)` receives decoded tokens (answers and think plans) as they come.
         """
-        if isinstance(requests, (Request, dict)):
-            requests = [requests]
-        reqs = [make_request(r, i) for i, r in enumerate(requests)]
+        reqs = self.make_requests(requests)
         timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
 
 
-def _read_config_json(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / "config.json"
+def model_config_json(model_dir: Path) -> dict[str, Any] | None:
+    """A checkpoint's config.json (what pipeline detection reads), or None if it has none."""
+    path = Path(model_dir) / "config.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None  # the loader reports the broken file with its own message
+    return data if isinstance(data, dict) else None
 
 
-def _parse_dtype(name: str) -> torch.dtype:
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {', '.join(table)}, got {name!r}")
-    return table[name]
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def _parse_dtype(name: str) -> torch.dtype | None:
+    """A dtype name (`--dtype`, the deploy config's `dtype`); "auto" is None: bf16 on CUDA, fp32 on the CPU."""
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise EngineOptionError(f"dtype (--dtype) must be one of auto, {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _apply_env(deploy: DeployConfig, pipeline: PipelineSpec) -> None:
+    """The `env` of the stages that run in this process, set in os.environ before the model loads (variables
+    that torch reads at import, like OMP_NUM_THREADS, may already have been read)."""
+    merged: dict[str, tuple[str, int]] = {}
+    for role in pipeline.stages:
+        for key, value in deploy.stage(role.stage_id).env.items():
+            if key in merged and merged[key][0] != value:
+                src = f"{deploy.source}: " if deploy.source else ""
+                raise DeployConfigError(f"{src}stages[{role.stage_id}].env.{key}: {value!r} conflicts with stage "
+                                        f"{merged[key][1]}'s {merged[key][0]!r}, but both stages run in this process")
+            merged[key] = (value, role.stage_id)
+    os.environ.update({k: v for k, (v, _) in merged.items()})

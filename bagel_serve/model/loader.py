@@ -60,17 +60,17 @@ def resolve_model_dir(model: str | os.PathLike, *, local_files_only: bool = Fals
         if local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise CheckpointError(
                 f"model {name!r} is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE). "
-                f"Fetch it on a connected machine with `huggingface-cli download {name}` and copy the cache, "
+                f"Fetch it on a connected machine with `hf download {name}` and copy the cache, "
                 f"or pass the path of a local checkpoint directory."
             ) from None
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except RepositoryNotFoundError:
-        raise CheckpointError(f"Hugging Face repo {name!r} does not exist or is private (log in with `huggingface-cli login`)") from None
+        raise CheckpointError(f"Hugging Face repo {name!r} does not exist or is private (log in with `hf auth login`)") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(
             f"could not download {name!r} ({type(e).__name__}: {e}). Check the network, or download it elsewhere with "
-            f"`huggingface-cli download {name}` and pass the local directory."
+            f"`hf download {name}` and pass the local directory."
         ) from None
 
 
@@ -81,10 +81,16 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     if ema.exists():
         return {k: ema for k in _keys_of(ema)}
     if index.exists():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map")
+        try:
+            with open(index, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {index}: {e.strerror or e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map (a mapping of tensor names to shard files)")
         missing = sorted({v for v in weight_map.values() if not (model_dir / v).exists()})
         if missing:
             raise CheckpointError(f"missing checkpoint files listed in {index}: {', '.join(missing)}")

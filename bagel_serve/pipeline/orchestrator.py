@@ -20,7 +20,7 @@ import time
 import weakref
 from typing import Any, Callable, Protocol
 
-from bagel_serve.config.deploy import PipelineSpec
+from bagel_serve.config.pipelines import PipelineSpec
 from bagel_serve.engine.preprocess import Prepared
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.stats import RunStats

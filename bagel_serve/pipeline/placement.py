@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from bagel_serve.config.deploy import DeployConfig, PipelineSpec
+from bagel_serve.config.deploy import DeployConfig
+from bagel_serve.config.pipelines import PipelineSpec
 from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.kv_budget import (
     DEFAULT_GPU_MEMORY_UTILIZATION,

@@ -16,7 +16,7 @@ from typing import Any
 
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage
+from bagel_serve.pipeline.placement import StageSetup, build_stage
 from bagel_serve.pipeline.stage_worker import Codec, StageWorker
 
 
@@ -30,8 +30,7 @@ class InlineTransport:
         self._inboxes: list[deque[tuple]] = [deque() for _ in setups]
         by_device: dict[str, Stage] = {}
         self.workers: list[StageWorker] = []
-        for setup in setups:
-            apply_env(setup.env)
+        for setup in setups:  # (their deploy `env` is the caller's to apply: it is this process's environment)
             if setup.device not in by_device:
                 peers = [s for s in setups if s.device == setup.device]
                 shared = dataclasses.replace(setup, decodes=any(s.decodes for s in peers),

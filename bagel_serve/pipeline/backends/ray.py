@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bagel_serve.pipeline.orchestrator import WorkerDiedError
 from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage, ray_bundles
 from bagel_serve.pipeline.stage_worker import StageWorker, ValueCodec, describe
 from bagel_serve.engine.tokenizer import BagelTokenizer
@@ -211,7 +212,7 @@ def _wait_placed(ray: Any, group: Any, bundles: list[dict[str, float]], timeout:
     short = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
     if short:
         remove_placement_group(group)
-        raise RuntimeError(f"the Ray cluster cannot place the stages: they need {need}, the cluster has "
+        raise WorkerDiedError(f"the Ray cluster cannot place the stages: they need {need}, the cluster has "
                            f"{ {k: total.get(k, 0.0) for k in need} } in all")
     ready, _ = ray.wait([group.ready()], timeout=timeout)
     if not ready:

@@ -1,0 +1,157 @@
+"""The pipeline registry: the topologies a BAGEL model can run in, and which one a model gets by default.
+
+  * `bagel`              two stages (the default, as in the seed): 0 "thinker" (autoregressive: contexts,
+                         text, think) hands the context KV of image requests to 1 "dit" (diffusion:
+                         denoise + VAE decode).
+  * `bagel_think`        the same two stages, chosen for think mode (the plan is decoded in stage 0 before
+                         the hand-off).
+  * `bagel_single_stage` one "dit" stage that runs everything.
+
+With no deploy config, a BAGEL checkpoint (detected from its `config.json`) runs `bagel.yaml`, or
+`bagel_think.yaml` when the caller says think mode is wanted; `bagel_single_stage.yaml` selects one stage.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from bagel_serve.config.deploy import DeployConfig, DeployConfigError
+from bagel_serve.config.deploy_loader import bundled_deploy_config
+
+__all__ = ["StageRole", "PipelineSpec", "PIPELINES", "DEFAULT_BAGEL_PIPELINE", "is_bagel_model_config",
+           "resolve_pipeline", "default_deploy_config"]
+
+
+@dataclass(frozen=True)
+class StageRole:
+    """What a stage of a pipeline does."""
+
+    stage_id: int
+    name: str            # "thinker" | "dit"
+    kind: str            # "ar" (autoregressive) | "diffusion"
+    final_output: str    # what the stage returns to the user: "text" | "image" | "text+image"
+    input_from: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A topology: its stages' roles, when KV is handed over, and its bundled default deploy file."""
+
+    name: str
+    stages: tuple[StageRole, ...]
+    description: str
+    default_deploy_config: str
+    kv_handoff: str | None = None  # "prefill_finished" | "request_finished" | None (single stage)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def single_stage(self) -> bool:
+        return self.num_stages == 1
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """The stage graph: (from, to) for every stage fed by another."""
+        return [(r.input_from, r.stage_id) for r in self.stages if r.input_from is not None]
+
+
+_THINKER = StageRole(0, "thinker", "ar", "text")
+_DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", "image", input_from=0)
+
+PIPELINES: dict[str, PipelineSpec] = {
+    "bagel": PipelineSpec(
+        "bagel", (_THINKER, _DIT_AFTER_THINKER),
+        "two stages: the Thinker (AR) builds every context and serves text; for image requests it hands the "
+        "context KV (full and CFG contexts) to the DiT once the context is complete",
+        default_deploy_config="bagel.yaml", kv_handoff="prefill_finished"),
+    "bagel_think": PipelineSpec(
+        "bagel_think", (_THINKER, _DIT_AFTER_THINKER),
+        "two stages like `bagel`, for think mode: the Thinker decodes the <think> plan before handing the KV "
+        "to the DiT (hand-off when the request finishes)",
+        default_deploy_config="bagel_think.yaml", kv_handoff="request_finished"),
+    "bagel_single_stage": PipelineSpec(
+        "bagel_single_stage", (StageRole(0, "dit", "diffusion", "text+image"),),
+        "one stage runs everything: prefill, text/think decode, denoising and VAE",
+        default_deploy_config="bagel_single_stage.yaml"),
+}
+
+DEFAULT_BAGEL_PIPELINE = "bagel"
+"""The pipeline a BAGEL model gets when nothing chooses one (two stages, as in the seed)."""
+
+
+def is_bagel_model_config(model_config_json: Mapping[str, Any] | None) -> bool:
+    """Whether a checkpoint's config.json describes a BAGEL model."""
+    if not model_config_json:
+        return False
+    if model_config_json.get("model_type") == "bagel":
+        return True
+    if "llm_config" in model_config_json and "vit_config" in model_config_json:
+        return True
+    archs = model_config_json.get("architectures") or []
+    return isinstance(archs, list) and any(isinstance(a, str) and "Bagel" in a for a in archs)
+
+
+def _lookup_pipeline(name: str, source: str | None) -> PipelineSpec:
+    if name not in PIPELINES:
+        prefix = f"{source}: " if source else ""
+        hint = difflib.get_close_matches(name, PIPELINES, n=1)
+        did = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise DeployConfigError(f"{prefix}pipeline: unknown pipeline {name!r} "
+                                f"(known: {', '.join(PIPELINES)}){did}")
+    return PIPELINES[name]
+
+
+def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str, Any] | None) -> PipelineSpec:
+    """Pick the pipeline: the deploy config's `pipeline:` wins; else the model's config.json decides.
+
+    Without `pipeline:`, a BAGEL model gets `bagel` for a two-stage deploy config and `bagel_single_stage`
+    for a one-stage one (and `bagel`, the default, with no deploy config at all). The deploy config must fit
+    the pipeline: its stage count, its `edges` (if given) and `async_chunk` (false for two stages).
+    """
+    source = deploy.source if deploy is not None else None
+    prefix = f"{source}: " if source else ""
+    if deploy is not None and deploy.pipeline is not None:
+        spec = _lookup_pipeline(deploy.pipeline, source)
+    elif is_bagel_model_config(model_config_json):
+        if deploy is None:
+            spec = PIPELINES[DEFAULT_BAGEL_PIPELINE]
+        else:
+            spec = PIPELINES["bagel_single_stage" if len(deploy.stages) == 1 else "bagel"]
+    else:
+        cfg = model_config_json or {}
+        what = (f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')!r}"
+                if model_config_json else "no config.json given")
+        raise DeployConfigError(f"{prefix}cannot determine the pipeline: the deploy config has no `pipeline:` key "
+                                f"and the model is not recognised as BAGEL ({what}); "
+                                f"set `pipeline:` to one of {', '.join(PIPELINES)}")
+    if deploy is not None:
+        if len(deploy.stages) != spec.num_stages:
+            roles = ", ".join(f"{r.stage_id} {r.name}" for r in spec.stages)
+            raise DeployConfigError(f"{prefix}pipeline {spec.name!r} has {spec.num_stages} stage(s) ({roles}) "
+                                    f"but the deploy config defines {len(deploy.stages)}")
+        if deploy.async_chunk and not spec.single_stage:
+            raise DeployConfigError(f"{prefix}async_chunk: must be false for pipeline {spec.name!r} "
+                                    f"(BAGEL stages have no per-step async producer)")
+        if deploy.edges is not None:
+            given = sorted((e["from"], e["to"]) for e in deploy.edges)
+            if given != sorted(spec.edges):
+                want = ", ".join(f"{{from: {a}, to: {b}}}" for a, b in spec.edges) or "none"
+                raise DeployConfigError(f"{prefix}edges: {given} is not the stage graph of pipeline {spec.name!r} "
+                                        f"({want}); its graph is fixed: leave `edges` out")
+    return spec
+
+
+def default_deploy_config(model_config_json: Mapping[str, Any] | None = None, think: bool = False) -> Path:
+    """The bundled deploy file used when the user gives none: for a BAGEL model (or an unknown one: None)
+    `bagel.yaml`, or `bagel_think.yaml` with `think`."""
+    if model_config_json is not None and not is_bagel_model_config(model_config_json):
+        raise DeployConfigError(f"no default deploy config: the model is not recognised as BAGEL "
+                                f"(model_type={model_config_json.get('model_type')!r}, "
+                                f"architectures={model_config_json.get('architectures')!r})")
+    name = "bagel_think" if think else DEFAULT_BAGEL_PIPELINE
+    return bundled_deploy_config(PIPELINES[name].default_deploy_config)
