@@ -62,7 +62,8 @@ def main() -> None:
                          tokenizer_dir=Path(a.tokenizer_dir) if a.tokenizer_dir else None)
         res["write_s"] = time.perf_counter() - t0
 
-    omni, res["load_s"], _ = timed(lambda: Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": STAGE0}))
+    omni, res["load_s"], _ = timed(lambda: Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": STAGE0},
+                                                log_stats=True))
     graphs = omni.stage.runner.graphs
     res["graphs"] = graphs is not None
     if graphs is not None:
@@ -96,6 +97,8 @@ def main() -> None:
         omni.generate([dict(think, max_think_tokens=4, steps=3)])
         (out,), t, _ = timed(lambda: omni.generate([think]))
         res.update(think_t2i_512_s=t, think_plan_tokens=len(out.token_ids))
+        res.update({f"think_{k}_s": v for k, v in omni.last_stats.phase_s.items()})
+        (out,), res["think_t2i_512_repeat_s"], _ = timed(lambda: omni.generate([think]))  # the same shapes again
         print("think", t, flush=True)
 
     if "t2i" not in a.skip:
@@ -109,9 +112,9 @@ def main() -> None:
     free()
 
     if "peak" not in a.skip:
-        # The engine's whole footprint for a 1024² image: weights, a KV cache sized for the job (256 blocks,
-        # 4096 tokens), activations, CUDA graphs, the VAE decode.
-        small = Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 256}})
+        # The engine's whole footprint for a 1024² image: weights, a KV cache sized for the job (64 blocks,
+        # 1024 tokens), activations, CUDA graphs, the VAE decode.
+        small = Omni(a.ckpt, deploy_config=SINGLE, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 64}})
         small.generate(WARM)
         torch.cuda.reset_peak_memory_stats()
         (out,), t, peak = timed(lambda: small.generate([T2I_1024]))
@@ -123,7 +126,7 @@ def main() -> None:
         free()
 
     if "two_stage" not in a.skip:
-        two = Omni(a.ckpt, deploy_config=TWO, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 256}})
+        two = Omni(a.ckpt, deploy_config=TWO, stage_overrides={"0": {**STAGE0, "kv_cache_blocks": 64}})
         two.generate(WARM)
         (out,), t, _ = timed(lambda: two.generate([T2I_1024]))
         res["two_stage_t2i_s"] = t

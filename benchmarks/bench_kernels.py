@@ -213,12 +213,31 @@ def decode_attention() -> None:
             fail("decode_attention", f"{name}_varlen_attn_paged", e)
 
 
+SMALL_LINEAR_CONFIGS = [  # (block_n, block_k, num_warps, num_stages)
+    (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 256, 4, 3),
+    (128, 64, 4, 4), (16, 256, 4, 4)]
+
+
 def cublas() -> None:
+    """cuBLAS F.linear at the decode shapes, and the streaming small_linear kernel over a few configs."""
+    from bagel_serve.layers.kernels.small_linear import small_linear_triton
+
     for k, n in ((H, 4608), (H, H), (H, 2 * INTER), (H, VOCAB), (INTER, H)):
         ws = copies(lambda: (randn(n, k, scale=0.02),), n * k * 2)
         for m in (1, 8, 64):
             x = randn(m, k)
             record("cublas_linear", f"M{m}_K{k}_N{n}", cycling(ws, lambda w: F.linear(x, w)), n * k * 2)
+            ref = F.linear(x, ws[0][0]).float()
+            for bn, bk, nw, ns in SMALL_LINEAR_CONFIGS:
+                fn = (lambda w, bn=bn, bk=bk, nw=nw, ns=ns: small_linear_triton(
+                    x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+                try:
+                    err = (fn(ws[0][0]).float() - ref).abs().max().item()
+                except Exception as e:  # noqa: BLE001
+                    fail("small_linear", f"M{m}_K{k}_N{n}_{bn}x{bk}w{nw}s{ns}", e)
+                    continue
+                record("small_linear", f"M{m}_K{k}_N{n}_{bn}x{bk}w{nw}s{ns}", cycling(ws, fn), n * k * 2,
+                       max_abs_err=err)
         del ws
         torch.cuda.empty_cache()
 
@@ -229,6 +248,30 @@ def _varlen():
     except Exception:  # noqa: BLE001
         return None
     return varlen_attn
+
+
+def first_call_cost() -> None:
+    """What a new sequence length costs each SDPA backend the first time (cuDNN builds a plan per shape):
+    a denoising step at 512² against contexts of lengths it has not seen."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = randn(1, HQ, 1026, D)
+    for bname, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        for i, lk in enumerate((1290, 1333, 1401)):
+            k, v = randn(1, HKV, lk, D), randn(1, HKV, lk, D)
+            try:
+                with sdpa_kernel(backend):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    torch.cuda.synchronize()
+                    again = time.perf_counter() - t0
+                RES.setdefault("first_call", {})[f"{bname}_k{lk}"] = {"first_ms": first * 1e3, "again_ms": again * 1e3}
+            except Exception as e:  # noqa: BLE001
+                fail("first_call", f"{bname}_k{lk}", e)
 
 
 def prefill_attention() -> None:
@@ -309,9 +352,12 @@ def decode_step() -> None:
     hbm = RES.get("machine", {}).get("hbm_GB_s", 4200.0) * 1e9
     triton_ops = (rms_norm_triton, qk_norm_rope_triton, paged_decode_attention_triton, silu_and_mul_triton)
     native_ops = (rms_norm_native, qk_native_capturable, attention_native_capturable, silu_and_mul_native)
-    variants = {"triton": triton_ops, "all_native": native_ops}
+    from bagel_serve.layers.kernels.small_linear import small_linear
+
+    variants = {"triton": triton_ops + (F.linear,), "all_native": native_ops + (F.linear,),
+                "triton_small_linear": triton_ops + (small_linear,)}
     for i, what in enumerate(("rms_norm", "qk_norm_rope", "attention", "silu_and_mul")):
-        variants[f"native_{what}"] = tuple(native_ops[j] if j == i else triton_ops[j] for j in range(4))
+        variants[f"native_{what}"] = tuple(native_ops[j] if j == i else triton_ops[j] for j in range(4)) + (F.linear,)
     for b, ctx in ((1, 300), (64, 768)):
         tag = f"B{b}_ctx{ctx}"
         try:
@@ -325,7 +371,7 @@ def decode_step() -> None:
             RES["decode_step"][f"{tag}_floor_with_kv_ms"] = 1e3 * (weight_bytes + kv_bytes) / hbm
 
             def step(ops):
-                rms, qk, attn, silu = ops
+                rms, qk, attn, silu, lin = ops
                 # residual <- x; each later norm first adds its input into `residual` in place (fused).
                 residual.copy_(x)
                 h, _ = rms(residual, layers[0]["w_in"], None, None, 1e-6, None)
@@ -333,11 +379,11 @@ def decode_step() -> None:
                     kc, vc = caches[li][0], caches[li][1]
                     if li:
                         h, _ = rms(h, lw["w_in"], None, None, 1e-6, residual)
-                    qkv = F.linear(h, lw["qkv"], lw["bias"])
+                    qkv = lin(h, lw["qkv"], lw["bias"])
                     qk(qkv, HQ, HKV, D, lw["qn"], lw["kn"], lw["qn"], lw["kn"], b, pos, inv, 1e-6, kc, vc, slots)
                     a = attn(qkv[:, : HQ * D].view(b, HQ, D), kc, vc, bt, lens, PAGE, 1 / math.sqrt(D))
-                    h, _ = rms(F.linear(a.view(b, H), lw["o"]), lw["w_post"], None, None, 1e-6, residual)
-                    h = F.linear(silu(F.linear(h, lw["gu"])), lw["down"])
+                    h, _ = rms(lin(a.view(b, H), lw["o"]), lw["w_post"], None, None, 1e-6, residual)
+                    h = lin(silu(lin(h, lw["gu"])), lw["down"])
                 h, _ = rms(h, w_final, None, None, 1e-6, residual)
                 return F.linear(h, head)
 
@@ -395,10 +441,20 @@ def summary() -> None:
                   f"{_fmt(row, 'GB_s'):>7}{_fmt(row, 'hbm_pct'):>6}  {check}"
                   + (f"; torch varlen_attn paged {_fmt(fl, 'us', '.1f')} us" if fl else ""))
     lin = RES.get("cublas_linear", {})
+    small = RES.get("small_linear", {})
     for shape in sorted({k.split("_", 1)[1] for k in lin}, key=lambda k: list(lin).index(f"M1_{k}")):
         print(f"cuBLAS F.linear {shape:<14} weight GB/s (%HBM):" + "".join(
             f"  M{mm} {_fmt(lin.get(f'M{mm}_{shape}'), 'GB_s')} ({_fmt(lin.get(f'M{mm}_{shape}'), 'hbm_pct')}%)"
             for mm in (1, 8, 64)))
+        for mm in (1, 8, 64):
+            rows = {k.rsplit("_", 1)[1]: v for k, v in small.items() if k.startswith(f"M{mm}_{shape}_") and "GB_s" in v}
+            if rows:
+                best = max(rows, key=lambda c: rows[c]["GB_s"])
+                print(f"  small_linear M{mm} best {best}: {rows[best]['GB_s']:.0f} GB/s ({rows[best]['hbm_pct']:.0f}%), "
+                      f"err {rows[best].get('max_abs_err', float('nan')):.2g}; " + " ".join(
+                          f"{c}={v['GB_s']:.0f}" for c, v in rows.items()))
+    for key, row in RES.get("first_call", {}).items():
+        print(f"SDPA first call {key:<30} {_fmt(row, 'first_ms', '.2f')} ms, then {_fmt(row, 'again_ms', '.2f')} ms")
     for key, row in RES.get("prefill_attention", {}).items():
         print(f"attention {key:<44}{_fmt(row, 'TFLOP_s'):>6} TFLOP/s")
     for key, row in step.items():
@@ -420,7 +476,7 @@ def main() -> None:
     RES["header"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                      "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M")}
     t0 = time.time()
-    for section in (machine, kernels, decode_attention, cublas, prefill_attention, decode_step):
+    for section in (machine, kernels, decode_attention, cublas, first_call_cost, prefill_attention, decode_step):
         if section.__name__ in a.skip.split(","):
             continue
         try:

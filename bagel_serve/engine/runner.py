@@ -125,7 +125,7 @@ class ModelRunner:
                 results[text[j]] = tok
         for j, i in enumerate(text):
             if results[i] is None:
-                results[i] = logits[j].float()
+                results[i] = logits[j].to(torch.float32, copy=True)  # never a view of a graph's buffer
         v = 0
         for i, kind, where in lay.outputs:
             if kind == "velocity":
@@ -260,8 +260,9 @@ class DecodeGraphs:
         self._rows = torch.zeros((3, n), dtype=torch.int64).pin_memory()
         self._lens = torch.zeros(n, dtype=torch.int32).pin_memory()
         self._tables = torch.zeros(n * max_blocks, dtype=torch.int32).pin_memory()
+        vocab = runner.model.config.llm.vocab_size
+        self.logits = torch.empty((n, vocab), dtype=runner.model.dtype, device=dev)  # every bucket writes here
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
         self.memory_bytes = 0
 
@@ -270,9 +271,9 @@ class DecodeGraphs:
         return ForwardContext(bs, self.positions[:bs], self.slots[:bs], r.cache.tensor, r.backend,
                               DecodeBatch(bs, self.tables[:bs], self.lens[:bs], r.cache.block_size))
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> None:
         m = self.runner.model
-        return m.lm_logits(m.transformer(m.embed_text(self.ids[:bs])))
+        m.lm_logits(m.transformer(m.embed_text(self.ids[:bs])), out=self.logits[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -287,9 +288,9 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    out = self._forward(bs)
+                    self._forward(bs)
             pool = g.pool() if pool is None else pool
-            self.graphs[bs], self.logits[bs] = g, out
+            self.graphs[bs] = g
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info()[0])
@@ -311,4 +312,4 @@ class DecodeGraphs:
         self.lens[:bs].copy_(self._lens[:bs], non_blocking=True)
         self.tables[:n, :width].copy_(tables, non_blocking=True)
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        return self.logits[:n]

@@ -49,4 +49,7 @@ class ParallelLMHead(ColumnParallelLinear):
         super().__init__(hidden_size, vocab_size, bias=False, **kw)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return ps.tp_all_gather(super().forward(x), dim=-1)
+        if ps.tp_world_size() == 1:
+            return super().forward(x, out)
+        logits = ps.tp_all_gather(super().forward(x), dim=-1)
+        return logits if out is None else out.copy_(logits)

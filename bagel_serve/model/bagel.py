@@ -58,9 +58,9 @@ class Bagel(nn.Module):
         """The LLM over the rows of the current forward context (hidden rows before the final norm)."""
         return self.language_model.model(x)
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of understanding rows (final norm of the understanding expert, then the LM head)."""
-        return self.language_model.lm_head(self.language_model.model.norm(hidden))
+        return self.language_model.lm_head(self.language_model.model.norm(hidden), out=out)
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """Velocity of generation rows (final norm of the generation expert, then llm2vae)."""

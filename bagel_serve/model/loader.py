@@ -277,4 +277,6 @@ def load_model(
         bar.update(bar.total - bar.n)  # the files' headers are part of the total but not of the tensors
     sk.bagel.eval().requires_grad_(False)
     sk.vae.eval().requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the tensors read on their way into place: nothing here reuses their memory
     return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)

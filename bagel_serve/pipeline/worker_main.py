@@ -71,9 +71,17 @@ class _Link:
 
 
 def serve(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
-    """Deliver messages and step the engine until a stop message, or until the parent is gone."""
+    """Deliver messages and step the engine until a stop message, or until the parent is gone.
+
+    A worker that shares its GPU with another stage's process hands its cached activation memory back to the
+    device whenever it falls idle: the other process may need it, and nothing here does until the next batch."""
     conn, parent = link.conn, os.getppid()
+    shares_gpu = setup.device.startswith("cuda") and (setup.borrows_cache or setup.other_processes > 0)
+    was_busy = False
     while True:
+        if was_busy and not worker.busy and shares_gpu:
+            torch.cuda.empty_cache()
+        was_busy = worker.busy
         wait = 0.0 if worker.busy else setup.batch_timeout
         try:
             while conn.poll(wait):

@@ -44,9 +44,9 @@ def small_linear_native(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 if triton is not None:
 
     @triton.jit
-    def _band_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_om, k_per_split,
-                     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    def _band_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     K_PER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -54,11 +54,11 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        k0 = pid_k * k_per_split
+        k0 = pid_k * K_PER
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, k_per_split, BLOCK_K):
+        for kk in range(0, K_PER, BLOCK_K):  # a constant trip count: pipelined, and the interpreter runs it
             k = k0 + kk + offs_k
             k_ok = k < K
             x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -78,13 +78,13 @@ if triton is not None:
             tl.store(dst, acc, mask=mask)
 
     @triton.jit
-    def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, splits, stride_om, HAS_BIAS: tl.constexpr,
+    def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK: tl.constexpr):
         m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < N
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, splits):
+        for s in range(0, SPLITS):
             acc += tl.load(part_ptr + (s * M + m).to(tl.int64) * N + cols, mask=ok, other=0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -124,12 +124,12 @@ def small_linear_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
     part = out if direct else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     b = bias if bias is not None else out
     _band_kernel[(triton.cdiv(n, block_n), splits)](
-        x, w, b, out, part, m, n, k, x.stride(0), w.stride(0), out.stride(0), per,
+        x, w, b, out, part, m, n, k, x.stride(0), w.stride(0), out.stride(0), K_PER=per,
         HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         INTERP=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         block = 1024
-        _reduce_kernel[(m, triton.cdiv(n, block))](part, b, out, m, n, splits, out.stride(0),
+        _reduce_kernel[(m, triton.cdiv(n, block))](part, b, out, m, n, out.stride(0), SPLITS=splits,
                                                     HAS_BIAS=bias is not None, BLOCK=block)
     return out
 
