@@ -213,31 +213,14 @@ def decode_attention() -> None:
             fail("decode_attention", f"{name}_varlen_attn_paged", e)
 
 
-SMALL_LINEAR_CONFIGS = [  # (block_n, block_k, num_warps, num_stages)
-    (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 256, 4, 3),
-    (128, 64, 4, 4), (16, 256, 4, 4)]
-
-
 def cublas() -> None:
-    """cuBLAS F.linear at the decode shapes, and the streaming small_linear kernel over a few configs."""
-    from bagel_serve.layers.kernels.small_linear import small_linear_triton
-
+    """cuBLAS at the decode shapes: F.linear, and the same product as a matrix-vector one (W @ x^T)."""
     for k, n in ((H, 4608), (H, H), (H, 2 * INTER), (H, VOCAB), (INTER, H)):
         ws = copies(lambda: (randn(n, k, scale=0.02),), n * k * 2)
         for m in (1, 8, 64):
             x = randn(m, k)
             record("cublas_linear", f"M{m}_K{k}_N{n}", cycling(ws, lambda w: F.linear(x, w)), n * k * 2)
-            ref = F.linear(x, ws[0][0]).float()
-            for bn, bk, nw, ns in SMALL_LINEAR_CONFIGS:
-                fn = (lambda w, bn=bn, bk=bk, nw=nw, ns=ns: small_linear_triton(
-                    x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
-                try:
-                    err = (fn(ws[0][0]).float() - ref).abs().max().item()
-                except Exception as e:  # noqa: BLE001
-                    fail("small_linear", f"M{m}_K{k}_N{n}_{bn}x{bk}w{nw}s{ns}", e)
-                    continue
-                record("small_linear", f"M{m}_K{k}_N{n}_{bn}x{bk}w{nw}s{ns}", cycling(ws, fn), n * k * 2,
-                       max_abs_err=err)
+            record("cublas_linear", f"Wx_M{m}_K{k}_N{n}", cycling(ws, lambda w: torch.matmul(w, x.t())), n * k * 2)
         del ws
         torch.cuda.empty_cache()
 
@@ -352,10 +335,7 @@ def decode_step() -> None:
     hbm = RES.get("machine", {}).get("hbm_GB_s", 4200.0) * 1e9
     triton_ops = (rms_norm_triton, qk_norm_rope_triton, paged_decode_attention_triton, silu_and_mul_triton)
     native_ops = (rms_norm_native, qk_native_capturable, attention_native_capturable, silu_and_mul_native)
-    from bagel_serve.layers.kernels.small_linear import small_linear
-
-    variants = {"triton": triton_ops + (F.linear,), "all_native": native_ops + (F.linear,),
-                "triton_small_linear": triton_ops + (small_linear,)}
+    variants = {"triton": triton_ops + (F.linear,), "all_native": native_ops + (F.linear,)}
     for i, what in enumerate(("rms_norm", "qk_norm_rope", "attention", "silu_and_mul")):
         variants[f"native_{what}"] = tuple(native_ops[j] if j == i else triton_ops[j] for j in range(4)) + (F.linear,)
     for b, ctx in ((1, 300), (64, 768)):
@@ -441,18 +421,12 @@ def summary() -> None:
                   f"{_fmt(row, 'GB_s'):>7}{_fmt(row, 'hbm_pct'):>6}  {check}"
                   + (f"; torch varlen_attn paged {_fmt(fl, 'us', '.1f')} us" if fl else ""))
     lin = RES.get("cublas_linear", {})
-    small = RES.get("small_linear", {})
-    for shape in sorted({k.split("_", 1)[1] for k in lin}, key=lambda k: list(lin).index(f"M1_{k}")):
-        print(f"cuBLAS F.linear {shape:<14} weight GB/s (%HBM):" + "".join(
-            f"  M{mm} {_fmt(lin.get(f'M{mm}_{shape}'), 'GB_s')} ({_fmt(lin.get(f'M{mm}_{shape}'), 'hbm_pct')}%)"
-            for mm in (1, 8, 64)))
-        for mm in (1, 8, 64):
-            rows = {k.rsplit("_", 1)[1]: v for k, v in small.items() if k.startswith(f"M{mm}_{shape}_") and "GB_s" in v}
-            if rows:
-                best = max(rows, key=lambda c: rows[c]["GB_s"])
-                print(f"  small_linear M{mm} best {best}: {rows[best]['GB_s']:.0f} GB/s ({rows[best]['hbm_pct']:.0f}%), "
-                      f"err {rows[best].get('max_abs_err', float('nan')):.2g}; " + " ".join(
-                          f"{c}={v['GB_s']:.0f}" for c, v in rows.items()))
+    for shape in sorted({k.split("_", 1)[1] for k in lin if not k.startswith("Wx")},
+                        key=lambda k: list(lin).index(f"M1_{k}")):
+        for kind in ("", "Wx_"):
+            print(f"cuBLAS {'W @ x^T' if kind else 'F.linear'} {shape:<14} weight GB/s (%HBM):" + "".join(
+                f"  M{mm} {_fmt(lin.get(f'{kind}M{mm}_{shape}'), 'GB_s')} ({_fmt(lin.get(f'{kind}M{mm}_{shape}'), 'hbm_pct')}%)"
+                for mm in (1, 8, 64)))
     for key, row in RES.get("first_call", {}).items():
         print(f"SDPA first call {key:<30} {_fmt(row, 'first_ms', '.2f')} ms, then {_fmt(row, 'again_ms', '.2f')} ms")
     for key, row in RES.get("prefill_attention", {}).items():

@@ -22,7 +22,7 @@ import torch
 
 from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.sampling import sample
-from bagel_serve.engine.sequence import Work
+from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import SpecialTokens
 from bagel_serve.layers.attention_backends import AttentionBackend, select_backend
 from bagel_serve.layers.forward_context import DecodeBatch, ForwardContext, SequenceAttention, forward_context
@@ -88,18 +88,22 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, works: list[Work]) -> list[Any]:
         """Run one forward over the works (their blocks reserved: `reserve_blocks`); one result per work:
-        the sampled token (works with a sampler), the last row's logits (other text works that want output),
-        the velocity of the latents (latent works that want output), else None."""
+        the tokens sampled for works with a sampler (a list: one, or a burst of DECODE_STEPS when a greedy
+        decode batch runs that many steps in one graph replay), the last row's logits for other text works
+        that want output, the velocity of the latents for latent works that want output, else None."""
         lay = self._layout(works)
         dev = self.device
         cache = works[0].context.cache
         if any(w.context.cache is not cache for w in works):
             raise RuntimeError("the contexts of one forward must live in one KV cache")
-        logits = velocity = None
+        logits = velocity = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
-            logits = self.graphs.run(lay)
-            if lay.logit_rows != list(range(lay.n_decode)):
-                logits = logits[lay.logit_rows]
+            if self._bursts(works, lay):
+                bursts = self.graphs.run_steps(lay, DECODE_STEPS)
+            else:
+                logits = self.graphs.run(lay)
+                if lay.logit_rows != list(range(lay.n_decode)):
+                    logits = logits[lay.logit_rows]
         else:
             with forward_context(self._context(lay, cache)):
                 hidden = self.model.transformer(self._embed(lay))
@@ -109,10 +113,22 @@ class ModelRunner:
                 if gen:
                     rows = torch.cat([torch.arange(a, a + n) for a, n in gen]).to(dev)
                     velocity = self.model.velocity(hidden.index_select(0, rows)).float()
+        steps = DECODE_STEPS if bursts is not None else 1
         for w in works:
-            if w.commit:
+            if w.is_decode:
+                w.context.commit(steps, steps)
+            elif w.commit:
                 w.context.commit(w.rows, rope_advance(w.piece))
+        if bursts is not None:
+            return [bursts[j] for j in range(len(works))]  # pure decode: rows are the works, in order
         return self._results(works, lay, logits, velocity)
+
+    @staticmethod
+    def _bursts(works: list[Work], lay: _Layout) -> bool:
+        """Whether a decode batch can run DECODE_STEPS steps on the device: every work greedy, wanting its
+        tokens, with that many rows reserved."""
+        return all(w.want_output and w.steps >= DECODE_STEPS and w.sampler is not None and w.sampler.greedy
+                   and not w.sampler.penalized for w in works)
 
     def _results(self, works: list[Work], lay: _Layout, logits: torch.Tensor | None,
                  velocity: torch.Tensor | None) -> list[Any]:
@@ -122,7 +138,7 @@ class ModelRunner:
         if rows:
             tokens = self.sample(logits[rows], [works[text[j]].sampler for j in rows])
             for j, tok in zip(rows, tokens):
-                results[text[j]] = tok
+                results[text[j]] = [tok]
         for j, i in enumerate(text):
             if results[i] is None:
                 results[i] = logits[j].to(torch.float32, copy=True)  # never a view of a graph's buffer
@@ -243,73 +259,97 @@ class ModelRunner:
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode forward (embedding, every layer, final norm, LM head), one per batch-size
-    bucket, over static input buffers; padded rows write nowhere (slot -1) and attend to nothing. Inputs go
-    up from pinned staging buffers in three asynchronous copies."""
+    """CUDA graphs of the decode forward (embedding, every layer, final norm, LM head), per batch-size bucket,
+    over static input buffers; padded rows write nowhere (slot -1) and attend to nothing. Two per bucket: one
+    step that leaves the logits for sampling, and DECODE_STEPS greedy steps that feed each step's argmax to
+    the next on the device, for the host to read once. Inputs go up from pinned staging buffers in three
+    asynchronous copies."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int) -> None:
         self.runner = runner
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch] or [1]
         self.max_batch = self.sizes[-1]
         dev = runner.device
-        n = self.max_batch
-        self.rows = torch.zeros((3, n), dtype=torch.int64, device=dev)  # token ids, positions, slots
-        self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        n, k = self.max_batch, DECODE_STEPS
+        self.rows = torch.zeros((3, k, n), dtype=torch.int64, device=dev)  # token ids, positions, slots per step
+        self.lens = torch.zeros((k, n), dtype=torch.int32, device=dev)
         self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
-        self.ids, self.positions, self.slots = self.rows[0], self.rows[1], self.rows[2]
-        self._rows = torch.zeros((3, n), dtype=torch.int64).pin_memory()
-        self._lens = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self.tokens = torch.zeros((k, n), dtype=torch.int64, device=dev)
+        self._rows = torch.zeros((3, k, n), dtype=torch.int64).pin_memory()
+        self._lens = torch.zeros((k, n), dtype=torch.int32).pin_memory()
         self._tables = torch.zeros(n * max_blocks, dtype=torch.int32).pin_memory()
         vocab = runner.model.config.llm.vocab_size
-        self.logits = torch.empty((n, vocab), dtype=runner.model.dtype, device=dev)  # every bucket writes here
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits = torch.empty((n, vocab), dtype=runner.model.dtype, device=dev)  # every graph writes here
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch bucket, steps)
         self.capture_s = 0.0
         self.memory_bytes = 0
 
-    def _context(self, bs: int) -> ForwardContext:
+    def _step(self, bs: int, i: int, greedy: bool) -> None:
+        """Step i of a replay: its own positions, slots and lengths; its input the last step's argmax."""
         r = self.runner
-        return ForwardContext(bs, self.positions[:bs], self.slots[:bs], r.cache.tensor, r.backend,
-                              DecodeBatch(bs, self.tables[:bs], self.lens[:bs], r.cache.block_size))
+        ids = self.rows[0, 0, :bs] if i == 0 else self.tokens[i - 1, :bs]
+        ctx = ForwardContext(bs, self.rows[1, i, :bs], self.rows[2, i, :bs], r.cache.tensor, r.backend,
+                             DecodeBatch(bs, self.tables[:bs], self.lens[i, :bs], r.cache.block_size))
+        with forward_context(ctx):
+            m = r.model
+            m.lm_logits(m.transformer(m.embed_text(ids)), out=self.logits[:bs])
+        if greedy:
+            torch.argmax(self.logits[:bs], dim=-1, out=self.tokens[i, :bs])
 
-    def _forward(self, bs: int) -> None:
-        m = self.runner.model
-        m.lm_logits(m.transformer(m.embed_text(self.ids[:bs])), out=self.logits[:bs])
+    def _replay_body(self, bs: int, steps: int) -> None:
+        for i in range(steps):
+            self._step(bs, i, greedy=steps > 1)
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (so smaller ones reuse its memory in the shared pool)."""
-        self.slots.fill_(-1)
+        self.rows[2].fill_(-1)
         torch.cuda.synchronize()
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = None
         for bs in reversed(self.sizes):
-            with forward_context(self._context(bs)):
-                self._forward(bs)  # warm up: compiles the kernels, settles the allocator
+            for steps in (1, DECODE_STEPS):
+                self._replay_body(bs, steps)  # warm up: compiles the kernels, settles the allocator
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self._forward(bs)
-            pool = g.pool() if pool is None else pool
-            self.graphs[bs] = g
+                    self._replay_body(bs, steps)
+                pool = g.pool() if pool is None else pool
+                self.graphs[bs, steps] = g
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info()[0])
 
-    def run(self, lay: _Layout) -> torch.Tensor:
+    def _load(self, lay: _Layout, steps: int) -> int:
+        """Stage the batch's inputs for `steps` steps and copy them up; returns the bucket."""
         n = lay.n_decode
         bs = next(b for b in self.sizes if b >= n)
-        rows = self._rows.numpy()
-        rows[0, :n], rows[1, :n], rows[2, :n] = lay.und_ids, lay.decode_positions, lay.decode_slots
-        rows[2, n:bs] = -1  # padding: stores nothing
-        lens = self._lens.numpy()
-        lens[:n], lens[n:bs] = lay.decode_lens, 0  # and attends to nothing
+        block = self.runner.cache.block_size
+        rows, lens = self._rows.numpy(), self._lens.numpy()
+        rows[0, 0, :n] = lay.und_ids
+        for i in range(steps):
+            rows[1, i, :n] = [p + i for p in lay.decode_positions]
+            rows[2, i, :n] = [t[(ln - 1 + i) // block] * block + (ln - 1 + i) % block
+                              for t, ln in zip(lay.decode_tables, lay.decode_lens)]
+            lens[i, :n] = [ln + i for ln in lay.decode_lens]
+            rows[2, i, n:bs] = -1  # padding: stores nothing
+            lens[i, n:bs] = 0  # and attends to nothing
         width = max(len(t) for t in lay.decode_tables)
         tables = self._tables[: n * width].view(n, width)
         tab = tables.numpy()
         for i, t in enumerate(lay.decode_tables):
             tab[i, : len(t)] = t
-        self.rows[:, :bs].copy_(self._rows[:, :bs], non_blocking=True)
-        self.lens[:bs].copy_(self._lens[:bs], non_blocking=True)
+        self.rows[:, :steps, :bs].copy_(self._rows[:, :steps, :bs], non_blocking=True)
+        self.lens[:steps, :bs].copy_(self._lens[:steps, :bs], non_blocking=True)
         self.tables[:n, :width].copy_(tables, non_blocking=True)
-        self.graphs[bs].replay()
-        return self.logits[:n]
+        return bs
+
+    def run(self, lay: _Layout) -> torch.Tensor:
+        """One step; the logits of the batch's rows."""
+        self.graphs[self._load(lay, 1), 1].replay()
+        return self.logits[: lay.n_decode]
+
+    def run_steps(self, lay: _Layout, steps: int) -> list[list[int]]:
+        """`steps` greedy steps; each row's tokens, in order (the one device-to-host transfer)."""
+        self.graphs[self._load(lay, steps), steps].replay()
+        return self.tokens[:steps, : lay.n_decode].t().tolist()

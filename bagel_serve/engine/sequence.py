@@ -14,12 +14,18 @@ if TYPE_CHECKING:
     from bagel_serve.engine.sampling import Sampler
 
 
+DECODE_STEPS = 4
+"""Decode steps a graph replay runs on the device before the host reads their tokens (greedy batches): the
+host's work between steps, otherwise paid every token, is paid once per this many."""
+
+
 @dataclass
 class Work:
     """One piece of one sequence in a forward: append it to `context` (commit) or only attend with it.
 
-    With `want_output` the runner returns a result for it: the sampled next token when a `sampler` is given
-    (text), else the logits of its last row (text) or the velocity of its latents (image)."""
+    With `want_output` the runner returns a result for it: the sampled next tokens when a `sampler` is given
+    (text: a list of 1 to `steps` tokens, each fed back in turn, for a decode step that may run several
+    steps on the device), else the logits of its last row (text) or the velocity of its latents (image)."""
 
     context: Context
     piece: Piece
@@ -27,10 +33,12 @@ class Work:
     want_output: bool = False
     phase: str = "context_prefill"
     sampler: "Sampler | None" = None
+    steps: int = 1
+    """Decode steps the runner may take for this work in one go (rows reserved for each)."""
 
     @property
     def rows(self) -> int:
-        return piece_rows(self.piece)
+        return piece_rows(self.piece) + self.steps - 1
 
     @property
     def is_decode(self) -> bool:

@@ -166,13 +166,13 @@ class Engine:
             for state in {s.rid: s for s in owners}.values():
                 self._fail(state, e)
             return
-        self._account(works, owners, stage.now() - t0)
-        usage = stage.cache.manager
-        self.stats.kv_peak_blocks = max(self.stats.kv_peak_blocks, usage.num_used)
-        self.stats.kv_block_bytes, self.stats.kv_total_blocks = stage.cache.bytes_per_block, usage.capacity
         by_rid: dict[int, list[Any]] = {}
         for state, res in zip(owners, results):
             by_rid.setdefault(state.rid, []).append(res)
+        self._account(works, owners, by_rid, stage.now() - t0)
+        usage = stage.cache.manager
+        self.stats.kv_peak_blocks = max(self.stats.kv_peak_blocks, usage.num_used)
+        self.stats.kv_block_bytes, self.stats.kv_total_blocks = stage.cache.bytes_per_block, usage.capacity
         for state in complete:
             self._advance(state, by_rid[state.rid])
 
@@ -227,7 +227,8 @@ class Engine:
                     self.stats.phase_s[phase] = self.stats.phase_s.get(phase, 0.0) + state.result.timings[phase]
             self.stats.images += len(state.result.images)
 
-    def _account(self, works: list[Work], owners: list[RequestState], dt: float) -> None:
+    def _account(self, works: list[Work], owners: list[RequestState], results: dict[int, list[Any]],
+                 dt: float) -> None:
         st = self.stats
         st.forwards += 1
         units: dict[int, tuple[RequestState, list[Work]]] = {}
@@ -243,8 +244,9 @@ class Engine:
                 st.denoise_branch_evals += len(unit)
                 self._bar("denoising", "step").update(1)
             elif phase in ("decode", "think_decode"):
-                st.decoded_tokens += 1
-                self._bar("decoding", "tok").update(1)
+                made = len(results[s.rid][0])  # a decode step may run several on the device
+                st.decoded_tokens += made
+                self._bar("decoding", "tok").update(made)
         for phase in phases:
             st.phase_s[phase] = st.phase_s.get(phase, 0.0) + dt
 

@@ -25,7 +25,7 @@ from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.preprocess import Prepared, latent_piece, think_prompt, vit_piece
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sampling import Sampler
-from bagel_serve.engine.sequence import Work
+from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import BagelTokenizer
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.layout import TextPiece
@@ -120,19 +120,26 @@ class TextPrograms:
     def _decode(self, ctx: Context, req: Request, max_tokens: int, sampler: Sampler, phase: str,
                 on_token: TokenCallback | None):
         """Feed `<|im_start|>`, then each predicted token, until `<|im_end|>` is predicted or max_tokens
-        tokens were generated; returns the generated tokens."""
+        tokens were generated; returns the generated tokens.
+
+        After the first token (which comes alone, as soon as possible) each work lets the runner take up to
+        DECODE_STEPS steps on the device before the host looks (it returns the tokens it made); tokens past an
+        end token only ever reach this decode context, which nothing else reads."""
         ids: list[int] = []
         fed = self.tok.special.bos
         while True:
-            (nxt,) = yield [Work(ctx, TextPiece(torch.tensor([fed])), want_output=True, phase=phase, sampler=sampler)]
-            if nxt == self.tok.special.eos:
-                return ids
-            ids.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            if len(ids) >= max_tokens:
-                return ids
-            fed = nxt
+            steps = min(DECODE_STEPS, max_tokens - len(ids)) if ids else 1
+            (toks,) = yield [Work(ctx, TextPiece(torch.tensor([fed])), want_output=True, phase=phase,
+                                  sampler=sampler, steps=steps)]
+            for nxt in toks:
+                if nxt == self.tok.special.eos:
+                    return ids
+                ids.append(nxt)
+                if on_token is not None:
+                    on_token(nxt)
+                if len(ids) >= max_tokens:
+                    return ids
+            fed = toks[-1]
 
     def _fork(self, ctx: Context) -> Context:
         """`ctx.fork()` that keeps ctx's text-only token history, so that the fork's text is cached too."""

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bagel_serve.distributed.parallel_state import tp_rank, tp_world_size
-from bagel_serve.layers.kernels.small_linear import small_linear
 
 ShardId = int | str | None
 
@@ -36,9 +36,7 @@ class LinearMethod(Protocol):
 
 
 class UnquantizedLinearMethod:
-    """Plain weights in the model dtype; `out` lets the MoT pair write both experts into one buffer. A few
-    rows (decode steps) on a GPU stream the weight through `kernels.small_linear`; larger batches, and the
-    CPU, run the GEMM F.linear runs."""
+    """Plain weights in the model dtype; `out` lets the MoT pair write both experts into one buffer."""
 
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype) -> None:
@@ -49,7 +47,13 @@ class UnquantizedLinearMethod:
             layer.register_parameter("bias", None)
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return small_linear(x, layer.weight, layer.bias if layer.adds_bias else None, out)
+        bias = layer.bias if layer.adds_bias else None
+        if out is None:
+            return F.linear(x, layer.weight, bias)
+        # The same kernels F.linear runs for 2-D input, writing into the caller's rows.
+        if bias is not None:
+            return torch.addmm(bias, x, layer.weight.t(), out=out)
+        return torch.mm(x, layer.weight.t(), out=out)
 
 
 class LinearBase(nn.Module):
