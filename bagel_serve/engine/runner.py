@@ -108,10 +108,10 @@ class ModelRunner:
             with forward_context(self._context(lay, cache)):
                 hidden = self.model.transformer(self._embed(lay))
                 if lay.logit_rows:
-                    logits = self.model.lm_logits(hidden.index_select(0, torch.tensor(lay.logit_rows, device=dev)))
+                    logits = self.model.lm_logits(hidden.index_select(0, self._up(torch.tensor(lay.logit_rows))))
                 gen = [where for _, kind, where in lay.outputs if kind == "velocity"]
                 if gen:
-                    rows = torch.cat([torch.arange(a, a + n) for a, n in gen]).to(dev)
+                    rows = self._up(torch.cat([torch.arange(a, a + n) for a, n in gen]))
                     velocity = self.model.velocity(hidden.index_select(0, rows)).float()
         steps = DECODE_STEPS if bursts is not None else 1
         for w in works:
@@ -214,46 +214,54 @@ class ModelRunner:
         lay.logit_rows = [where for _, kind, where in lay.outputs if kind == "logits"]
         return lay
 
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device without waiting for the device: copies from pageable memory
+        wait for the work queued before them, which would stop the host preparing the next forward while the
+        device runs this one."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _context(self, lay: _Layout, cache: KVCache) -> ForwardContext:
-        dev = self.device
         n = lay.n_und + sum(p.latents.shape[0] for p in lay.latents)
-        positions = torch.cat([torch.tensor(lay.decode_positions, dtype=torch.int64), *lay.positions]).to(dev)
+        positions = self._up(torch.cat([torch.tensor(lay.decode_positions, dtype=torch.int64), *lay.positions]))
         slot_mapping = None
         if lay.slots or lay.decode_slots:
             sm = torch.full((n,), -1, dtype=torch.int64)
             sm[: lay.n_decode] = torch.tensor(lay.decode_slots, dtype=torch.int64)
             for a, s in lay.slots:
                 sm[a : a + s.shape[0]] = s
-            slot_mapping = sm.to(dev)
+            slot_mapping = self._up(sm)
         decode = None
         if lay.n_decode:
             width = max(len(t) for t in lay.decode_tables)
             tables = torch.zeros((lay.n_decode, width), dtype=torch.int32)
             for i, t in enumerate(lay.decode_tables):
                 tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            decode = DecodeBatch(lay.n_decode, tables.to(dev), torch.tensor(lay.decode_lens, dtype=torch.int32).to(dev),
+            decode = DecodeBatch(lay.n_decode, self._up(tables), self._up(torch.tensor(lay.decode_lens, dtype=torch.int32)),
                                  cache.block_size)
         sequences = []
         kv = [s[2] for s in lay.sequences if s[2] is not None]
-        kv_dev = iter(torch.cat(kv).to(dev).split([t.shape[0] for t in kv])) if kv else iter(())
+        kv_dev = iter(self._up(torch.cat(kv)).split([t.shape[0] for t in kv])) if kv else iter(())
         for segments, causal, slots, new in lay.sequences:
             sequences.append(SequenceAttention(segments, causal, next(kv_dev) if slots is not None else None, new))
         return ForwardContext(lay.n_und, positions, slot_mapping, cache.tensor, self.backend, decode, sequences)
 
     def _embed(self, lay: _Layout) -> torch.Tensor:
-        model, dev = self.model, self.device
-        x = model.embed_text(torch.tensor(lay.und_ids, device=dev))
+        model, up = self.model, self._up
+        x = model.embed_text(up(torch.tensor(lay.und_ids)))
         if lay.vits:
-            vit = model.embed_vit(torch.cat([p.patches for p in lay.vits]).to(dev),
-                                  torch.cat([p.position_ids for p in lay.vits]).to(dev),
+            vit = model.embed_vit(up(torch.cat([p.patches for p in lay.vits])),
+                                  up(torch.cat([p.position_ids for p in lay.vits])),
                                   [p.patches.shape[0] for p in lay.vits])
-            x.index_copy_(0, torch.tensor(lay.vit_rows, device=dev), vit.to(x.dtype))
+            x.index_copy_(0, up(torch.tensor(lay.vit_rows)), vit.to(x.dtype))
         if lay.latents:
             lat = lay.latents
-            gen = model.embed_latents(torch.cat([p.latents for p in lat]).to(dev),
-                                      torch.tensor([p.t for p in lat], dtype=torch.float32, device=dev),
-                                      [p.latents.shape[0] for p in lat],
-                                      torch.cat([p.position_ids for p in lat]).to(dev))
+            counts = [p.latents.shape[0] for p in lat]
+            gen = model.embed_latents(torch.cat([up(p.latents) for p in lat]),
+                                      up(torch.tensor([p.t for p in lat], dtype=torch.float32)), counts,
+                                      up(torch.cat([p.position_ids for p in lat])),
+                                      up(torch.tensor(counts)))
             x = torch.cat([x, gen.to(x.dtype)])
         return x
 

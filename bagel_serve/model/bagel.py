@@ -43,15 +43,16 @@ class Bagel(nn.Module):
         feats = self.vit_model(patches.to(self.dtype), position_ids, lengths)
         return self.connector(feats) + self.vit_pos_embed(position_ids)
 
-    def embed_latents(
-        self, x: torch.Tensor, t: torch.Tensor, counts: list[int], position_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def embed_latents(self, x: torch.Tensor, t: torch.Tensor, counts: list[int], position_ids: torch.Tensor,
+                      repeats: torch.Tensor | None = None) -> torch.Tensor:
         """Latent tokens: vae2llm(x) + time embedding + 2-D table.
 
-        `t` holds one flow time per image and `counts` its token count: the time MLP runs once per
-        image, not once per token.
+        `t` holds one flow time per image and `counts` its token count (`repeats`: the same counts as a tensor
+        on the device, when the caller has it there): the time MLP runs once per image, not once per token.
         """
-        temb = self.time_embedder(t).repeat_interleave(torch.tensor(counts, device=t.device), dim=0)
+        if repeats is None:
+            repeats = torch.tensor(counts, device=t.device)
+        temb = self.time_embedder(t).repeat_interleave(repeats, dim=0, output_size=sum(counts))
         return (self.vae2llm(x.to(self.dtype)) + temb) + self.latent_pos_embed(position_ids)
 
     def transformer(self, x: torch.Tensor) -> torch.Tensor:
