@@ -42,7 +42,10 @@ def case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 class Recorder:
-    """Wraps the model runner's forward and its sampler to record what each request program received."""
+    """Wraps the model runner's forward and its sampler to record what each request program received.
+
+    While recording, every decode step goes through the sampler (no multi-step bursts, which sample on the
+    device), so that each step's logits are seen; they are copied because a CUDA graph reuses its buffer."""
 
     def __init__(self, omni: Omni) -> None:
         self.runner = omni.stage.runner
@@ -58,14 +61,15 @@ class Recorder:
             return res
 
         def sampling(logits, samplers):
-            self.logits += [row.float() for row in logits]
+            self.logits += [row.to(torch.float32, copy=True) for row in logits]
             return sample(logits, samplers)
 
         self.runner.execute, self.runner.sample = wrapped, sampling
+        self.runner._bursts = lambda works, lay: False
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.runner.execute, self.runner.sample
+        del self.runner.execute, self.runner.sample, self.runner._bursts
 
     def decode_logits(self) -> list[torch.Tensor]:
         """The logits of each decode step, in order."""
@@ -104,8 +108,10 @@ def kwargs_to_request(c: dict) -> dict:
 @pytest.mark.parametrize("name", ["t2t_greedy_0", "t2t_greedy_1", "t2t_greedy_2", "t2t_think", "img2text_rgb"])
 def test_text_cases(omni: Omni, name: str) -> None:
     c, g = case(name)
+    (plain,) = omni.generate([kwargs_to_request(c)])  # as served: on a GPU, greedy steps run in bursts
     with Recorder(omni) as rec:
         (out,) = omni.generate([kwargs_to_request(c)])
+    assert plain.token_ids == out.token_ids
     # The context segments fed to the full context, in order (the reference also feeds cfg copies).
     fed = rec.text_segments()
     ref_segments = [g[k].tolist() for k in sorted(k for k in g if k.startswith("context_text_ids_"))]
@@ -158,8 +164,10 @@ def image_diff(img: Image.Image, ref: torch.Tensor) -> int:
 @pytest.mark.parametrize("name", ["t2i_64x64", "t2i_64x64_cfgimg1.5", "img2img"])
 def test_image_cases(omni: Omni, name: str) -> None:
     c, g = case(name)
+    (plain,) = omni.generate([kwargs_to_request(c)])  # as served: on a GPU, greedy steps run in bursts
     with Recorder(omni) as rec:
         (out,) = omni.generate([kwargs_to_request(c)])
+    assert plain.token_ids == out.token_ids
     steps = rec.denoise_steps()
     flow = c["flow_steps"]
     assert len(steps) == len(flow)
