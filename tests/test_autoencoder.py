@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from bagel_serve.imaging import ImageTransformConfig, load_image, pack_latent, resize, to_tensor, unpack_latent
-from bagel_serve.model.autoencoder import AutoEncoder, AutoEncoderParams, decoded_to_uint8
+from bagel_serve.config.model_config import AutoEncoderParams
+from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
 
 TOL = 1e-4
 

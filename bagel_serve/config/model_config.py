@@ -8,13 +8,13 @@ present, falling back to the values the official app hard-codes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bagel_serve.imaging import VAE_TRANSFORM_DEFAULT, VIT_TRANSFORM_DEFAULT, ImageTransformConfig
-from bagel_serve.model.autoencoder import AutoEncoderParams
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,73 @@ class ViTConfig:
             num_channels=int(d.get("num_channels", 3)),
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
         )
+
+
+VAE_NORM_GROUPS = 32
+"""GroupNorm groups of every autoencoder norm: its channel counts must divide by it."""
+
+
+@dataclass
+class AutoEncoderParams:
+    """Hyper-parameters of the autoencoder; the defaults are the FLUX/BAGEL values (`load_ae`)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    downsample: int = 8
+
+    def __post_init__(self) -> None:
+        # Validate eagerly: a bad value would otherwise surface as an obscure GroupNorm or
+        # state-dict shape error long after the config was read.
+        self.ch_mult = tuple(self.ch_mult)
+        for name in ("resolution", "in_channels", "ch", "out_ch", "num_res_blocks", "z_channels", "downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.ch_mult or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in self.ch_mult):
+            raise ValueError(f"ch_mult must be a non-empty sequence of positive integers, got {self.ch_mult!r}")
+        if self.ch % VAE_NORM_GROUPS:
+            raise ValueError(f"ch must be divisible by {VAE_NORM_GROUPS} (GroupNorm groups), got {self.ch}")
+        for m in self.ch_mult:
+            if (self.ch * m) % VAE_NORM_GROUPS:
+                raise ValueError(
+                    f"ch_mult entry {m} gives {self.ch * m} channels, not divisible by {VAE_NORM_GROUPS} (GroupNorm groups)"
+                )
+        if 2 ** (len(self.ch_mult) - 1) != self.downsample:
+            raise ValueError(
+                f"downsample={self.downsample} does not match ch_mult {self.ch_mult} "
+                f"(which downsamples by {2 ** (len(self.ch_mult) - 1)})"
+            )
+        for name in ("scale_factor", "shift_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.scale_factor == 0:
+            raise ValueError("scale_factor must be non-zero")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> AutoEncoderParams:
+        """Build from a checkpoint's `vae_config`; the real BAGEL checkpoint has none, hence the
+        FLUX defaults for `None`. Unknown keys are ignored so newer config files still load."""
+        if d is None:
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "ch_mult" in kwargs:
+            value = kwargs["ch_mult"]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"ch_mult must be a list of integers, got {value!r}")
+            kwargs["ch_mult"] = tuple(value)
+        for name in ("scale_factor", "shift_factor"):
+            if isinstance(kwargs.get(name), int) and not isinstance(kwargs[name], bool):
+                kwargs[name] = float(kwargs[name])
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)

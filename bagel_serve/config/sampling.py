@@ -18,6 +18,8 @@ SEED_MAX = 2**63 - 1
 """Seeds are torch generator seeds: integers in [0, 2**63 - 1]."""
 MAX_STEPS = 1000
 """The most denoising timesteps a request may ask for."""
+RENORM_TYPES = ("global", "channel", "text_channel")
+"""How guided velocities are renormalised (`cfg_renorm_type`, the reference's names)."""
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,18 @@ at once, so the branches share one forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from PIL import Image
 
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.kv_cache import Context
+from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sequence import Work
 from bagel_serve.imaging import flattened_position_ids, pack_latent, to_tensor, unpack_latent
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
 from bagel_serve.model.layout import LatentPiece, latent_grid
-
-if TYPE_CHECKING:  # request.py imports RENORM_TYPES from here
-    from bagel_serve.engine.request import Request, RequestOutput
-
-RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 def flow_schedule(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,9 +28,8 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
-from bagel_serve.config.sampling import MAX_STEPS, MAX_TOKENS_LIMIT, SEED_MAX, SamplingParams
+from bagel_serve.config.sampling import MAX_STEPS, MAX_TOKENS_LIMIT, RENORM_TYPES, SEED_MAX, SamplingParams
 from bagel_serve.config.validate import ValidationError, check_field, opt, short
-from bagel_serve.engine.diffusion import RENORM_TYPES
 
 MODALITIES = ("text2text", "img2text", "text2img", "img2img")
 

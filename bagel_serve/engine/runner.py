@@ -24,8 +24,8 @@ from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.sampling import sample
 from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import SpecialTokens
-from bagel_serve.layers.attention_backends import AttentionBackend, select_backend
-from bagel_serve.layers.forward_context import DecodeBatch, ForwardContext, SequenceAttention, forward_context
+from bagel_serve.layers.attention_backends import AttentionBackend, DecodeBatch, SequenceAttention, select_backend
+from bagel_serve.layers.forward_context import ForwardContext, forward_context
 from bagel_serve.layers.kernels import use_triton
 from bagel_serve.model.bagel import Bagel
 from bagel_serve.model.layout import LatentPiece, TextPiece, VitPiece, gen_rows, is_causal, piece_positions, rope_advance, und_rows

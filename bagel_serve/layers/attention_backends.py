@@ -6,24 +6,51 @@
 - `cuda`: cuDNN / flash SDPA for prefill and denoising sequences, and a Triton paged kernel for the
   one-token decode steps of every sequence at once, reading keys through block tables (CUDA-graph safe).
 
-Both take the same inputs (`layers.forward_context`): a backend never sees requests, only rows, slots and
-block tables.
+Both read the same metadata (`DecodeBatch`, `SequenceAttention`, which the runner puts in the forward
+context): a backend never sees requests, only rows, slots and block tables.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from bagel_serve.layers.forward_context import DecodeBatch, SequenceAttention, current_forward_context
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
+
+
+@dataclass
+class DecodeBatch:
+    """Rows [0, n) are one-token causal steps; sequence i's keys are its first `context_lens[i]` cache rows
+    (its new token included: it is stored before attention), addressed through `block_tables[i]`."""
+
+    n: int
+    block_tables: torch.Tensor  # int32 [n (or a CUDA-graph bucket), max blocks]
+    context_lens: torch.Tensor  # int32 [n (or bucket)]
+    block_size: int
+
+
+@dataclass
+class SequenceAttention:
+    """How one non-decode sequence attends: queries are the rows of `q_segments` (start, length), keys and
+    values are the cache rows at `kv_slots` followed by the forward's rows of `new_segments` (rows that were
+    not stored: a denoising step never writes its latents into the cache)."""
+
+    q_segments: list[tuple[int, int]]
+    causal: bool
+    kv_slots: torch.Tensor | None  # int64 [cached keys], on the model's device (None: no cached keys)
+    new_segments: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_queries(self) -> int:
+        return sum(n for _, n in self.q_segments)
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -159,10 +186,3 @@ def select_backend(device: torch.device, name: str | None = None) -> AttentionBa
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"attention backend 'cuda' needs a CUDA device, the model is on {device}")
     return BACKENDS[name]()
-
-
-def backend_for(device: torch.device) -> AttentionBackend:
-    """The running forward's backend, or the default one for `device` outside a forward (a module called
-    on its own, as tests do)."""
-    ctx = current_forward_context()
-    return ctx.backend if ctx is not None else select_backend(device)

@@ -12,39 +12,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
-if TYPE_CHECKING:
-    from bagel_serve.layers.attention_backends import AttentionBackend
-
-
-@dataclass
-class DecodeBatch:
-    """Rows [0, n) are one-token causal steps; sequence i's keys are its first `context_lens[i]` cache rows
-    (its new token included: it is stored before attention), addressed through `block_tables[i]`."""
-
-    n: int
-    block_tables: torch.Tensor  # int32 [n (or a CUDA-graph bucket), max blocks]
-    context_lens: torch.Tensor  # int32 [n (or bucket)]
-    block_size: int
-
-
-@dataclass
-class SequenceAttention:
-    """How one non-decode sequence attends: queries are the rows of `q_segments` (start, length), keys and
-    values are the cache rows at `kv_slots` followed by the forward's rows of `new_segments` (rows that were
-    not stored: a denoising step never writes its latents into the cache)."""
-
-    q_segments: list[tuple[int, int]]
-    causal: bool
-    kv_slots: torch.Tensor | None  # int64 [cached keys], on the model's device (None: no cached keys)
-    new_segments: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_queries(self) -> int:
-        return sum(n for _, n in self.q_segments)
+from bagel_serve.layers.attention_backends import AttentionBackend, DecodeBatch, SequenceAttention, select_backend
 
 
 @dataclass
@@ -57,7 +29,7 @@ class ForwardContext:
     """int64 [rows]: the cache slot each row's K/V is stored in, -1 for rows that are not stored."""
     kv_cache: torch.Tensor | None
     """[layers, 2, slots, kv heads, head dim]: layer l's keys are kv_cache[l, 0], its values kv_cache[l, 1]."""
-    backend: "AttentionBackend"
+    backend: AttentionBackend
     decode: DecodeBatch | None = None
     sequences: list[SequenceAttention] = field(default_factory=list)
 
@@ -71,6 +43,13 @@ _LOCAL = threading.local()
 
 def current_forward_context() -> ForwardContext | None:
     return getattr(_LOCAL, "ctx", None)
+
+
+def backend_for(device: torch.device) -> AttentionBackend:
+    """The running forward's backend, or the default one for `device` outside a forward (a module called
+    on its own, as tests do)."""
+    ctx = current_forward_context()
+    return ctx.backend if ctx is not None else select_backend(device)
 
 
 def get_forward_context() -> ForwardContext:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_serve.config.model_config import ViTConfig
-from bagel_serve.layers.attention_backends import backend_for
+from bagel_serve.layers.forward_context import backend_for
 
 
 class SiglipEmbeddings(nn.Module):

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bagel_serve.config.model_config import BagelConfig, LLMConfig, ViTConfig
+from bagel_serve.config.model_config import AutoEncoderParams, BagelConfig, LLMConfig, ViTConfig
 from bagel_serve.imaging import ImageTransformConfig
 from bagel_serve.layers.norm import RMSNorm
-from bagel_serve.model.autoencoder import AutoEncoder, AutoEncoderParams
+from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
 from bagel_serve.model.embeddings import PositionEmbedding, sincos_2d_table
 from bagel_serve.model.loader import checkpoint_manifest
