@@ -1,9 +1,9 @@
-"""Image preprocessing and latent/patch layouts, matching the reference BAGEL inference path.
+"""Image reading and preprocessing (pixels in, normalised tensors out), matching the reference BAGEL path.
 
 Reproducing reference outputs depends on details that look incidental: the resize rule uses Python's
 banker's rounding and may violate its own minimum edge, resizing is PIL bicubic (what torchvision
-does for PIL input), transparency is composited onto white, and the token layouts of ViT patches and
-VAE latents are fixed orderings the model was trained with.
+does for PIL input) and transparency is composited onto white. How the tensors become tokens (patch and
+latent orderings, position ids) is `model/layout.py`'s.
 """
 
 from __future__ import annotations
@@ -185,49 +185,3 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     x = x.to(torch.float32).div(255)
     return (x - 0.5) / 0.5
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(C, H, W) -> (nh*nw, patch*patch*C): patches row-major, each flattened in (py, px, c) order,
-    the order the ViT's linear patch embedding was converted for."""
-    c, h, w = x.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
-    nh, nw = h // patch, w // patch
-    x = x.reshape(c, nh, patch, nw, patch).permute(1, 3, 2, 4, 0)
-    return x.reshape(nh * nw, patch * patch * c)
-
-
-def flattened_position_ids(nh: int, nw: int, max_per_side: int) -> torch.Tensor:
-    """Row-major ids r*max_per_side + c into a (max_per_side x max_per_side) position table.
-
-    Grids larger than the table are rejected: their ids would silently alias other positions.
-    """
-    if nh <= 0 or nw <= 0:
-        raise ValueError(f"patch grid must be non-empty, got {nh}x{nw}")
-    if nh > max_per_side or nw > max_per_side:
-        raise ValueError(f"patch grid {nh}x{nw} exceeds the position table side {max_per_side}")
-    rows = torch.arange(nh, dtype=torch.long)
-    cols = torch.arange(nw, dtype=torch.long)
-    return (rows[:, None] * max_per_side + cols[None, :]).flatten()
-
-
-def pack_latent(latent: torch.Tensor, p: int) -> torch.Tensor:
-    """(z, p*h, p*w) latent -> (h*w, p*p*z) tokens; within a token the index is (py*p + px)*z + ch."""
-    z, hh, ww = latent.shape
-    if hh % p or ww % p:
-        raise ValueError(f"latent size {hh}x{ww} is not a multiple of the latent patch size {p}")
-    h, w = hh // p, ww // p
-    x = latent.reshape(z, h, p, w, p).permute(1, 3, 2, 4, 0)
-    return x.reshape(h * w, p * p * z)
-
-
-def unpack_latent(tokens: torch.Tensor, h: int, w: int, z_channels: int, p: int) -> torch.Tensor:
-    """Exact inverse of `pack_latent`: (h*w, p*p*z) -> (z, p*h, p*w)."""
-    if tuple(tokens.shape) != (h * w, p * p * z_channels):
-        raise ValueError(
-            f"expected latent tokens of shape ({h * w}, {p * p * z_channels}) for a {h}x{w} grid, "
-            f"got {tuple(tokens.shape)}"
-        )
-    x = tokens.reshape(h, w, p, p, z_channels).permute(4, 0, 2, 1, 3)
-    return x.reshape(z_channels, h * p, w * p)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bagel_serve.imaging import ImageTransformConfig, load_image, pack_latent, resize, to_tensor, unpack_latent
+from bagel_serve.imaging import ImageTransformConfig, load_image, resize, to_tensor
+from bagel_serve.model.layout import pack_latent, unpack_latent
 from bagel_serve.config.model_config import AutoEncoderParams
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
 

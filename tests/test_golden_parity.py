@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bagel_serve import Omni
-from bagel_serve.model.layout import LatentPiece, TextPiece
-from bagel_serve.imaging import flattened_position_ids, load_image, patchify, resize, to_tensor
+from bagel_serve.model.layout import LatentPiece, TextPiece, flattened_position_ids, patchify
+from bagel_serve.imaging import load_image, resize, to_tensor
 from bagel_serve.model.embeddings import sincos_2d_table, timestep_frequencies
 from bagel_serve.layers.rotary import inv_frequencies, rope_tables
 

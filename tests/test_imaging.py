@@ -11,20 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bagel_serve.imaging import (
-    VAE_TRANSFORM_DEFAULT,
-    VIT_TRANSFORM_DEFAULT,
-    ImageInputError,
-    ImageTransformConfig,
-    flattened_position_ids,
-    load_image,
-    pack_latent,
-    patchify,
-    resize,
-    resize_size,
-    to_tensor,
-    unpack_latent,
-)
+from bagel_serve.imaging import VAE_TRANSFORM_DEFAULT, VIT_TRANSFORM_DEFAULT, ImageInputError, ImageTransformConfig, load_image, resize, resize_size, to_tensor
+from bagel_serve.model.layout import flattened_position_ids, pack_latent, patchify, unpack_latent
 
 
 def _case(cases: dict, name: str) -> dict:

@@ -19,9 +19,9 @@ from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.kv_cache import Context
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sequence import Work
-from bagel_serve.imaging import flattened_position_ids, pack_latent, to_tensor, unpack_latent
+from bagel_serve.imaging import to_tensor
+from bagel_serve.model.layout import LatentPiece, flattened_position_ids, latent_grid, pack_latent, unpack_latent
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
-from bagel_serve.model.layout import LatentPiece, latent_grid
 
 
 def flow_schedule(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:

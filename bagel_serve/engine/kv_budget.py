@@ -17,10 +17,9 @@ from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.runner import ModelRunner
 from bagel_serve.engine.sequence import Work
 from bagel_serve.engine.tokenizer import SpecialTokens
-from bagel_serve.imaging import flattened_position_ids
+from bagel_serve.model.layout import LatentPiece, TextPiece, flattened_position_ids
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
-from bagel_serve.model.layout import LatentPiece, TextPiece
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 OTHER_PROCESS_RESERVE_BYTES = 6 * 2**30

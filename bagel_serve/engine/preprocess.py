@@ -12,16 +12,8 @@ from PIL import Image
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.request import Request, RequestError
 from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelTokenizer
-from bagel_serve.imaging import (
-    ImageInputError,
-    flattened_position_ids,
-    load_image,
-    patchify,
-    resize,
-    resize_size,
-    to_tensor,
-)
-from bagel_serve.model.layout import LatentPiece, VitPiece, latent_grid
+from bagel_serve.imaging import ImageInputError, load_image, resize, resize_size, to_tensor
+from bagel_serve.model.layout import LatentPiece, VitPiece, flattened_position_ids, latent_grid, patchify
 
 
 @dataclass
