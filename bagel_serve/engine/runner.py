@@ -271,7 +271,7 @@ class DecodeGraphs:
     over static input buffers; padded rows write nowhere (slot -1) and attend to nothing. Two per bucket: one
     step that leaves the logits for sampling, and DECODE_STEPS greedy steps that feed each step's argmax to
     the next on the device, for the host to read once. Inputs go up from pinned staging buffers in three
-    asynchronous copies."""
+    asynchronous copies, which the next load waits for before it rewrites those buffers."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int) -> None:
         self.runner = runner
@@ -286,6 +286,8 @@ class DecodeGraphs:
         self._rows = torch.zeros((3, k, n), dtype=torch.int64).pin_memory()
         self._lens = torch.zeros((k, n), dtype=torch.int32).pin_memory()
         self._tables = torch.zeros(n * max_blocks, dtype=torch.int32).pin_memory()
+        self._staged = torch.cuda.Event()
+        """Recorded after the copies out of the staging buffers: they are not rewritten before it passed."""
         vocab = runner.model.config.llm.vocab_size
         self.logits = torch.empty((n, vocab), dtype=runner.model.dtype, device=dev)  # every graph writes here
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch bucket, steps)
@@ -330,6 +332,7 @@ class DecodeGraphs:
 
     def _load(self, lay: _Layout, steps: int) -> int:
         """Stage the batch's inputs for `steps` steps and copy them up; returns the bucket."""
+        self._staged.synchronize()  # the last load's copies may still be reading the staging buffers
         n = lay.n_decode
         bs = next(b for b in self.sizes if b >= n)
         block = self.runner.cache.block_size
@@ -350,6 +353,7 @@ class DecodeGraphs:
         self.rows[:, :steps, :bs].copy_(self._rows[:, :steps, :bs], non_blocking=True)
         self.lens[:steps, :bs].copy_(self._lens[:steps, :bs], non_blocking=True)
         self.tables[:n, :width].copy_(tables, non_blocking=True)
+        self._staged.record(torch.cuda.current_stream(self.runner.device))
         return bs
 
     def run(self, lay: _Layout) -> torch.Tensor:
