@@ -125,10 +125,10 @@ class ModelRunner:
 
     @staticmethod
     def _bursts(works: list[Work], lay: _Layout) -> bool:
-        """Whether a decode batch can run DECODE_STEPS steps on the device: every work greedy, wanting its
-        tokens, with that many rows reserved."""
-        return all(w.want_output and w.steps >= DECODE_STEPS and w.sampler is not None and w.sampler.greedy
-                   and not w.sampler.penalized for w in works)
+        """Whether a decode batch can run DECODE_STEPS steps on the device: every work's sampler able to
+        burst (`Sampler.can_burst`), wanting its tokens, with that many rows reserved."""
+        return all(w.want_output and w.steps >= DECODE_STEPS and w.sampler is not None and w.sampler.can_burst
+                   for w in works)
 
     def _results(self, works: list[Work], lay: _Layout, logits: torch.Tensor | None,
                  velocity: torch.Tensor | None) -> list[Any]:
