@@ -241,3 +241,26 @@ def test_decode_asks_for_bursts_only_when_its_sampler_can_burst(single: Omni, mo
         req = make_request({**base, **extra}, 0)
         stage.run_alone(stage.program(0, req, stage.prepare(0, req)))
         assert asked and max(asked) == most, extra
+
+
+def test_decoded_tokens_stop_at_the_end_token(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens a burst made past an end token are thrown away by the decode, and not counted as decoded."""
+    stage = single.stage
+    eos = stage.tok.special.eos
+    orig = stage.runner.execute
+    decodes: list[int] = []
+
+    def burst_past_the_end(works):
+        out = orig(works)
+        if any(w.phase == "decode" for w in works):
+            decodes.append(len(works))
+            if len(decodes) == 2:  # as a device burst that predicted the end at its second step
+                return [[out[0][0], eos, 7, 7]]
+        return out
+
+    monkeypatch.setattr(stage.runner, "execute", burst_past_the_end)
+    engine = Engine(stage)
+    engine.add_request(0, make_request({"modality": "text2text", "prompt": "Tell me", "max_tokens": 8}, 0))
+    ((_, out, err),) = list(engine.run())
+    assert err is None and decodes == [1, 1] and len(out.token_ids) == 2
+    assert engine.stats.decoded_tokens == 3  # the first token alone, then the burst's two up to the end

@@ -186,6 +186,12 @@ class TextPrograms:
             self._text_ids[ctx] = history
 
 
+def tokens_made(tokens: list[int], eos: int) -> int:
+    """How many of a decode work's tokens the request generated: up to and including the first end token
+    (a burst runs all its steps on the device; `_decode` throws away what came after the end)."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+
 def _think_part(text: str) -> str | None:
     start, end = text.find("<think>"), text.find("</think>")
     if start < 0:
