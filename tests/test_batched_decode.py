@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bagel_serve import Omni
-from bagel_serve.engine.kv_cache import Context
+from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.runner import reserve_blocks
 from bagel_serve.engine.sequence import Work
 from bagel_serve.model.layout import TextPiece
@@ -95,3 +95,16 @@ def test_concurrent_streams_give_the_same_answers(omni: Omni, monkeypatch: pytes
         assert a.token_ids == b.token_ids and a.text == b.text and a.think_text == b.think_text
         if a.latents is not None:
             assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_one_forward_reads_one_cache(omni: Omni) -> None:
+    """Contexts of two caches in one forward are refused before their rows are placed (the placing uses the
+    first work's block size)."""
+    stage = omni.stage
+    llm = stage.cfg.llm
+    other = KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 8, block_size=4)
+    ctx = Context(stage.cache)
+    run(omni, [Work(ctx, TextPiece(torch.arange(20)))])
+    works = [Work(Context(other), TextPiece(torch.arange(2))), Work(ctx, TextPiece(torch.tensor([3])))]
+    with pytest.raises(RuntimeError, match="must live in one KV cache"):
+        run(omni, works)

@@ -91,11 +91,10 @@ class ModelRunner:
         the tokens sampled for works with a sampler (a list: one, or a burst of DECODE_STEPS when a greedy
         decode batch runs that many steps in one graph replay), the last row's logits for other text works
         that want output, the velocity of the latents for latent works that want output, else None."""
-        lay = self._layout(works)
-        dev = self.device
         cache = works[0].context.cache
         if any(w.context.cache is not cache for w in works):
             raise RuntimeError("the contexts of one forward must live in one KV cache")
+        lay = self._layout(works)
         logits = velocity = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
             if self._bursts(works, lay):
@@ -182,11 +181,14 @@ class ModelRunner:
             pu, pg = piece_positions(piece, ctx.rope)
             lay.positions.append(pu)
             gen_pos.append(pg)
+            # The cache slots the sequence attends to: its cached rows', then (when stored) its new rows', which
+            # are also where the forward writes them.
+            kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
             if w.commit:
-                slots = ctx.slots(ctx.length, ctx.length + nu + ng)
-                lay.slots.append((u, slots[:nu]))
+                new = kv[ctx.length :]
+                lay.slots.append((u, new[:nu]))
                 if ng:
-                    lay.slots.append((g, slots[nu:]))
+                    lay.slots.append((g, new[nu:]))
             if isinstance(piece, TextPiece):
                 lay.und_ids += piece.ids.tolist()
                 segments = [(u, nu)]
@@ -199,7 +201,6 @@ class ModelRunner:
                 lay.und_ids += [vs, ve]
                 lay.latents.append(piece)
                 segments = [(u, nu), (g, ng)]
-            kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
             lay.sequences.append((segments, is_causal(piece), kv, [] if w.commit else segments))
             if w.want_output:
                 if isinstance(piece, LatentPiece):
