@@ -25,10 +25,16 @@ import torch
 
 from bagel_serve.engine.block_manager import BlockManager, PoolExhausted
 
-__all__ = ["BLOCK_SIZE", "KVCache", "Context", "PoolExhausted"]
+__all__ = ["BLOCK_SIZE", "KVCache", "Context", "PoolExhausted", "slot_of"]
 
 BLOCK_SIZE = 16
 """Rows per block (vLLM's default): small enough that forks copy little, large enough for the kernels."""
+
+
+def slot_of(block_table: Sequence[int], row: int, block_size: int) -> int:
+    """The cache slot of one row of a context whose blocks are `block_table`, in plain integers (the runner
+    places every decode token with it; `KVCache.slots` is the same rule over a range of rows, as a tensor)."""
+    return block_table[row // block_size] * block_size + row % block_size
 
 
 class KVCache:

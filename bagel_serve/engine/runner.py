@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bagel_serve.engine.kv_cache import KVCache
+from bagel_serve.engine.kv_cache import KVCache, slot_of
 from bagel_serve.engine.sampling import sample
 from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import SpecialTokens
@@ -167,7 +167,7 @@ class ModelRunner:
             table = ctx.block_table
             lay.und_ids.append(int(w.piece.ids[0]))
             lay.decode_positions.append(ctx.rope)
-            lay.decode_slots.append(table[n // bs] * bs + n % bs)
+            lay.decode_slots.append(slot_of(table, n, bs))
             lay.decode_tables.append(table)
             lay.decode_lens.append(n + 1)
             if w.want_output:
@@ -341,8 +341,7 @@ class DecodeGraphs:
         rows[0, 0, :n] = lay.und_ids
         for i in range(steps):
             rows[1, i, :n] = [p + i for p in lay.decode_positions]
-            rows[2, i, :n] = [t[(ln - 1 + i) // block] * block + (ln - 1 + i) % block
-                              for t, ln in zip(lay.decode_tables, lay.decode_lens)]
+            rows[2, i, :n] = [slot_of(t, ln - 1 + i, block) for t, ln in zip(lay.decode_tables, lay.decode_lens)]
             lens[i, :n] = [ln + i for ln in lay.decode_lens]
             rows[2, i, n:bs] = -1  # padding: stores nothing
             lens[i, n:bs] = 0  # and attends to nothing
