@@ -185,10 +185,6 @@ class Context:
     def block_table(self) -> tuple[int, ...]:
         return tuple(self._blocks)
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def __repr__(self) -> str:
         return (f"Context(length={self.length}, rope={self.rope}, blocks={len(self._blocks)}"
                 f"{', released' if self._released else ''})")

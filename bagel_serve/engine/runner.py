@@ -64,7 +64,8 @@ class _Layout:
 
     @property
     def pure_decode(self) -> bool:
-        return self.n_decode == self.n_und and not self.latents
+        """Every work a one-token decode step: no other sequence is in the forward."""
+        return not self.sequences
 
 
 class ModelRunner:
@@ -77,7 +78,6 @@ class ModelRunner:
         self.special = special
         self.device = model.device
         self.backend: AttentionBackend = select_backend(self.device, attention_backend)
-        self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
         if self.device.type == "cuda" and not enforce_eager and use_triton(cache.tensor):

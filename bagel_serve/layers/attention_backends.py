@@ -48,10 +48,6 @@ class SequenceAttention:
     kv_slots: torch.Tensor | None  # int64 [cached keys], on the model's device (None: no cached keys)
     new_segments: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
-    def num_queries(self) -> int:
-        return sum(n for _, n in self.q_segments)
-
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Lk >= Lq; float32 softmax, output in q's dtype."""
