@@ -52,7 +52,7 @@ class KVCache:
                 self.tensor = torch.empty(shape, dtype=dtype, device=device)
                 if shared and self.tensor.device.type == "cpu":
                     self.tensor.share_memory_()
-                self.tensor[:, :, : block_size].zero_()  # the null block: what padded rows read
+                self.tensor[:, :, : block_size].zero_()  # the null block (table padding): never read, but finite
         except torch.OutOfMemoryError as e:
             raise PoolExhausted(f"cannot allocate a KV cache of {num_blocks} blocks "
                                 f"({num_blocks * self.bytes_per_block_of(shape, dtype, block_size) / 2**30:.2f} GiB) "
