@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from bagel_serve import Omni
-from bagel_serve.engine.kv_cache import Context
+from bagel_serve.engine.kv_cache import Context, KVCache, slot_of
 from bagel_serve.engine.runner import reserve_blocks
 from bagel_serve.engine.sequence import Work
+from bagel_serve.layers.attention_backends import DecodeBatch, ExactBackend, exact_attention
 from bagel_serve.model.layout import TextPiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +96,33 @@ def test_concurrent_streams_give_the_same_answers(omni: Omni, monkeypatch: pytes
         assert a.token_ids == b.token_ids and a.text == b.text and a.think_text == b.think_text
         if a.latents is not None:
             assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_one_forward_reads_one_cache(omni: Omni) -> None:
+    """Contexts of two caches in one forward are refused before their rows are placed (the placing uses the
+    first work's block size)."""
+    stage = omni.stage
+    llm = stage.cfg.llm
+    other = KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 8, block_size=4)
+    ctx = Context(stage.cache)
+    run(omni, [Work(ctx, TextPiece(torch.arange(20)))])
+    works = [Work(Context(other), TextPiece(torch.arange(2))), Work(ctx, TextPiece(torch.tensor([3])))]
+    with pytest.raises(RuntimeError, match="must live in one KV cache"):
+        run(omni, works)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (28, 4, 128)])
+def test_a_decode_step_is_exact_attention_over_its_rows(heads: int, kv_heads: int, dim: int) -> None:
+    """The exact backend's decode (the paged kernel's twin) is, bit for bit, `exact_attention` of each
+    step's query over its sequence's cached rows: the CPU judge decodes as it prefills."""
+    g = torch.Generator().manual_seed(0)
+    block, lens = 16, [37, 1, 150]
+    k_cache, v_cache = (torch.randn(40 * block, kv_heads, dim, generator=g) for _ in range(2))
+    tables = torch.stack([torch.randperm(39, generator=g)[:10] + 1 for _ in lens]).int()
+    q = torch.randn(len(lens), heads, dim, generator=g)
+    out = torch.empty_like(q)
+    batch = DecodeBatch(len(lens), tables, torch.tensor(lens, dtype=torch.int32), block)
+    ExactBackend().decode(q, k_cache, v_cache, batch, out)
+    for i, n in enumerate(lens):
+        slots = torch.tensor([slot_of(tables[i].tolist(), r, block) for r in range(n)])
+        assert torch.equal(out[i : i + 1], exact_attention(q[i : i + 1], k_cache[slots], v_cache[slots], causal=False))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bagel_serve.engine.block_manager import BlockManager, PoolExhausted
-from bagel_serve.engine.kv_cache import Context, KVCache
+from bagel_serve.engine.kv_cache import Context, KVCache, slot_of
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -95,6 +95,7 @@ def test_preallocated_tensor_layout_and_slots(gen: torch.Generator) -> None:
     expect = [blocks[0] * 4 + i for i in range(4)] + [blocks[1] * 4 + i for i in range(2)]
     assert r.ctx.slots(0, 6).tolist() == expect
     assert cache.slots(list(blocks), 3, 5).tolist() == expect[3:5]
+    assert [slot_of(blocks, row, 4) for row in range(6)] == expect  # the runner's per-token form
     with pytest.raises(RuntimeError, match="reserve first"):
         r.ctx.slots(0, 9)
     r.check()

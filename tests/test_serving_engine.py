@@ -13,6 +13,7 @@ from bagel_serve.engine.diffusion import Handoff, HandoffError
 from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.request import make_request
 from bagel_serve.engine.scheduler import SchedulerConfig
+from bagel_serve.engine.sequence import DECODE_STEPS
 from bagel_serve.engine.stage_engine import Engine, Stage
 from bagel_serve.model.layout import TextPiece
 
@@ -220,3 +221,46 @@ def test_estimate_bounds_what_requests_hold(single: Omni) -> None:
         finally:
             del stage.runner.execute
         assert max(held) <= stage.estimate_blocks(req, prep), case
+
+
+def test_decode_asks_for_bursts_only_when_its_sampler_can_burst(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work reserves rows for every step it asks for: only greedy, unpenalised decodes ask for a burst."""
+    stage = single.stage
+    orig = stage.runner.execute
+    asked: list[int] = []
+
+    def spy(works):
+        asked.extend(w.steps for w in works if w.sampler is not None)
+        return orig(works)
+
+    monkeypatch.setattr(stage.runner, "execute", spy)
+    base = {"modality": "text2text", "prompt": "Tell me", "max_tokens": 8, "seed": 3}
+    for extra, most in (({}, DECODE_STEPS), ({"do_sample": True, "text_temperature": 1.0}, 1),
+                        ({"repetition_penalty": 1.2}, 1)):
+        asked.clear()
+        req = make_request({**base, **extra}, 0)
+        stage.run_alone(stage.program(0, req, stage.prepare(0, req)))
+        assert asked and max(asked) == most, extra
+
+
+def test_decoded_tokens_stop_at_the_end_token(single: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens a burst made past an end token are thrown away by the decode, and not counted as decoded."""
+    stage = single.stage
+    eos = stage.tok.special.eos
+    orig = stage.runner.execute
+    decodes: list[int] = []
+
+    def burst_past_the_end(works):
+        out = orig(works)
+        if any(w.phase == "decode" for w in works):
+            decodes.append(len(works))
+            if len(decodes) == 2:  # as a device burst that predicted the end at its second step
+                return [[out[0][0], eos, 7, 7]]
+        return out
+
+    monkeypatch.setattr(stage.runner, "execute", burst_past_the_end)
+    engine = Engine(stage)
+    engine.add_request(0, make_request({"modality": "text2text", "prompt": "Tell me", "max_tokens": 8}, 0))
+    ((_, out, err),) = list(engine.run())
+    assert err is None and decodes == [1, 1] and len(out.token_ids) == 2
+    assert engine.stats.decoded_tokens == 3  # the first token alone, then the burst's two up to the end

@@ -1,8 +1,9 @@
 """Who this process is among the ranks that shard one model (tensor parallelism).
 
-The layers ask here for their rank and world size instead of assuming one GPU; until a stage runs with
-`tensor_parallel_size > 1` (which starts real process groups) the answer is rank 0 of 1 and every
-collective is the identity.
+The layers ask here for their rank and world size instead of assuming one GPU. Nothing starts process
+groups yet (a deploy config with `tensor_parallel_size > 1` is refused as not built), so today the answer is
+rank 0 of 1 and every collective is the identity; `set_tensor_parallel_group` is the seam where a
+tensor-parallel stage will install its group.
 """
 
 from __future__ import annotations

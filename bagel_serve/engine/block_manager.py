@@ -1,8 +1,10 @@
 """Bookkeeping of the KV cache's blocks: which are free, who holds them, what prefixes they cache.
 
 Pure bookkeeping — no tensors. Block ids are addresses: block b holds cache slots
-[b * block_size, (b + 1) * block_size). Block 0 is never handed out: padded rows of a CUDA-graph batch write
-and read there, so they can never touch a real context.
+[b * block_size, (b + 1) * block_size). Block 0 is never handed out: it is the null block that the zero
+padding of block tables (and the decode kernel's masked lanes) point at, so padding never names a block a
+context holds. Nothing is stored there or read from it: the padded rows of a CUDA-graph batch store nowhere
+(slot -1) and attend to nothing (length 0), and keys past a sequence's length are masked.
 
 Blocks are reference counted: a fork of a context (the CFG contexts share their prefix with the full one)
 takes a reference instead of a copy, and a block is free again when its count drops to zero. Contexts

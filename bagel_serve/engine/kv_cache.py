@@ -25,10 +25,16 @@ import torch
 
 from bagel_serve.engine.block_manager import BlockManager, PoolExhausted
 
-__all__ = ["BLOCK_SIZE", "KVCache", "Context", "PoolExhausted"]
+__all__ = ["BLOCK_SIZE", "KVCache", "Context", "PoolExhausted", "slot_of"]
 
 BLOCK_SIZE = 16
 """Rows per block (vLLM's default): small enough that forks copy little, large enough for the kernels."""
+
+
+def slot_of(block_table: Sequence[int], row: int, block_size: int) -> int:
+    """The cache slot of one row of a context whose blocks are `block_table`, in plain integers (the runner
+    places every decode token with it; `KVCache.slots` is the same rule over a range of rows, as a tensor)."""
+    return block_table[row // block_size] * block_size + row % block_size
 
 
 class KVCache:
@@ -46,7 +52,7 @@ class KVCache:
                 self.tensor = torch.empty(shape, dtype=dtype, device=device)
                 if shared and self.tensor.device.type == "cpu":
                     self.tensor.share_memory_()
-                self.tensor[:, :, : block_size].zero_()  # the null block: what padded rows read
+                self.tensor[:, :, : block_size].zero_()  # the null block (table padding): never read, but finite
         except torch.OutOfMemoryError as e:
             raise PoolExhausted(f"cannot allocate a KV cache of {num_blocks} blocks "
                                 f"({num_blocks * self.bytes_per_block_of(shape, dtype, block_size) / 2**30:.2f} GiB) "
@@ -178,10 +184,6 @@ class Context:
     @property
     def block_table(self) -> tuple[int, ...]:
         return tuple(self._blocks)
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def __repr__(self) -> str:
         return (f"Context(length={self.length}, rope={self.rope}, blocks={len(self._blocks)}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bagel_serve.engine.kv_cache import KVCache
+from bagel_serve.engine.kv_cache import KVCache, slot_of
 from bagel_serve.engine.sampling import sample
 from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import SpecialTokens
@@ -64,7 +64,8 @@ class _Layout:
 
     @property
     def pure_decode(self) -> bool:
-        return self.n_decode == self.n_und and not self.latents
+        """Every work a one-token decode step: no other sequence is in the forward."""
+        return not self.sequences
 
 
 class ModelRunner:
@@ -77,7 +78,6 @@ class ModelRunner:
         self.special = special
         self.device = model.device
         self.backend: AttentionBackend = select_backend(self.device, attention_backend)
-        self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
         if self.device.type == "cuda" and not enforce_eager and use_triton(cache.tensor):
@@ -91,11 +91,10 @@ class ModelRunner:
         the tokens sampled for works with a sampler (a list: one, or a burst of DECODE_STEPS when a greedy
         decode batch runs that many steps in one graph replay), the last row's logits for other text works
         that want output, the velocity of the latents for latent works that want output, else None."""
-        lay = self._layout(works)
-        dev = self.device
         cache = works[0].context.cache
         if any(w.context.cache is not cache for w in works):
             raise RuntimeError("the contexts of one forward must live in one KV cache")
+        lay = self._layout(works)
         logits = velocity = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
             if self._bursts(works, lay):
@@ -125,10 +124,10 @@ class ModelRunner:
 
     @staticmethod
     def _bursts(works: list[Work], lay: _Layout) -> bool:
-        """Whether a decode batch can run DECODE_STEPS steps on the device: every work greedy, wanting its
-        tokens, with that many rows reserved."""
-        return all(w.want_output and w.steps >= DECODE_STEPS and w.sampler is not None and w.sampler.greedy
-                   and not w.sampler.penalized for w in works)
+        """Whether a decode batch can run DECODE_STEPS steps on the device: every work's sampler able to
+        burst (`Sampler.can_burst`), wanting its tokens, with that many rows reserved."""
+        return all(w.want_output and w.steps >= DECODE_STEPS and w.sampler is not None and w.sampler.can_burst
+                   for w in works)
 
     def _results(self, works: list[Work], lay: _Layout, logits: torch.Tensor | None,
                  velocity: torch.Tensor | None) -> list[Any]:
@@ -168,7 +167,7 @@ class ModelRunner:
             table = ctx.block_table
             lay.und_ids.append(int(w.piece.ids[0]))
             lay.decode_positions.append(ctx.rope)
-            lay.decode_slots.append(table[n // bs] * bs + n % bs)
+            lay.decode_slots.append(slot_of(table, n, bs))
             lay.decode_tables.append(table)
             lay.decode_lens.append(n + 1)
             if w.want_output:
@@ -182,11 +181,14 @@ class ModelRunner:
             pu, pg = piece_positions(piece, ctx.rope)
             lay.positions.append(pu)
             gen_pos.append(pg)
+            # The cache slots the sequence attends to: its cached rows', then (when stored) its new rows', which
+            # are also where the forward writes them.
+            kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
             if w.commit:
-                slots = ctx.slots(ctx.length, ctx.length + nu + ng)
-                lay.slots.append((u, slots[:nu]))
+                new = kv[ctx.length :]
+                lay.slots.append((u, new[:nu]))
                 if ng:
-                    lay.slots.append((g, slots[nu:]))
+                    lay.slots.append((g, new[nu:]))
             if isinstance(piece, TextPiece):
                 lay.und_ids += piece.ids.tolist()
                 segments = [(u, nu)]
@@ -199,7 +201,6 @@ class ModelRunner:
                 lay.und_ids += [vs, ve]
                 lay.latents.append(piece)
                 segments = [(u, nu), (g, ng)]
-            kv = ctx.slots(0, ctx.length + (nu + ng if w.commit else 0)) if ctx.length or w.commit else None
             lay.sequences.append((segments, is_causal(piece), kv, [] if w.commit else segments))
             if w.want_output:
                 if isinstance(piece, LatentPiece):
@@ -271,7 +272,7 @@ class DecodeGraphs:
     over static input buffers; padded rows write nowhere (slot -1) and attend to nothing. Two per bucket: one
     step that leaves the logits for sampling, and DECODE_STEPS greedy steps that feed each step's argmax to
     the next on the device, for the host to read once. Inputs go up from pinned staging buffers in three
-    asynchronous copies."""
+    asynchronous copies, which the next load waits for before it rewrites those buffers."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int) -> None:
         self.runner = runner
@@ -286,6 +287,8 @@ class DecodeGraphs:
         self._rows = torch.zeros((3, k, n), dtype=torch.int64).pin_memory()
         self._lens = torch.zeros((k, n), dtype=torch.int32).pin_memory()
         self._tables = torch.zeros(n * max_blocks, dtype=torch.int32).pin_memory()
+        self._staged = torch.cuda.Event()
+        """Recorded after the copies out of the staging buffers: they are not rewritten before it passed."""
         vocab = runner.model.config.llm.vocab_size
         self.logits = torch.empty((n, vocab), dtype=runner.model.dtype, device=dev)  # every graph writes here
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch bucket, steps)
@@ -330,6 +333,7 @@ class DecodeGraphs:
 
     def _load(self, lay: _Layout, steps: int) -> int:
         """Stage the batch's inputs for `steps` steps and copy them up; returns the bucket."""
+        self._staged.synchronize()  # the last load's copies may still be reading the staging buffers
         n = lay.n_decode
         bs = next(b for b in self.sizes if b >= n)
         block = self.runner.cache.block_size
@@ -337,8 +341,7 @@ class DecodeGraphs:
         rows[0, 0, :n] = lay.und_ids
         for i in range(steps):
             rows[1, i, :n] = [p + i for p in lay.decode_positions]
-            rows[2, i, :n] = [t[(ln - 1 + i) // block] * block + (ln - 1 + i) % block
-                              for t, ln in zip(lay.decode_tables, lay.decode_lens)]
+            rows[2, i, :n] = [slot_of(t, ln - 1 + i, block) for t, ln in zip(lay.decode_tables, lay.decode_lens)]
             lens[i, :n] = [ln + i for ln in lay.decode_lens]
             rows[2, i, n:bs] = -1  # padding: stores nothing
             lens[i, n:bs] = 0  # and attends to nothing
@@ -350,6 +353,7 @@ class DecodeGraphs:
         self.rows[:, :steps, :bs].copy_(self._rows[:, :steps, :bs], non_blocking=True)
         self.lens[:steps, :bs].copy_(self._lens[:steps, :bs], non_blocking=True)
         self.tables[:n, :width].copy_(tables, non_blocking=True)
+        self._staged.record(torch.cuda.current_stream(self.runner.device))
         return bs
 
     def run(self, lay: _Layout) -> torch.Tensor:

@@ -33,6 +33,12 @@ class Sampler:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0
 
+    @property
+    def can_burst(self) -> bool:
+        """Whether the next token is the plain argmax of the logits, with no state to draw or update: what
+        the device can do for several steps in a row without the host (a decode burst)."""
+        return self.greedy and not self.penalized
+
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (vocab,) float32 with the repetition penalty applied."""
         if self._seen is None:
@@ -64,7 +70,7 @@ def _filter(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, samplers: Sequence[Sampler]) -> list[int]:
     """logits (rows, vocab), one sampler per row -> the chosen token of each row."""
-    if all(s.greedy and not s.penalized for s in samplers):
+    if all(s.can_burst for s in samplers):
         return logits.argmax(dim=-1).tolist()
     logits = logits.float()
     rows = []

@@ -24,7 +24,7 @@ from bagel_serve.engine.runner import ModelRunner, reserve_blocks
 from bagel_serve.engine.scheduler import Scheduler, SchedulerConfig
 from bagel_serve.engine.sequence import Program, RequestState, Work
 from bagel_serve.engine.stats import RunStats
-from bagel_serve.engine.text import TextPrograms, TokenCallback
+from bagel_serve.engine.text import TextPrograms, TokenCallback, tokens_made
 from bagel_serve.engine.tokenizer import BagelTokenizer
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
@@ -244,7 +244,7 @@ class Engine:
                 st.denoise_branch_evals += len(unit)
                 self._bar("denoising", "step").update(1)
             elif phase in ("decode", "think_decode"):
-                made = len(results[s.rid][0])  # a decode step may run several on the device
+                made = tokens_made(results[s.rid][0], self.stage.tok.special.eos)
                 st.decoded_tokens += made
                 self._bar("decoding", "tok").update(made)
         for phase in phases:

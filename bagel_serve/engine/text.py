@@ -122,13 +122,14 @@ class TextPrograms:
         """Feed `<|im_start|>`, then each predicted token, until `<|im_end|>` is predicted or max_tokens
         tokens were generated; returns the generated tokens.
 
-        After the first token (which comes alone, as soon as possible) each work lets the runner take up to
-        DECODE_STEPS steps on the device before the host looks (it returns the tokens it made); tokens past an
-        end token only ever reach this decode context, which nothing else reads."""
+        After the first token (which comes alone, as soon as possible) each work of a sampler that can burst
+        lets the runner take up to DECODE_STEPS steps on the device before the host looks (it returns the
+        tokens it made); tokens past an end token only ever reach this decode context, which nothing else
+        reads. Other samplers ask for one step at a time: a step reserves rows for every step it asks for."""
         ids: list[int] = []
         fed = self.tok.special.bos
         while True:
-            steps = min(DECODE_STEPS, max_tokens - len(ids)) if ids else 1
+            steps = min(DECODE_STEPS, max_tokens - len(ids)) if ids and sampler.can_burst else 1
             (toks,) = yield [Work(ctx, TextPiece(torch.tensor([fed])), want_output=True, phase=phase,
                                   sampler=sampler, steps=steps)]
             for nxt in toks:
@@ -183,6 +184,12 @@ class TextPrograms:
         for ctx, history in histories:
             ctx.register_prefix(history)
             self._text_ids[ctx] = history
+
+
+def tokens_made(tokens: list[int], eos: int) -> int:
+    """How many of a decode work's tokens the request generated: up to and including the first end token
+    (a burst runs all its steps on the device; `_decode` throws away what came after the end)."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
 
 def _think_part(text: str) -> str | None:

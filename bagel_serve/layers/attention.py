@@ -16,11 +16,10 @@ from bagel_serve.layers.forward_context import get_forward_context
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_index: int) -> None:
+    """Layer `layer_index`'s attention; its head geometry is the shapes of the q, k, v it is given."""
+
+    def __init__(self, layer_index: int) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
         self.layer_index = layer_index
 
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from bagel_serve.layers.kernels.decode_attention import paged_decode_attention
+from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
 
@@ -48,10 +48,6 @@ class SequenceAttention:
     kv_slots: torch.Tensor | None  # int64 [cached keys], on the model's device (None: no cached keys)
     new_segments: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
-    def num_queries(self) -> int:
-        return sum(n for _, n in self.q_segments)
-
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Lk >= Lq; float32 softmax, output in q's dtype."""
@@ -61,18 +57,12 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     qf = q.float().transpose(0, 1)  # (Hq, Lq, D)
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) / math.sqrt(d)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * (1.0 / math.sqrt(d))
     if causal and lq > 1:
         allowed = torch.arange(lk, device=q.device)[None, :] <= (torch.arange(lq, device=q.device)[:, None] + lk - lq)
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)
-
-
-def block_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
-    """Cache slots of rows [0, n) of a sequence whose blocks are `block_table` (int tensor)."""
-    rows = torch.arange(n, device=block_table.device)
-    return block_table.long()[rows // block_size] * block_size + rows % block_size
 
 
 def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: torch.Tensor,
@@ -128,10 +118,9 @@ class ExactBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:
-        for i, n in enumerate(batch.context_lens[: batch.n].tolist()):
-            slots = block_slots(batch.block_tables[i], n, batch.block_size)
-            out[i : i + 1] = exact_attention(q[i : i + 1], k_cache.index_select(0, slots),
-                                             v_cache.index_select(0, slots), causal=False)
+        n = batch.n
+        paged_decode_attention_native(q, k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n],
+                                      batch.block_size, 1.0 / math.sqrt(q.shape[-1]), out=out)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:

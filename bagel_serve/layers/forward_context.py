@@ -33,10 +33,6 @@ class ForwardContext:
     decode: DecodeBatch | None = None
     sequences: list[SequenceAttention] = field(default_factory=list)
 
-    @property
-    def num_rows(self) -> int:
-        return self.positions.shape[0]
-
 
 _LOCAL = threading.local()
 

@@ -176,7 +176,6 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  sources: tuple[str, str, str], **kw: Any) -> None:
-        self.head_dim = head_dim
         self.num_heads = _divide(num_heads, "query heads")
         self.num_kv_heads = _divide(num_kv_heads, "key/value heads")
         super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],

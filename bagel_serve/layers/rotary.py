@@ -1,7 +1,10 @@
 """Rotary position embedding (Qwen2 "default" RoPE, rotate-half convention).
 
-BAGEL gives every token one scalar position and a whole image block a single shared position, so the
-tables are built per forward from the packed position ids rather than cached by sequence offset.
+BAGEL gives every token one scalar position and a whole image block a single shared position, so angles
+come from each row's own position id, never from a table cached by sequence offset: the fused QK-norm/RoPE
+kernel (`kernels.qk_norm_rope`) computes them per row in the forward. This module is the definition that
+kernel follows: the inverse frequencies (built as the reference builds them), and the float32 tables and
+rotation its plain-torch twin applies.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,6 +128,8 @@ class Target:
     name: str
     shard: object
     shape: tuple[int, ...]
+    owner: nn.Module = field(compare=False, repr=False)
+    """The module the parameter belongs to (its `weight_loader`, if it has one, puts the tensor in place)."""
 
 
 def checkpoint_manifest(module: nn.Module) -> dict[str, Target]:
@@ -138,12 +140,12 @@ def checkpoint_manifest(module: nn.Module) -> dict[str, Target]:
         owner = module.get_submodule(owner_path) if owner_path else module
         describe = getattr(owner, "checkpoint_tensors", None)
         if describe is None:
-            out[key] = Target(key, None, tuple(t.shape))
+            out[key] = Target(key, None, tuple(t.shape), owner)
             continue
         parent = owner_path.rpartition(".")[0]
         for shard, (source, shape) in describe(leaf).items():
             where = owner_path if source is None else (f"{parent}.{source}" if parent else source)
-            out[f"{where}.{leaf}"] = Target(key, shard, tuple(shape))
+            out[f"{where}.{leaf}"] = Target(key, shard, tuple(shape), owner)
     return out
 
 
@@ -178,8 +180,7 @@ def _load_into(module: nn.Module, files: dict[str, Path], manifest: dict[str, Ta
                 t = f.get_tensor(k)
                 target = manifest[k]
                 param = state[target.name]
-                owner = module.get_submodule(target.name.rpartition(".")[0])
-                weight_loader = getattr(owner, "weight_loader", None)
+                weight_loader = getattr(target.owner, "weight_loader", None)
                 if weight_loader is None:
                     param.data.copy_(t)
                 else:

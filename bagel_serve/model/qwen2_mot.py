@@ -48,7 +48,7 @@ class MoTAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = d
         self.eps = cfg.rms_norm_eps
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d, layer_index)
+        self.attn = Attention(layer_index)
 
     def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()

@@ -62,12 +62,12 @@ def paged_decode_attention_native(
 ) -> torch.Tensor:
     """The definition: per sequence, gather its slots and softmax in float32 (`num_splits` is ignored).
 
-    Reads the lengths on the host, so it is neither fast nor graph-capturable; it is the judge.
+    Reads the lengths on the host, so it is neither fast nor graph-capturable; it is the judge, and the exact
+    backend's decode. Its arithmetic is the exact backend's attention (KV heads repeated for their query
+    heads, scores times `scale`), so that on the CPU a decode step rounds as a prefill of the same rows does.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, block_size)
-    b, hq, d = q.shape
-    hkv = k_cache.shape[1]
-    group = hq // hkv
+    group = q.shape[1] // k_cache.shape[1]
     if out is None:
         out = torch.empty_like(q)
     for i, length in enumerate(context_lens.tolist()):
@@ -76,11 +76,11 @@ def paged_decode_attention_native(
             continue
         r = torch.arange(length, device=q.device)
         slots = block_tables[i, r // block_size].long() * block_size + r % block_size
-        k = k_cache[slots].float().permute(1, 2, 0)  # [Hkv, D, L]
-        v = v_cache[slots].float().transpose(0, 1)  # [Hkv, L, D]
-        qf = q[i].float().reshape(hkv, group, d)
-        p = torch.softmax(torch.matmul(qf, k) * scale, dim=-1)  # [Hkv, group, L]
-        out[i] = torch.matmul(p, v).reshape(hq, d).to(q.dtype)
+        k = k_cache[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        qf = q[i].float()[:, None]  # [Hq, 1, D]
+        p = torch.softmax(torch.matmul(qf, k.transpose(1, 2)) * scale, dim=-1)  # [Hq, 1, L]
+        out[i] = torch.matmul(p, v)[:, 0].to(q.dtype)
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from bagel_serve.layers.kernels import next_power_of_2, use_triton
+from bagel_serve.layers.rotary import apply_rope, rope_tables
 
 try:
     import triton
@@ -59,11 +60,8 @@ def qk_norm_rope_native(
     w_k = torch.where(is_und, k_w_und.float(), k_w_gen.float())
     w = torch.cat([w_q.expand(n, hq, d), w_k.expand(n, hkv, d)], dim=1)
     y = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    a = positions.float()[:, None] * inv_freq.float()[None]
-    emb = torch.cat([a, a], dim=-1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-    rotated = torch.cat([-y[..., d // 2:], y[..., : d // 2]], dim=-1)
-    heads[:, : hq + hkv] = (y * cos + rotated * sin).to(qkv.dtype)
+    cos, sin = rope_tables(positions, inv_freq.float())
+    heads[:, : hq + hkv] = apply_rope(y, cos, sin).to(qkv.dtype)
     if slot_mapping is not None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
