@@ -378,8 +378,14 @@ def test_topology_detection_unknown_model(tmp_path: Path) -> None:
     for deploy in (cfg, None):
         with pytest.raises(DeployConfigError, match="cannot determine the pipeline.*'llama'"):
             resolve_pipeline(deploy, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-    with pytest.raises(DeployConfigError, match="no config.json given"):
-        resolve_pipeline(cfg, None)
+
+
+def test_checkpoint_without_config_json_is_bagel(tmp_path: Path) -> None:
+    """config.json is optional: without it (None) both the default deploy file and the pipeline are BAGEL's."""
+    one = load_deploy_config(write(tmp_path, "stages:\n  - stage_id: 0\n"))
+    assert resolve_pipeline(one, None).name == "bagel_single_stage"
+    assert resolve_pipeline(load_deploy_config(default_deploy_config(None)), None).name == "bagel"
+    assert resolve_pipeline(None, None).name == "bagel"
 
 
 # --- runnable check ---------------------------------------------------------------------------------------

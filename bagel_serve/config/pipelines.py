@@ -110,22 +110,23 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
     """Pick the pipeline: the deploy config's `pipeline:` wins; else the model's config.json decides.
 
     Without `pipeline:`, a BAGEL model gets `bagel` for a two-stage deploy config and `bagel_single_stage`
-    for a one-stage one (and `bagel`, the default, with no deploy config at all). The deploy config must fit
-    the pipeline: its stage count, its `edges` (if given) and `async_chunk` (false for two stages).
+    for a one-stage one (and `bagel`, the default, with no deploy config at all). A checkpoint without
+    `config.json` (`model_config_json` None: the file is optional, the flat llm/vit configs suffice) counts as
+    BAGEL, as in `default_deploy_config`. The deploy config must fit the pipeline: its stage count, its
+    `edges` (if given) and `async_chunk` (false for two stages).
     """
     source = deploy.source if deploy is not None else None
     prefix = f"{source}: " if source else ""
     if deploy is not None and deploy.pipeline is not None:
         spec = _lookup_pipeline(deploy.pipeline, source)
-    elif is_bagel_model_config(model_config_json):
+    elif model_config_json is None or is_bagel_model_config(model_config_json):
         if deploy is None:
             spec = PIPELINES[DEFAULT_BAGEL_PIPELINE]
         else:
             spec = PIPELINES["bagel_single_stage" if len(deploy.stages) == 1 else "bagel"]
     else:
-        cfg = model_config_json or {}
-        what = (f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')!r}"
-                if model_config_json else "no config.json given")
+        what = (f"model_type={model_config_json.get('model_type')!r}, "
+                f"architectures={model_config_json.get('architectures')!r}")
         raise DeployConfigError(f"{prefix}cannot determine the pipeline: the deploy config has no `pipeline:` key "
                                 f"and the model is not recognised as BAGEL ({what}); "
                                 f"set `pipeline:` to one of {', '.join(PIPELINES)}")
@@ -147,8 +148,8 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
 
 
 def default_deploy_config(model_config_json: Mapping[str, Any] | None = None, think: bool = False) -> Path:
-    """The bundled deploy file used when the user gives none: for a BAGEL model (or an unknown one: None)
-    `bagel.yaml`, or `bagel_think.yaml` with `think`."""
+    """The bundled deploy file used when the user gives none: for a BAGEL model (or a checkpoint without
+    config.json: None) `bagel.yaml`, or `bagel_think.yaml` with `think`."""
     if model_config_json is not None and not is_bagel_model_config(model_config_json):
         raise DeployConfigError(f"no default deploy config: the model is not recognised as BAGEL "
                                 f"(model_type={model_config_json.get('model_type')!r}, "
