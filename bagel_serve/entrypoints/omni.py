@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -61,17 +61,16 @@ class Omni:
         model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
         read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
         config_json = model_config_json(model_dir)
-        self.deploy_path = resolve_deploy_path(deploy_config if deploy_config is not None
-                                               else default_deploy_config(config_json))
-        deploy = load_deploy_config(self.deploy_path)
-        deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
+        plan = resolve_deploy(deploy_config, self.options, config_json)
+        deploy = plan.config
+        self.deploy_path = plan.path
         self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
         self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
         if not self.options.uses_ray:  # Ray places the stages on its own cluster's GPUs
             check_stage_devices(deploy, self._device)
         self.deploy_config: DeployConfig = deploy
-        self.request_defaults: dict[str, Any] = request_defaults(deploy.stage(0).sampling_params)
+        self.request_defaults: dict[str, Any] = plan.request_defaults
         """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
         if dtype is None and deploy.dtype is not None:
             dtype = deploy.dtype
@@ -174,6 +173,28 @@ class Omni:
         reqs = self.make_requests(requests)
         timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
+
+
+class DeployPlan(NamedTuple):
+    """A deploy config as a run uses it."""
+
+    path: Path
+    config: DeployConfig
+    """Validated, with the engine options' overrides applied."""
+    request_defaults: dict[str, Any]
+    """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
+
+
+def resolve_deploy(deploy_config: str | os.PathLike | None, options: EngineOptions,
+                   model_config: Mapping[str, Any] | None = None, *, think: bool = False) -> DeployPlan:
+    """The deploy config `deploy_config` names (None: the model's default, the think pipeline's with `think`),
+    loaded, with `options`' overrides. It reads no checkpoint file (`model_config` is its config.json when the
+    caller has read it; None counts as BAGEL): so the CLI can resolve its requests with their deploy defaults,
+    and warn about them, before it starts an `Omni`, which resolves the same file again."""
+    path = resolve_deploy_path(deploy_config if deploy_config is not None
+                               else default_deploy_config(model_config, think=think))
+    deploy = apply_overrides(load_deploy_config(path), options.deploy_overrides(), options.stage_overrides)
+    return DeployPlan(path, deploy, request_defaults(deploy.stage(0).sampling_params))
 
 
 def model_config_json(model_dir: Path) -> dict[str, Any] | None:
