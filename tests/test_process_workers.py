@@ -266,6 +266,26 @@ def test_request_error_fails_only_that_request(single: Omni, proc: Omni) -> None
     same(a, b)
 
 
+def test_stage_env_is_the_workers_from_its_start(tiny_checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's deploy `env` is in its worker's environment when the process starts (/proc/PID/environ is the
+    environment it was started with), so what torch reads at import sees it; a stage that sets OMP_NUM_THREADS
+    keeps that thread count instead of copying ours. The parent's own environment is left alone."""
+    monkeypatch.delenv("BAGEL_SERVE_TEST_ENV", raising=False)
+    yaml = tmp_path / "env.yaml"
+    yaml.write_text("base_config: bagel.yaml\nstages:\n  - {stage_id: 0, env: {BAGEL_SERVE_TEST_ENV: zero}}\n"
+                    "  - {stage_id: 1, env: {BAGEL_SERVE_TEST_ENV: one, OMP_NUM_THREADS: 1}}\n")
+    with Omni(tiny_checkpoint, device="cpu", deploy_config=yaml) as omni:
+        environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in omni.orchestrator.transport.pids]
+        (out,) = omni.generate([CASES["text2img"]])
+        assert out.ok, out.error
+        setups = stage_setups(omni.pipeline, omni.deploy_config, omni.options, torch.device("cpu"), backend="process")
+    assert b"BAGEL_SERVE_TEST_ENV=zero" in environs[0] and b"BAGEL_SERVE_TEST_ENV=one" in environs[1]
+    assert b"OMP_NUM_THREADS=1" in environs[1]
+    assert [s.numerics.num_threads for s in setups] == [torch.get_num_threads(), None]
+    assert "BAGEL_SERVE_TEST_ENV" not in os.environ
+
+
 def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()

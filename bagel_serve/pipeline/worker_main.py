@@ -21,7 +21,7 @@ import torch
 
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage
+from bagel_serve.pipeline.placement import StageSetup, build_stage
 from bagel_serve.pipeline.stage_worker import IpcCodec, StageWorker
 
 HEARTBEAT_S = 1.0
@@ -111,8 +111,7 @@ def main() -> None:
         delay = start_delay(stage, os.environ.get(START_DELAY_ENV))
         if delay > 0:
             time.sleep(delay)
-        setup.numerics.apply()
-        apply_env(setup.env)
+        setup.numerics.apply()  # the stage's env was this process's from its start (backends.process)
         tok = tokenizer_source if isinstance(tokenizer_source, BagelTokenizer) else BagelTokenizer(tokenizer_source)
         stage_obj = build_stage(setup, model, vae, tok)
         del model, vae
