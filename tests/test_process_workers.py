@@ -4,6 +4,7 @@ place through shared memory, dead or stopped workers, and starting from anywhere
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -354,6 +355,46 @@ def test_stopped_worker_fails_the_batch_after_the_request_timeout(single: Omni, 
         omni.shutdown()
     time.sleep(0.5)
     assert not any(alive(p) for p in pids)
+
+
+def test_worker_stopped_before_its_stats_fails_the_batch(tiny_checkpoint: Path) -> None:
+    """A worker that stops after sending its outputs, before its stats, does not hang generate: the batch
+    still fails after request_timeout."""
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", request_timeout=2.0)
+    transport = omni.orchestrator.transport
+    stage1 = transport.pids[1]
+    real_send = transport.send
+
+    def stop_stage_1_first(stage: int, msg: tuple) -> None:
+        if msg[0] == "stats" and stage == 1:
+            os.kill(stage1, signal.SIGSTOP)
+        real_send(stage, msg)
+
+    transport.send = stop_stage_1_first
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            omni.generate([CASES["text2img"]])
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    try:
+        thread.join(30)
+        hung = thread.is_alive()
+    finally:
+        if alive(stage1):
+            os.kill(stage1, signal.SIGCONT)
+        thread.join(30)
+        omni.shutdown()
+    assert not hung, "generate hung on a stopped worker"
+    assert time.monotonic() - t0 < 15
+    assert len(failed) == 1 and isinstance(failed[0], WorkerDiedError)
+    assert re.search(rf"stage 1 worker \(pid {stage1}\) sent nothing for \d+ s \(request_timeout=2 s\) while the "
+                     rf"stats of \d stage\(s\) were awaited", str(failed[0])), failed[0]
 
 
 # ---------------------------------------------------------------------------------------------- start anywhere
