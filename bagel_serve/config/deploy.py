@@ -7,7 +7,7 @@ the feature does not exist here, is refused by name by `DeployConfig.require_run
 loads and validates, so a vllm-omni file says everything it needs at once).
 
 Reading files, `base_config` and overrides: `config.deploy_loader`. The pipeline registry (topologies, the
-default config of a model): `config.pipelines`. Their public names are also importable from here.
+default config of a model): `config.pipelines`.
 """
 
 from __future__ import annotations
