@@ -3,9 +3,13 @@
   * `bagel`              two stages (the default, as in the seed): 0 "thinker" (autoregressive: contexts,
                          text, think) hands the context KV of image requests to 1 "dit" (diffusion:
                          denoise + VAE decode).
-  * `bagel_think`        the same two stages, chosen for think mode (the plan is decoded in stage 0 before
-                         the hand-off).
+  * `bagel_think`        the same two stages; its default deploy file (`bagel_think.yaml`) is the one chosen
+                         for think mode. It differs from `bagel` in nothing else.
   * `bagel_single_stage` one "dit" stage that runs everything.
+
+When stage 0 hands an image request over is the request's business, not the pipeline's: in both two-stage
+pipelines it is when the request's context program ends, after its prompt is prefilled and, for a request
+with `think`, after its plan is decoded and prefilled too.
 
 With no deploy config, a BAGEL checkpoint (detected from its `config.json`) runs `bagel.yaml`, or
 `bagel_think.yaml` when the caller says think mode is wanted; `bagel_single_stage.yaml` selects one stage.
@@ -38,13 +42,11 @@ class StageRole:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A topology: its stages' roles, when KV is handed over, and its bundled default deploy file."""
+    """A topology: its stages' roles and its bundled default deploy file."""
 
     name: str
     stages: tuple[StageRole, ...]
-    description: str
     default_deploy_config: str
-    kv_handoff: str | None = None  # "prefill_finished" | "request_finished" | None (single stage)
 
     @property
     def num_stages(self) -> int:
@@ -64,20 +66,11 @@ _THINKER = StageRole(0, "thinker", "ar", "text")
 _DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", "image", input_from=0)
 
 PIPELINES: dict[str, PipelineSpec] = {
-    "bagel": PipelineSpec(
-        "bagel", (_THINKER, _DIT_AFTER_THINKER),
-        "two stages: the Thinker (AR) builds every context and serves text; for image requests it hands the "
-        "context KV (full and CFG contexts) to the DiT once the context is complete",
-        default_deploy_config="bagel.yaml", kv_handoff="prefill_finished"),
-    "bagel_think": PipelineSpec(
-        "bagel_think", (_THINKER, _DIT_AFTER_THINKER),
-        "two stages like `bagel`, for think mode: the Thinker decodes the <think> plan before handing the KV "
-        "to the DiT (hand-off when the request finishes)",
-        default_deploy_config="bagel_think.yaml", kv_handoff="request_finished"),
-    "bagel_single_stage": PipelineSpec(
-        "bagel_single_stage", (StageRole(0, "dit", "diffusion", "text+image"),),
-        "one stage runs everything: prefill, text/think decode, denoising and VAE",
-        default_deploy_config="bagel_single_stage.yaml"),
+    "bagel": PipelineSpec("bagel", (_THINKER, _DIT_AFTER_THINKER), default_deploy_config="bagel.yaml"),
+    "bagel_think": PipelineSpec("bagel_think", (_THINKER, _DIT_AFTER_THINKER),
+                                default_deploy_config="bagel_think.yaml"),
+    "bagel_single_stage": PipelineSpec("bagel_single_stage", (StageRole(0, "dit", "diffusion", "text+image"),),
+                                       default_deploy_config="bagel_single_stage.yaml"),
 }
 
 DEFAULT_BAGEL_PIPELINE = "bagel"
