@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bagel_serve import __version__
+from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
+from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.engine_options import QUANTIZATIONS, WORKER_BACKENDS
+from bagel_serve.config.sampling import RENORM_TYPES
 
 DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
 DEFAULT_PROMPT = "A cute cat"
 MODALITIES = ("text2img", "img2img", "img2text", "text2text")
-DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
 # Request fields whose errors and warnings the CLI reports under another flag name.
 FIELD_FLAGS = {"image": "--image-path"}
 
@@ -57,10 +60,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-overrides", default=None,
                    help="JSON of per-stage settings, e.g. '{\"0\": {\"max_num_seqs\": 2}}' (default: none)")
     g.add_argument("--device", default=None, help="torch device: cuda, cuda:N or cpu (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPES,
+    g.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="weight dtype; the VAE always runs in fp32 (default: the deploy config's dtype, else bf16 "
                         "on CUDA, fp32 on the CPU)")
-    g.add_argument("--worker-backend", default=None, choices=["process", "multi_process", "inline", "ray"],
+    g.add_argument("--worker-backend", default=None, choices=WORKER_BACKENDS,
                    help="where the stages run: one process per stage of a two-stage pipeline (process; a single "
                         "stage runs in this process), every stage in this process (inline), or one Ray actor per "
                         "stage (ray, needs the ray extra) (default: process)")
@@ -69,7 +72,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none; ray starts a local cluster)")
     g.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="tensor parallel GPUs per stage; refused until tensor parallelism is built (default: 1)")
-    g.add_argument("--cfg-parallel-size", type=int, default=None, choices=[1, 2, 3],
+    g.add_argument("--cfg-parallel-size", type=int, default=None, choices=CFG_PARALLEL_SIZES,
                    help="GPUs the CFG branches spread over; refused above 1 until CFG parallel is built (default: 1)")
     g.add_argument("--vae-patch-parallel-size", type=int, default=None,
                    help="GPUs the VAE tiles spread over; refused above 1 until built (default: 1)")
@@ -77,7 +80,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiled VAE encode/decode; refused until built (default: off)")
     g.add_argument("--use-hsdp", action="store_true", default=None,
                    help="FSDP2 sharding of the decoder layers; refused until built (default: off)")
-    g.add_argument("--quantization", default=None, choices=["fp8"],
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="weight quantization; refused until FP8 is built (default: none)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs in any stage (default: the deploy config's enforce_eager, false)")
@@ -128,7 +131,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-img-scale", type=float, default=None, help="image guidance scale; <= 1 turns it off (default: 1.5)")
     g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="guidance only where LOW < t <= HIGH, on the shifted t (default: 0.4 1.0)")
-    g.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"],
+    g.add_argument("--cfg-renorm-type", default=None, choices=RENORM_TYPES,
                    help="CFG renormalisation (default: global)")
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="renorm clamp minimum, in [0, 1] (default: 0.0)")
     g.add_argument("--negative-prompt", default=None, help="text of the text-dropped CFG context (default: none)")

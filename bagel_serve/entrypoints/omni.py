@@ -12,7 +12,7 @@ import torch
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError
 from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
-from bagel_serve.config.engine_options import EngineOptionError, EngineOptions
+from bagel_serve.config.engine_options import EngineOptions, parse_dtype
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
@@ -35,12 +35,10 @@ class Omni:
     the CPU unless `dtype` (or the deploy config's `dtype`) says otherwise. `deploy_config` is a deploy YAML
     in the seed system's schema, a path or the bare name of a bundled one (`"bagel_single_stage.yaml"`);
     default: `bagel.yaml`, the two-stage Thinker -> DiT pipeline, for a BAGEL checkpoint. The other keyword
-    arguments are the seed's engine options (`tensor_parallel_size`, `cfg_parallel_size`,
-    `vae_patch_parallel_size`, `vae_use_tiling`, `quantization`, `worker_backend`, `ray_address`,
-    `log_stats`, `init_timeout`, `batch_timeout`, `request_timeout`, `enable_diffusion_pipeline_profiler`,
-    `stage_overrides`, and the every-stage limits `max_num_seqs`, `max_num_batched_tokens`, `max_model_len`,
-    `gpu_memory_utilization`, `kv_cache_blocks`, `enforce_eager`). An option whose feature is not built yet
-    fails by name rather than being ignored.
+    arguments are the seed's engine options, as `bagel_serve.config.engine_options.EngineOptions` declares
+    them (parallel layout, worker backend, timeouts, reporting, `stage_overrides`, and limits applied to
+    every stage such as `max_num_seqs`). An option whose feature is not built yet fails by name rather than
+    being ignored.
 
     Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
     deploy config, the GPUs it names) is checked before they load.
@@ -75,7 +73,7 @@ class Omni:
         if dtype is None and deploy.dtype is not None:
             dtype = deploy.dtype
         if isinstance(dtype, str):
-            dtype = _parse_dtype(dtype)
+            dtype = parse_dtype(dtype)
         self.model_name = str(model)
         backend = self.options.worker_backend
         in_process = not self.options.uses_ray and (self.pipeline.single_stage or backend == "inline")
@@ -207,19 +205,6 @@ def model_config_json(model_dir: Path) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None  # the loader reports the broken file with its own message
     return data if isinstance(data, dict) else None
-
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
-def _parse_dtype(name: str) -> torch.dtype | None:
-    """A dtype name (`--dtype`, the deploy config's `dtype`); "auto" is None: bf16 on CUDA, fp32 on the CPU."""
-    if name == "auto":
-        return None
-    if name not in _DTYPES:
-        raise EngineOptionError(f"dtype (--dtype) must be one of auto, {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
 
 
 def _apply_env(deploy: DeployConfig, pipeline: PipelineSpec) -> None:
