@@ -439,6 +439,15 @@ def test_apply_overrides() -> None:
         apply_overrides(cfg, stage_overrides={5: {"devices": "1"}})
 
 
+def test_no_overrides_leave_the_config_as_loaded() -> None:
+    """Nothing given (every flag None, no stage overrides): no copy, no second validation, no "(with
+    overrides)" in the messages that name the file."""
+    cfg = load_deploy_config(bundled_deploy_config("bagel"))
+    assert apply_overrides(cfg) is cfg
+    assert apply_overrides(cfg, {"max_num_seqs": None, "quantization": None}, {}) is cfg
+    assert "(with overrides)" in apply_overrides(cfg, {"max_num_seqs": 2}).source
+
+
 def test_parse_from_dict() -> None:
     cfg = parse_deploy_config({"pipeline": "bagel_single_stage", "stages": [{"stage_id": 0}]})
     assert isinstance(cfg, DeployConfig) and cfg.stages[0].max_num_seqs == 1 and cfg.source is None

@@ -36,7 +36,6 @@ class StageRole:
     stage_id: int
     name: str            # "thinker" | "dit"
     kind: str            # "ar" (autoregressive) | "diffusion"
-    final_output: str    # what the stage returns to the user: "text" | "image" | "text+image"
     input_from: int | None = None
 
 
@@ -62,14 +61,14 @@ class PipelineSpec:
         return [(r.input_from, r.stage_id) for r in self.stages if r.input_from is not None]
 
 
-_THINKER = StageRole(0, "thinker", "ar", "text")
-_DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", "image", input_from=0)
+_THINKER = StageRole(0, "thinker", "ar")
+_DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", input_from=0)
 
 PIPELINES: dict[str, PipelineSpec] = {
     "bagel": PipelineSpec("bagel", (_THINKER, _DIT_AFTER_THINKER), default_deploy_config="bagel.yaml"),
     "bagel_think": PipelineSpec("bagel_think", (_THINKER, _DIT_AFTER_THINKER),
                                 default_deploy_config="bagel_think.yaml"),
-    "bagel_single_stage": PipelineSpec("bagel_single_stage", (StageRole(0, "dit", "diffusion", "text+image"),),
+    "bagel_single_stage": PipelineSpec("bagel_single_stage", (StageRole(0, "dit", "diffusion"),),
                                        default_deploy_config="bagel_single_stage.yaml"),
 }
 

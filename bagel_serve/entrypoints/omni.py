@@ -74,7 +74,6 @@ class Omni:
             dtype = deploy.dtype
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
-        self.model_name = str(model)
         backend = self.options.worker_backend
         in_process = not self.options.uses_ray and (self.pipeline.single_stage or backend == "inline")
         if in_process:

@@ -120,7 +120,7 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                       scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
                       kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
-                      enforce_eager=bool(st.enforce_eager or options.enforce_eager),
+                      enforce_eager=st.enforce_eager,
                       max_model_len=st.max_model_len, env=dict(st.env))
         if backend == "ray":
             setups.append(StageSetup(**common, utilization=own, to_cpu=True))
@@ -179,7 +179,3 @@ def ray_bundles(devices: list[torch.device]) -> tuple[list[dict[str, float]], li
     """One bundle per stage: a CPU, and a GPU or an equal share of one among stages on the same device."""
     gpus = [1.0 / sum(1 for e in devices if e == d) if d.type == "cuda" else 0.0 for d in devices]
     return [{"CPU": 1.0, **({"GPU": g} if g else {})} for g in gpus], gpus
-
-
-def with_device(setup: StageSetup, device: str) -> StageSetup:
-    return dataclasses.replace(setup, device=device)

@@ -107,12 +107,12 @@ def main() -> None:
     conn.send(("hello", stage))
     link = _Link(conn, stage)
     try:
-        setup, model, vae, tokenizer_source = conn.recv()
+        setup, model, vae, tokenizer_dir = conn.recv()
         delay = start_delay(stage, os.environ.get(START_DELAY_ENV))
         if delay > 0:
             time.sleep(delay)
         setup.numerics.apply()  # the stage's env was this process's from its start (backends.process)
-        tok = tokenizer_source if isinstance(tokenizer_source, BagelTokenizer) else BagelTokenizer(tokenizer_source)
+        tok = BagelTokenizer(tokenizer_dir)
         stage_obj = build_stage(setup, model, vae, tok)
         del model, vae
         worker = StageWorker(setup, stage_obj, link.send, IpcCodec)

@@ -41,7 +41,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 class ProcessTransport:
     codec = IpcCodec
 
-    def __init__(self, setups: list[StageSetup], model: Any, vae: Any, tokenizer_source: Any) -> None:
+    def __init__(self, setups: list[StageSetup], model: Any, vae: Any, tokenizer_dir: str) -> None:
         self.num_stages = len(setups)
         # This process's own key: the resource sharer that hands shared-memory tensors out checks it.
         self._key = bytes(multiprocessing.current_process().authkey)
@@ -67,7 +67,7 @@ class ProcessTransport:
             proc.stdin.close()
             threading.Thread(target=self._drain_stderr, args=(s, proc), daemon=True).start()
             self.procs.append(proc)
-        payloads = [(setup, model, vae, tokenizer_source) for setup in setups]
+        payloads = [(setup, model, vae, tokenizer_dir) for setup in setups]
         threading.Thread(target=self._accept, args=(payloads,), name="bagel-serve-accept", daemon=True).start()
 
     # ------------------------------------------------------------------ start-up
