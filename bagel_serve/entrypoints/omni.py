@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -57,8 +56,10 @@ class Omni:
         self.options = EngineOptions.from_kwargs(kwargs)
         self._device = check_device(device)
         model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
-        read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
-        config_json = model_config_json(model_dir)
+        # A broken checkpoint config is reported as such, before the deploy config; pipeline detection reads
+        # the config.json it parsed (None: the checkpoint has none).
+        raw = read_config(model_dir).raw
+        config_json = raw if (model_dir / "config.json").is_file() else None
         plan = resolve_deploy(deploy_config, self.options, config_json)
         deploy = plan.config
         self.deploy_path = plan.path
@@ -192,18 +193,6 @@ def resolve_deploy(deploy_config: str | os.PathLike | None, options: EngineOptio
                                else default_deploy_config(model_config, think=think))
     deploy = apply_overrides(load_deploy_config(path), options.deploy_overrides(), options.stage_overrides)
     return DeployPlan(path, deploy, request_defaults(deploy.stage(0).sampling_params))
-
-
-def model_config_json(model_dir: Path) -> dict[str, Any] | None:
-    """A checkpoint's config.json (what pipeline detection reads), or None if it has none."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None  # the loader reports the broken file with its own message
-    return data if isinstance(data, dict) else None
 
 
 def _apply_env(deploy: DeployConfig, pipeline: PipelineSpec) -> None:
