@@ -1,4 +1,5 @@
-"""Batching: 4 text2img prompts at 512² (20 steps) in one run vs. 4 single runs, on a full-size checkpoint.
+"""Batching: 4 text2img prompts at 512² (20 steps) in one run vs. 4 single runs, on a full-size checkpoint,
+in the single-stage topology (one engine batches all four).
 
     python benchmarks/bench_batch.py --ckpt /tmp/bagel-full --out results.json
 """
@@ -25,7 +26,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    omni = Omni(a.ckpt)
+    omni = Omni(a.ckpt, deploy_config="bagel_single_stage.yaml")
     reqs = [{"modality": "text2img", "prompt": p, "height": a.size, "width": a.size, "steps": a.steps, "seed": i}
             for i, p in enumerate(PROMPTS)]
     omni.generate([{**reqs[0], "steps": 3}])  # warm-up

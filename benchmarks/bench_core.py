@@ -23,7 +23,6 @@ from common import header, machine_ceilings, parser, report, timed
 from bagel_serve import Omni
 from bagel_serve.testing.checkpoint import write_checkpoint
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SINGLE, TWO = "bagel_single_stage.yaml", "bagel.yaml"
 STAGE0 = {"max_num_seqs": 256, "enforce_eager": False}  # the limits this engine runs with (decode graphs on)
 T2I_1024 = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0,

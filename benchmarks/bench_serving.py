@@ -10,14 +10,12 @@ itself are recorded (0 = it read stage 0's rows in place).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from common import header, parser, report, timed
 
 from bagel_serve import Omni
 
-ROOT = Path(__file__).resolve().parents[1]
+SINGLE, TWO = "bagel_single_stage.yaml", "bagel.yaml"
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches ".split()
 
 
@@ -41,11 +39,9 @@ def device_used_gib() -> float:
 REFERENCE: dict[str, torch.Tensor] = {}
 
 
-def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool, backend: str = "inline",
+def run_topology(ckpt: str, deploy: str, res: dict, tag: str, text: bool, backend: str = "inline",
                  **kwargs) -> None:
-    if deploy:
-        kwargs["worker_backend"] = backend
-    omni = Omni(ckpt, deploy_config=deploy, **kwargs)
+    omni = Omni(ckpt, deploy_config=deploy, worker_backend=backend, **kwargs)
     omni.generate([{"modality": "text2img", "prompt": "warm up", "height": 256, "width": 256, "steps": 3},
                    {"modality": "text2text", "prompt": "warm up", "max_tokens": 4}])
     t2i = {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "seed": 0,
@@ -65,8 +61,7 @@ def run_topology(ckpt: str, deploy: str | None, res: dict, tag: str, text: bool,
         toks = sum(len(o.token_ids) - 1 for o in outs)
         res.update({f"{tag}_text64_s": t, f"{tag}_text64_tokens": toks, f"{tag}_text64_tok_s": toks / t,
                     f"{tag}_text64_peak_gib": peak, f"{tag}_text64_prompt_tokens": 64 * 512})
-    if hasattr(omni, "shutdown"):
-        omni.shutdown()
+    omni.shutdown()
     del omni
     torch.cuda.empty_cache()
 
@@ -78,20 +73,18 @@ def main() -> None:
     a = ap.parse_args()
     res = header()
     if a.d2d:
-        run_topology(a.ckpt, None, res, "single", text=False)
-        run_topology(a.ckpt, str("bagel.yaml"), res, "d2d", text=False, backend="process",
+        run_topology(a.ckpt, SINGLE, res, "single", text=False)
+        run_topology(a.ckpt, TWO, res, "d2d", text=False, backend="process",
                      stage_overrides={"1": {"devices": "1"}})
         report(res, a.out)
         return
-    run_topology(a.ckpt, None, res, "single", text=True)
-    run_topology(a.ckpt, str("bagel.yaml"), res, "two_stage", text=False)
+    run_topology(a.ckpt, SINGLE, res, "single", text=True)
+    run_topology(a.ckpt, TWO, res, "two_stage", text=False)
     res["two_stage_extra_gib"] = res["two_stage_device_used_gib"] - res["single_device_used_gib"]
     if not a.skip_process:
-        run_topology(a.ckpt, str("bagel.yaml"), res, "two_proc", text=False, backend="process")
+        run_topology(a.ckpt, TWO, res, "two_proc", text=False, backend="process")
         res["two_proc_extra_gib"] = res["two_proc_device_used_gib"] - res["single_device_used_gib"]
     report(res, a.out)
-
-
 
 
 if __name__ == "__main__":

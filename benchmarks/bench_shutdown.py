@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from bagel_serve import Omni
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -144,6 +144,7 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
     (["--max-num-seqs", "0"], "max_num_seqs (--max-num-seqs) must be an integer >= 1, got 0"),
     (["--stage-overrides", "{\"0\": {\"max_num_seq\": 2}}"], "overrides: stage 0: max_num_seq: unknown key"),
     (["--stage-overrides", "not json"], "stage_overrides (--stage-overrides): not valid JSON"),
+    (["--stage-overrides", "{\"0\": 3}"], "overrides: stage 0: must be a mapping of settings, got 3"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"],
      "device (--device) 'cuda"),
     (["--device", "tpu"], "device (--device) 'tpu' is not a torch device"),

@@ -272,6 +272,35 @@ def test_flags_a_modality_does_not_use_are_warned(tiny_checkpoint: Path, tmp_pat
                          "warning: --text-temperature has no effect with greedy decoding (do_sample=False); ignored"]
 
 
+def test_warnings_see_the_deploy_defaults(tiny_checkpoint: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """A deploy config that samples (temperature 0.7) makes --top-p count: no "greedy" warning, and the run
+    samples with it; the same flag on a greedy deploy config is warned about, once."""
+    yaml = tmp_path / "d.yaml"
+    yaml.write_text("pipeline: bagel_single_stage\nstages:\n  - stage_id: 0\n"
+                    "    default_sampling_params: {temperature: 0.7}\n")
+    flags = ("--modality", "text2text", "--prompts", "hi", "--max-tokens", "2", "--top-p", "0.9")
+    _, err = run(capsys, tiny_checkpoint, tmp_path / "s", "--deploy-config", str(yaml), *flags)
+    assert "warning:" not in err
+    p = json.loads((tmp_path / "s" / "manifest.json").read_text())["outputs"][0]["parameters"]
+    assert (p["do_sample"], p["text_temperature"], p["top_p"]) == (True, 0.7, 0.9)
+    _, err = run(capsys, tiny_checkpoint, tmp_path / "g", *SINGLE, *flags)
+    assert [ln for ln in err.splitlines() if ln.startswith("warning: ")] == [
+        "warning: --top-p has no effect with greedy decoding (do_sample=False); ignored"]
+
+
+def test_think_on_the_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--think without --deploy-config picks the think pipeline for the demo model too (it is no directory or
+    repo id: the default deploy file is chosen without resolving the model)."""
+    monkeypatch.setenv("BAGEL_SERVE_CACHE", str(tmp_path / "cache"))
+    argv = ["generate", "--model", "bagel-serve-demo", "--output", str(tmp_path / "o"), "--no-progress", "--think",
+            "--max-think-tokens", "2", "--worker-backend", "inline", *SMALL]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert (manifest["pipeline"], manifest["outputs"][0]["parameters"]["think"]) == ("bagel_think", True)
+
+
 def test_default_topology_is_two_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, _ = run(capsys, tiny_checkpoint, tmp_path / "two", *SMALL, "--log-stats")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())

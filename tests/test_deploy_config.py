@@ -329,8 +329,7 @@ def test_pipeline_registry() -> None:
     assert set(PIPELINES) == {"bagel", "bagel_think", "bagel_single_stage"}
     assert [r.name for r in PIPELINES["bagel"].stages] == ["thinker", "dit"]
     assert [r.kind for r in PIPELINES["bagel_think"].stages] == ["ar", "diffusion"]
-    assert PIPELINES["bagel"].kv_handoff == "prefill_finished"
-    assert PIPELINES["bagel_think"].kv_handoff == "request_finished"
+    assert PIPELINES["bagel_think"].stages == PIPELINES["bagel"].stages  # only the default deploy file differs
     assert [r.name for r in PIPELINES["bagel_single_stage"].stages] == ["dit"]
 
 
@@ -378,8 +377,14 @@ def test_topology_detection_unknown_model(tmp_path: Path) -> None:
     for deploy in (cfg, None):
         with pytest.raises(DeployConfigError, match="cannot determine the pipeline.*'llama'"):
             resolve_pipeline(deploy, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-    with pytest.raises(DeployConfigError, match="no config.json given"):
-        resolve_pipeline(cfg, None)
+
+
+def test_checkpoint_without_config_json_is_bagel(tmp_path: Path) -> None:
+    """config.json is optional: without it (None) both the default deploy file and the pipeline are BAGEL's."""
+    one = load_deploy_config(write(tmp_path, "stages:\n  - stage_id: 0\n"))
+    assert resolve_pipeline(one, None).name == "bagel_single_stage"
+    assert resolve_pipeline(load_deploy_config(default_deploy_config(None)), None).name == "bagel"
+    assert resolve_pipeline(None, None).name == "bagel"
 
 
 # --- runnable check ---------------------------------------------------------------------------------------
@@ -432,6 +437,15 @@ def test_apply_overrides() -> None:
         apply_overrides(cfg, {"max_num_seq": 4})
     with pytest.raises(DeployConfigError, match="no such stage"):
         apply_overrides(cfg, stage_overrides={5: {"devices": "1"}})
+
+
+def test_no_overrides_leave_the_config_as_loaded() -> None:
+    """Nothing given (every flag None, no stage overrides): no copy, no second validation, no "(with
+    overrides)" in the messages that name the file."""
+    cfg = load_deploy_config(bundled_deploy_config("bagel"))
+    assert apply_overrides(cfg) is cfg
+    assert apply_overrides(cfg, {"max_num_seqs": None, "quantization": None}, {}) is cfg
+    assert "(with overrides)" in apply_overrides(cfg, {"max_num_seqs": 2}).source
 
 
 def test_parse_from_dict() -> None:

@@ -90,6 +90,21 @@ def test_missing_ae(ckpt_copy: Path) -> None:
         Omni(ckpt_copy, device="cpu")
 
 
+def test_checkpoint_without_config_json_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.json is optional (the flat llm/vit configs suffice, the other fields take the official values):
+    the default two-stage deploy file, which has no `pipeline:` key, still resolves to BAGEL's pipeline."""
+    from bagel_serve.testing import checkpoint
+
+    official = {"latent_patch_size": 2, "max_latent_size": 64, "vit_max_num_patch_per_side": 70, "vae_config": {}}
+    monkeypatch.setitem(checkpoint.PRESETS, "flat", {**checkpoint.PRESETS["demo"], "top": official})
+    ckpt = checkpoint.write_checkpoint(tmp_path / "ckpt", "flat")
+    (ckpt / "config.json").unlink()
+    with Omni(ckpt, device="cpu", worker_backend="inline") as omni:
+        assert omni.pipeline.name == "bagel"
+        (out,) = omni.generate([{"modality": "text2text", "prompt": "hi", "max_tokens": 2}])
+    assert out.ok, out.error
+
+
 def test_missing_llm_config(ckpt_copy: Path) -> None:
     # config.json nests an llm_config that the loader falls back to; without both there is no LLM config.
     (ckpt_copy / "llm_config.json").unlink()

@@ -4,6 +4,7 @@ place through shared memory, dead or stopped workers, and starting from anywhere
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,6 +267,26 @@ def test_request_error_fails_only_that_request(single: Omni, proc: Omni) -> None
     same(a, b)
 
 
+def test_stage_env_is_the_workers_from_its_start(tiny_checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's deploy `env` is in its worker's environment when the process starts (/proc/PID/environ is the
+    environment it was started with), so what torch reads at import sees it; a stage that sets OMP_NUM_THREADS
+    keeps that thread count instead of copying ours. The parent's own environment is left alone."""
+    monkeypatch.delenv("BAGEL_SERVE_TEST_ENV", raising=False)
+    yaml = tmp_path / "env.yaml"
+    yaml.write_text("base_config: bagel.yaml\nstages:\n  - {stage_id: 0, env: {BAGEL_SERVE_TEST_ENV: zero}}\n"
+                    "  - {stage_id: 1, env: {BAGEL_SERVE_TEST_ENV: one, OMP_NUM_THREADS: 1}}\n")
+    with Omni(tiny_checkpoint, device="cpu", deploy_config=yaml) as omni:
+        environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in omni.orchestrator.transport.pids]
+        (out,) = omni.generate([CASES["text2img"]])
+        assert out.ok, out.error
+        setups = stage_setups(omni.pipeline, omni.deploy_config, omni.options, torch.device("cpu"), backend="process")
+    assert b"BAGEL_SERVE_TEST_ENV=zero" in environs[0] and b"BAGEL_SERVE_TEST_ENV=one" in environs[1]
+    assert b"OMP_NUM_THREADS=1" in environs[1]
+    assert [s.numerics.num_threads for s in setups] == [torch.get_num_threads(), None]
+    assert "BAGEL_SERVE_TEST_ENV" not in os.environ
+
+
 def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()
@@ -334,6 +355,46 @@ def test_stopped_worker_fails_the_batch_after_the_request_timeout(single: Omni, 
         omni.shutdown()
     time.sleep(0.5)
     assert not any(alive(p) for p in pids)
+
+
+def test_worker_stopped_before_its_stats_fails_the_batch(tiny_checkpoint: Path) -> None:
+    """A worker that stops after sending its outputs, before its stats, does not hang generate: the batch
+    still fails after request_timeout."""
+    omni = Omni(tiny_checkpoint, device="cpu", deploy_config="bagel.yaml", request_timeout=2.0)
+    transport = omni.orchestrator.transport
+    stage1 = transport.pids[1]
+    real_send = transport.send
+
+    def stop_stage_1_first(stage: int, msg: tuple) -> None:
+        if msg[0] == "stats" and stage == 1:
+            os.kill(stage1, signal.SIGSTOP)
+        real_send(stage, msg)
+
+    transport.send = stop_stage_1_first
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            omni.generate([CASES["text2img"]])
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    try:
+        thread.join(30)
+        hung = thread.is_alive()
+    finally:
+        if alive(stage1):
+            os.kill(stage1, signal.SIGCONT)
+        thread.join(30)
+        omni.shutdown()
+    assert not hung, "generate hung on a stopped worker"
+    assert time.monotonic() - t0 < 15
+    assert len(failed) == 1 and isinstance(failed[0], WorkerDiedError)
+    assert re.search(rf"stage 1 worker \(pid {stage1}\) sent nothing for \d+ s \(request_timeout=2 s\) while the "
+                     rf"stats of \d stage\(s\) were awaited", str(failed[0])), failed[0]
 
 
 # ---------------------------------------------------------------------------------------------- start anywhere

@@ -113,6 +113,20 @@ def test_single_stage_on_one_actor(single: Omni, tiny_checkpoint: Path, on_ray: 
         omni.shutdown()
 
 
+def test_stage_env_is_the_actors_from_its_start(tiny_checkpoint: Path, tmp_path: Path, on_ray: Omni) -> None:
+    """Each actor's process is started with its stage's deploy `env` (Ray's runtime_env), so what torch reads
+    at import sees it: it is in /proc/PID/environ, the environment the process started with."""
+    yaml = tmp_path / "env.yaml"
+    yaml.write_text("base_config: bagel.yaml\nstages:\n  - {stage_id: 0, env: {BAGEL_SERVE_TEST_ENV: zero}}\n"
+                    "  - {stage_id: 1, env: {BAGEL_SERVE_TEST_ENV: one, OMP_NUM_THREADS: 1}}\n")
+    with Omni(tiny_checkpoint, device="cpu", deploy_config=yaml, worker_backend="ray") as omni:
+        environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in omni.orchestrator.transport.pids]
+        (out,) = omni.generate([CASES["text2text"]])
+        assert out.ok, out.error
+    assert b"BAGEL_SERVE_TEST_ENV=zero" in environs[0] and b"BAGEL_SERVE_TEST_ENV=one" in environs[1]
+    assert b"OMP_NUM_THREADS=1" in environs[1]
+
+
 def test_init_timeout_names_the_stage(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, on_ray: Omni) -> None:
     monkeypatch.setenv(START_DELAY_ENV, "1:60")
     t0 = time.monotonic()

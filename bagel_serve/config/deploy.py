@@ -7,7 +7,7 @@ the feature does not exist here, is refused by name by `DeployConfig.require_run
 loads and validates, so a vllm-omni file says everything it needs at once).
 
 Reading files, `base_config` and overrides: `config.deploy_loader`. The pipeline registry (topologies, the
-default config of a model): `config.pipelines`. Their public names are also importable from here.
+default config of a model): `config.pipelines`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from bagel_serve.config.dtypes import DTYPES
 from bagel_serve.config.sampling import SamplingParams
 from bagel_serve.config.validate import ValidationError, build, check_field, opt
 
@@ -29,6 +30,7 @@ __all__ = [
     "DeployConfig",
     "SUPPORTED_CONNECTORS",
     "DISTRIBUTED_EXECUTOR_BACKENDS",
+    "CFG_PARALLEL_SIZES",
 ]
 
 
@@ -40,6 +42,8 @@ SUPPORTED_CONNECTORS = ("SharedMemoryConnector",)
 """Connectors a stage may bind: the hand-off the worker backends implement (in place / CUDA IPC between
 processes, by reference inline, the object store with Ray)."""
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+CFG_PARALLEL_SIZES = (1, 2, 3)
+"""`cfg_parallel_size`: 1 (off), 2 (the text CFG branch on a GPU of its own), 3 (both CFG branches)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,7 +64,7 @@ class ParallelConfig:
     ring_degree: int = opt(1, ge=1)
     allgather_degree: int = opt(1, ge=1)
     ulysses_mode: str = opt("strict", choices=("strict", "advanced_uaa"))
-    cfg_parallel_size: int = opt(1, choices=(1, 2, 3))
+    cfg_parallel_size: int = opt(1, choices=CFG_PARALLEL_SIZES)
     vae_patch_parallel_size: int = opt(1, ge=1)
     vae_parallel_mode: str = opt("tile", choices=("tile", "spatial_shard_height", "spatial_shard_width"))
     use_hsdp: bool = False
@@ -285,8 +289,7 @@ class DeployConfig:
     platforms: dict[str, dict[str, Any]] | None = None
     session_mode: str | None = None
     trust_remote_code: bool | None = None
-    dtype: str | None = opt(None, choices=("auto", "bfloat16", "bf16", "float16", "fp16", "half",
-                                           "float32", "fp32", "float"))
+    dtype: str | None = opt(None, choices=tuple(DTYPES))
     quantization: str | None = None
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None

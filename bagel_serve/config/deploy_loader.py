@@ -211,8 +211,11 @@ def apply_overrides(config: DeployConfig, global_overrides: Mapping[str, Any] | 
     form `stage_<id>_<key>` in `global_overrides` > other `global_overrides` > the YAML. A global key that is
     a pipeline-wide field (e.g. `quantization`, `dtype`) sets it; a stage key (e.g. `cfg_parallel_size`,
     `gpu_memory_utilization`, `kv_cache_blocks`) is applied to every stage. None values are skipped (flag
-    not given).
+    not given); with nothing given `config` itself comes back, not a revalidated copy whose errors would
+    blame overrides nobody gave.
     """
+    if not stage_overrides and all(v is None for v in (global_overrides or {}).values()):
+        return config
     raw = copy.deepcopy(config.raw)
     top_keys = set(yaml_fields(DeployConfig)) - {"stages"}
     stage_keys = set(known_keys(StageConfig)) - {"stage_id"}

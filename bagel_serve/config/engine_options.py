@@ -15,7 +15,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
+from bagel_serve.config.dtypes import DTYPES
 from bagel_serve.config.validate import ValidationError, check_field, opt
+
+if typing.TYPE_CHECKING:
+    import torch
 
 WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
 QUANTIZATIONS = ("fp8",)
@@ -42,11 +47,24 @@ def _name(name: str) -> str:
     return f"{name} ({flag(name)})"
 
 
+def parse_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a name of `DTYPES` means (`--dtype`, `Omni(dtype=...)`, the deploy config's `dtype`);
+    None for "auto" (bf16 on CUDA, fp32 on the CPU)."""
+    if name not in DTYPES:
+        raise EngineOptionError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {name!r}")
+    import torch
+
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
 @dataclass(frozen=True)
 class EngineOptions:
+    """`Omni`'s keyword arguments besides model, device, dtype and deploy config, and the CLI's engine flags
+    (each field's flag is `--` + its name with dashes). None: not given."""
+
     # Parallel layout and quantization (refused by the deploy config's runnable check until built).
     tensor_parallel_size: int | None = opt(None, ge=1)
-    cfg_parallel_size: int | None = opt(None, choices=(1, 2, 3))
+    cfg_parallel_size: int | None = opt(None, choices=CFG_PARALLEL_SIZES)
     vae_patch_parallel_size: int | None = opt(None, ge=1)
     vae_use_tiling: bool | None = None
     use_hsdp: bool | None = None
@@ -100,13 +118,11 @@ class EngineOptions:
         return opts
 
     def _check(self) -> None:
+        # Also a rule of the deploy schema, checked here too so that the error names the keyword (the deploy
+        # one names stages[i].parallel_config.hsdp_shard_size). What stage_overrides holds is checked where it
+        # is applied (`deploy_loader.apply_overrides`), with the deploy keys.
         if self.hsdp_shard_size == 0:
             raise EngineOptionError(f"{_name('hsdp_shard_size')} must be -1 (auto) or an integer >= 1, got 0")
-        if self.stage_overrides is not None:
-            for sid, values in self.stage_overrides.items():
-                if not isinstance(values, dict):
-                    raise EngineOptionError(f"{_name('stage_overrides')} must map stage ids to mappings of settings, "
-                                            f"got {sid!r}: {values!r}")
 
     def deploy_overrides(self) -> dict[str, Any]:
         """Options that override deploy config keys: stage keys in every stage, and pipeline-wide keys

@@ -3,9 +3,13 @@
   * `bagel`              two stages (the default, as in the seed): 0 "thinker" (autoregressive: contexts,
                          text, think) hands the context KV of image requests to 1 "dit" (diffusion:
                          denoise + VAE decode).
-  * `bagel_think`        the same two stages, chosen for think mode (the plan is decoded in stage 0 before
-                         the hand-off).
+  * `bagel_think`        the same two stages; its default deploy file (`bagel_think.yaml`) is the one chosen
+                         for think mode. It differs from `bagel` in nothing else.
   * `bagel_single_stage` one "dit" stage that runs everything.
+
+When stage 0 hands an image request over is the request's business, not the pipeline's: in both two-stage
+pipelines it is when the request's context program ends, after its prompt is prefilled and, for a request
+with `think`, after its plan is decoded and prefilled too.
 
 With no deploy config, a BAGEL checkpoint (detected from its `config.json`) runs `bagel.yaml`, or
 `bagel_think.yaml` when the caller says think mode is wanted; `bagel_single_stage.yaml` selects one stage.
@@ -32,19 +36,16 @@ class StageRole:
     stage_id: int
     name: str            # "thinker" | "dit"
     kind: str            # "ar" (autoregressive) | "diffusion"
-    final_output: str    # what the stage returns to the user: "text" | "image" | "text+image"
     input_from: int | None = None
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A topology: its stages' roles, when KV is handed over, and its bundled default deploy file."""
+    """A topology: its stages' roles and its bundled default deploy file."""
 
     name: str
     stages: tuple[StageRole, ...]
-    description: str
     default_deploy_config: str
-    kv_handoff: str | None = None  # "prefill_finished" | "request_finished" | None (single stage)
 
     @property
     def num_stages(self) -> int:
@@ -60,24 +61,15 @@ class PipelineSpec:
         return [(r.input_from, r.stage_id) for r in self.stages if r.input_from is not None]
 
 
-_THINKER = StageRole(0, "thinker", "ar", "text")
-_DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", "image", input_from=0)
+_THINKER = StageRole(0, "thinker", "ar")
+_DIT_AFTER_THINKER = StageRole(1, "dit", "diffusion", input_from=0)
 
 PIPELINES: dict[str, PipelineSpec] = {
-    "bagel": PipelineSpec(
-        "bagel", (_THINKER, _DIT_AFTER_THINKER),
-        "two stages: the Thinker (AR) builds every context and serves text; for image requests it hands the "
-        "context KV (full and CFG contexts) to the DiT once the context is complete",
-        default_deploy_config="bagel.yaml", kv_handoff="prefill_finished"),
-    "bagel_think": PipelineSpec(
-        "bagel_think", (_THINKER, _DIT_AFTER_THINKER),
-        "two stages like `bagel`, for think mode: the Thinker decodes the <think> plan before handing the KV "
-        "to the DiT (hand-off when the request finishes)",
-        default_deploy_config="bagel_think.yaml", kv_handoff="request_finished"),
-    "bagel_single_stage": PipelineSpec(
-        "bagel_single_stage", (StageRole(0, "dit", "diffusion", "text+image"),),
-        "one stage runs everything: prefill, text/think decode, denoising and VAE",
-        default_deploy_config="bagel_single_stage.yaml"),
+    "bagel": PipelineSpec("bagel", (_THINKER, _DIT_AFTER_THINKER), default_deploy_config="bagel.yaml"),
+    "bagel_think": PipelineSpec("bagel_think", (_THINKER, _DIT_AFTER_THINKER),
+                                default_deploy_config="bagel_think.yaml"),
+    "bagel_single_stage": PipelineSpec("bagel_single_stage", (StageRole(0, "dit", "diffusion"),),
+                                       default_deploy_config="bagel_single_stage.yaml"),
 }
 
 DEFAULT_BAGEL_PIPELINE = "bagel"
@@ -110,22 +102,23 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
     """Pick the pipeline: the deploy config's `pipeline:` wins; else the model's config.json decides.
 
     Without `pipeline:`, a BAGEL model gets `bagel` for a two-stage deploy config and `bagel_single_stage`
-    for a one-stage one (and `bagel`, the default, with no deploy config at all). The deploy config must fit
-    the pipeline: its stage count, its `edges` (if given) and `async_chunk` (false for two stages).
+    for a one-stage one (and `bagel`, the default, with no deploy config at all). A checkpoint without
+    `config.json` (`model_config_json` None: the file is optional, the flat llm/vit configs suffice) counts as
+    BAGEL, as in `default_deploy_config`. The deploy config must fit the pipeline: its stage count, its
+    `edges` (if given) and `async_chunk` (false for two stages).
     """
     source = deploy.source if deploy is not None else None
     prefix = f"{source}: " if source else ""
     if deploy is not None and deploy.pipeline is not None:
         spec = _lookup_pipeline(deploy.pipeline, source)
-    elif is_bagel_model_config(model_config_json):
+    elif model_config_json is None or is_bagel_model_config(model_config_json):
         if deploy is None:
             spec = PIPELINES[DEFAULT_BAGEL_PIPELINE]
         else:
             spec = PIPELINES["bagel_single_stage" if len(deploy.stages) == 1 else "bagel"]
     else:
-        cfg = model_config_json or {}
-        what = (f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')!r}"
-                if model_config_json else "no config.json given")
+        what = (f"model_type={model_config_json.get('model_type')!r}, "
+                f"architectures={model_config_json.get('architectures')!r}")
         raise DeployConfigError(f"{prefix}cannot determine the pipeline: the deploy config has no `pipeline:` key "
                                 f"and the model is not recognised as BAGEL ({what}); "
                                 f"set `pipeline:` to one of {', '.join(PIPELINES)}")
@@ -147,8 +140,8 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
 
 
 def default_deploy_config(model_config_json: Mapping[str, Any] | None = None, think: bool = False) -> Path:
-    """The bundled deploy file used when the user gives none: for a BAGEL model (or an unknown one: None)
-    `bagel.yaml`, or `bagel_think.yaml` with `think`."""
+    """The bundled deploy file used when the user gives none: for a BAGEL model (or a checkpoint without
+    config.json: None) `bagel.yaml`, or `bagel_think.yaml` with `think`."""
     if model_config_json is not None and not is_bagel_model_config(model_config_json):
         raise DeployConfigError(f"no default deploy config: the model is not recognised as BAGEL "
                                 f"(model_type={model_config_json.get('model_type')!r}, "

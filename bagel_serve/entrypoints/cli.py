@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bagel_serve import __version__
+from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
+from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.engine_options import QUANTIZATIONS, WORKER_BACKENDS
+from bagel_serve.config.sampling import RENORM_TYPES
 
 DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
 DEFAULT_PROMPT = "A cute cat"
 MODALITIES = ("text2img", "img2img", "img2text", "text2text")
-DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
 # Request fields whose errors and warnings the CLI reports under another flag name.
 FIELD_FLAGS = {"image": "--image-path"}
 
@@ -57,10 +60,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-overrides", default=None,
                    help="JSON of per-stage settings, e.g. '{\"0\": {\"max_num_seqs\": 2}}' (default: none)")
     g.add_argument("--device", default=None, help="torch device: cuda, cuda:N or cpu (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPES,
+    g.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="weight dtype; the VAE always runs in fp32 (default: the deploy config's dtype, else bf16 "
                         "on CUDA, fp32 on the CPU)")
-    g.add_argument("--worker-backend", default=None, choices=["process", "multi_process", "inline", "ray"],
+    g.add_argument("--worker-backend", default=None, choices=WORKER_BACKENDS,
                    help="where the stages run: one process per stage of a two-stage pipeline (process; a single "
                         "stage runs in this process), every stage in this process (inline), or one Ray actor per "
                         "stage (ray, needs the ray extra) (default: process)")
@@ -69,7 +72,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none; ray starts a local cluster)")
     g.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="tensor parallel GPUs per stage; refused until tensor parallelism is built (default: 1)")
-    g.add_argument("--cfg-parallel-size", type=int, default=None, choices=[1, 2, 3],
+    g.add_argument("--cfg-parallel-size", type=int, default=None, choices=CFG_PARALLEL_SIZES,
                    help="GPUs the CFG branches spread over; refused above 1 until CFG parallel is built (default: 1)")
     g.add_argument("--vae-patch-parallel-size", type=int, default=None,
                    help="GPUs the VAE tiles spread over; refused above 1 until built (default: 1)")
@@ -77,7 +80,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiled VAE encode/decode; refused until built (default: off)")
     g.add_argument("--use-hsdp", action="store_true", default=None,
                    help="FSDP2 sharding of the decoder layers; refused until built (default: off)")
-    g.add_argument("--quantization", default=None, choices=["fp8"],
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="weight quantization; refused until FP8 is built (default: none)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs in any stage (default: the deploy config's enforce_eager, false)")
@@ -128,7 +131,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-img-scale", type=float, default=None, help="image guidance scale; <= 1 turns it off (default: 1.5)")
     g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="guidance only where LOW < t <= HIGH, on the shifted t (default: 0.4 1.0)")
-    g.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"],
+    g.add_argument("--cfg-renorm-type", default=None, choices=RENORM_TYPES,
                    help="CFG renormalisation (default: global)")
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="renorm clamp minimum, in [0, 1] (default: 0.0)")
     g.add_argument("--negative-prompt", default=None, help="text of the text-dropped CFG context (default: none)")
@@ -260,23 +263,23 @@ def _load_images(paths: list[str | None]) -> list[Any]:
     return [decoded[p] if p is not None else None for p in paths]
 
 
-def _default_deploy_config(args: argparse.Namespace) -> str | None:
-    """With --think and no --deploy-config, the model's think pipeline (bagel_think.yaml for BAGEL)."""
-    if args.deploy_config is not None or not args.think:
-        return args.deploy_config
+def _resolve_deploy(args: argparse.Namespace) -> Any:
+    """The deploy config these flags run (`--deploy-config`, else the default, the think pipeline's with
+    --think), with the engine flags' overrides: from config files only, before the weights load, so that the
+    requests are resolved once with their deploy defaults."""
     from bagel_serve.config.deploy import DeployConfigError
-    from bagel_serve.config.pipelines import default_deploy_config
-    from bagel_serve.entrypoints.omni import model_config_json
-    from bagel_serve.model.loader import CheckpointError, resolve_model_dir
+    from bagel_serve.config.engine_options import EngineOptionError, EngineOptions
+    from bagel_serve.entrypoints.omni import resolve_deploy
 
     try:
-        return str(default_deploy_config(model_config_json(resolve_model_dir(args.model)), think=True))
-    except (CheckpointError, DeployConfigError) as e:
+        return resolve_deploy(args.deploy_config, EngineOptions.from_kwargs(engine_kwargs(args)),
+                              think=bool(args.think))
+    except (EngineOptionError, DeployConfigError) as e:
         raise CLIError(str(e)) from None
 
 
-def _load_omni(args: argparse.Namespace) -> Any:
-    """`Omni` for these flags; its start-up errors become `error:` lines (usage: 2, run-time: 1)."""
+def _load_omni(args: argparse.Namespace, deploy_path: Path) -> Any:
+    """`Omni` for these flags and deploy file; its start-up errors become `error:` lines (usage: 2, run-time: 1)."""
     import torch
 
     from bagel_serve.config.deploy import DeployConfigError
@@ -287,7 +290,7 @@ def _load_omni(args: argparse.Namespace) -> Any:
     from bagel_serve.pipeline.orchestrator import WorkerDiedError
 
     try:
-        return Omni(args.model, device=args.device, dtype=args.dtype, deploy_config=_default_deploy_config(args),
+        return Omni(args.model, device=args.device, dtype=args.dtype, deploy_config=deploy_path,
                     progress=not args.no_progress, **engine_kwargs(args))
     except (EngineOptionError, DeployConfigError, CheckpointError, DeviceError, NotImplementedError) as e:
         raise CLIError(str(e)) from None
@@ -307,17 +310,20 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything checkable without the model, before it loads.
     prompts = read_prompts(args)
     paths = image_paths(args, len(prompts))
+    deploy = _resolve_deploy(args)
+    # Each input image is decoded once, here; the requests carry the decoded image (the path is kept for
+    # the outputs' parameters).
+    images = _load_images(paths)
+    # Each request is resolved once, with stage 0's defaults, as it will run: its warnings are the run's.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RequestWarning)
         try:
-            checked = [make_request(d, i) for i, d in enumerate(build_requests(args, prompts, paths))]
+            reqs = [make_request(d, i, deploy.request_defaults)
+                    for i, d in enumerate(build_requests(args, prompts, images))]
         except RequestError as e:
             raise CLIError(_field_message(e)) from None
     _print_warnings(caught)
-    # Each input image is decoded once, here; the requests carry the decoded image (the path is kept for
-    # the outputs' parameters).
-    dicts = build_requests(args, prompts, _load_images(paths))
-    plan = OutputPlan(Path(args.output), checked, image_sources=paths)
+    plan = OutputPlan(Path(args.output), reqs, image_sources=paths)
     try:
         plan.check(args.overwrite)
     except (OutputExistsError, OutputDirError) as e:
@@ -329,26 +335,19 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"WARNING: {DEMO_NOTICE}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    omni = _load_omni(args)
+    omni = _load_omni(args, deploy.path)
     load_s = time.perf_counter() - t0
     try:
-        return _generate(args, omni, dicts, plan, load_s)
+        return _generate(args, omni, reqs, plan, load_s)
     finally:
         omni.shutdown()
 
 
-def _generate(args: argparse.Namespace, omni: Any, dicts: list[dict[str, Any]], plan: Any, load_s: float) -> int:
-    from bagel_serve.engine.request import RequestError, RequestWarning
-    from bagel_serve.entrypoints.outputs import OutputPlan, OutputWriteError, save_outputs
+def _generate(args: argparse.Namespace, omni: Any, reqs: list[Any], plan: Any, load_s: float) -> int:
+    from bagel_serve.engine.request import RequestError
+    from bagel_serve.entrypoints.outputs import OutputWriteError, save_outputs
     from bagel_serve.pipeline.orchestrator import WorkerDiedError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RequestWarning)  # printed above, before the model loaded
-        try:
-            reqs = omni.make_requests(dicts)  # stage 0's default_sampling_params apply now
-        except RequestError as e:
-            raise CLIError(_field_message(e)) from None
-    plan = OutputPlan(plan.directory, reqs, plan.image_sources)
     try:
         outputs = omni.generate(reqs)
     except RequestError as e:

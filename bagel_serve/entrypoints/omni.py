@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError
 from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
-from bagel_serve.config.engine_options import EngineOptionError, EngineOptions
+from bagel_serve.config.engine_options import EngineOptions, parse_dtype
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
@@ -35,12 +34,10 @@ class Omni:
     the CPU unless `dtype` (or the deploy config's `dtype`) says otherwise. `deploy_config` is a deploy YAML
     in the seed system's schema, a path or the bare name of a bundled one (`"bagel_single_stage.yaml"`);
     default: `bagel.yaml`, the two-stage Thinker -> DiT pipeline, for a BAGEL checkpoint. The other keyword
-    arguments are the seed's engine options (`tensor_parallel_size`, `cfg_parallel_size`,
-    `vae_patch_parallel_size`, `vae_use_tiling`, `quantization`, `worker_backend`, `ray_address`,
-    `log_stats`, `init_timeout`, `batch_timeout`, `request_timeout`, `enable_diffusion_pipeline_profiler`,
-    `stage_overrides`, and the every-stage limits `max_num_seqs`, `max_num_batched_tokens`, `max_model_len`,
-    `gpu_memory_utilization`, `kv_cache_blocks`, `enforce_eager`). An option whose feature is not built yet
-    fails by name rather than being ignored.
+    arguments are the seed's engine options, as `bagel_serve.config.engine_options.EngineOptions` declares
+    them (parallel layout, worker backend, timeouts, reporting, `stage_overrides`, and limits applied to
+    every stage such as `max_num_seqs`). An option whose feature is not built yet fails by name rather than
+    being ignored.
 
     Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
     deploy config, the GPUs it names) is checked before they load.
@@ -59,25 +56,25 @@ class Omni:
         self.options = EngineOptions.from_kwargs(kwargs)
         self._device = check_device(device)
         model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
-        read_config(model_dir)  # a broken checkpoint config is reported as such, before the deploy config
-        config_json = model_config_json(model_dir)
-        self.deploy_path = resolve_deploy_path(deploy_config if deploy_config is not None
-                                               else default_deploy_config(config_json))
-        deploy = load_deploy_config(self.deploy_path)
-        deploy = apply_overrides(deploy, self.options.deploy_overrides(), self.options.stage_overrides)
+        # A broken checkpoint config is reported as such, before the deploy config; pipeline detection reads
+        # the config.json it parsed (None: the checkpoint has none).
+        raw = read_config(model_dir).raw
+        config_json = raw if (model_dir / "config.json").is_file() else None
+        plan = resolve_deploy(deploy_config, self.options, config_json)
+        deploy = plan.config
+        self.deploy_path = plan.path
         self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
         self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
         if not self.options.uses_ray:  # Ray places the stages on its own cluster's GPUs
             check_stage_devices(deploy, self._device)
         self.deploy_config: DeployConfig = deploy
-        self.request_defaults: dict[str, Any] = request_defaults(deploy.stage(0).sampling_params)
+        self.request_defaults: dict[str, Any] = plan.request_defaults
         """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
         if dtype is None and deploy.dtype is not None:
             dtype = deploy.dtype
         if isinstance(dtype, str):
-            dtype = _parse_dtype(dtype)
-        self.model_name = str(model)
+            dtype = parse_dtype(dtype)
         backend = self.options.worker_backend
         in_process = not self.options.uses_ray and (self.pipeline.single_stage or backend == "inline")
         if in_process:
@@ -176,29 +173,26 @@ class Omni:
         return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
 
 
-def model_config_json(model_dir: Path) -> dict[str, Any] | None:
-    """A checkpoint's config.json (what pipeline detection reads), or None if it has none."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None  # the loader reports the broken file with its own message
-    return data if isinstance(data, dict) else None
+class DeployPlan(NamedTuple):
+    """A deploy config as a run uses it."""
+
+    path: Path
+    config: DeployConfig
+    """Validated, with the engine options' overrides applied."""
+    request_defaults: dict[str, Any]
+    """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
 
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
-def _parse_dtype(name: str) -> torch.dtype | None:
-    """A dtype name (`--dtype`, the deploy config's `dtype`); "auto" is None: bf16 on CUDA, fp32 on the CPU."""
-    if name == "auto":
-        return None
-    if name not in _DTYPES:
-        raise EngineOptionError(f"dtype (--dtype) must be one of auto, {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+def resolve_deploy(deploy_config: str | os.PathLike | None, options: EngineOptions,
+                   model_config: Mapping[str, Any] | None = None, *, think: bool = False) -> DeployPlan:
+    """The deploy config `deploy_config` names (None: the model's default, the think pipeline's with `think`),
+    loaded, with `options`' overrides. It reads no checkpoint file (`model_config` is its config.json when the
+    caller has read it; None counts as BAGEL): so the CLI can resolve its requests with their deploy defaults,
+    and warn about them, before it starts an `Omni`, which resolves the same file again."""
+    path = resolve_deploy_path(deploy_config if deploy_config is not None
+                               else default_deploy_config(model_config, think=think))
+    deploy = apply_overrides(load_deploy_config(path), options.deploy_overrides(), options.stage_overrides)
+    return DeployPlan(path, deploy, request_defaults(deploy.stage(0).sampling_params))
 
 
 def _apply_env(deploy: DeployConfig, pipeline: PipelineSpec) -> None:

@@ -170,18 +170,19 @@ class Orchestrator:
             if time.monotonic() >= deadline:
                 return None
 
-    def _check_workers(self, in_flight: int) -> None:
+    def _check_workers(self, awaiting: str) -> None:
+        """Fail the batch when a worker died, or (with heartbeats) sent nothing for `request_timeout` while
+        the parent waits on the workers for `awaiting` ("2 request(s) were in flight"): the parent only ever
+        waits on them, so silence always means a stopped or hung worker, never a caller's hang."""
         t = self._transport
         for s in range(t.num_stages):
             how = t.exited(s)
             if how is not None:
-                raise self._fatal(f"{t.name(s)} {how} while {in_flight} request(s) were in flight",
-                                  self._fatal_details(s))
+                raise self._fatal(f"{t.name(s)} {how} while {awaiting}", self._fatal_details(s))
             silent = time.monotonic() - self._heard[s]
-            if in_flight and t.heartbeats() and silent > self.request_timeout:
+            if t.heartbeats() and silent > self.request_timeout:
                 raise self._fatal(f"{t.name(s)} sent nothing for {silent:.0f} s (request_timeout="
-                                  f"{self.request_timeout:g} s) while {in_flight} request(s) were in flight: it is "
-                                  f"stopped or hung")
+                                  f"{self.request_timeout:g} s) while {awaiting}: it is stopped or hung")
 
     def _fatal_details(self, stage: int) -> str | None:
         """The traceback a crashed worker sent, if it is already queued (looked at without waiting long)."""
@@ -228,7 +229,7 @@ class Orchestrator:
         while pending:
             msg = self._receive(POLL_S)
             if msg is None or time.monotonic() >= next_check:
-                self._check_workers(len(pending))
+                self._check_workers(f"{len(pending)} request(s) were in flight")
                 next_check = time.monotonic() + POLL_S
             if msg is None:
                 continue
@@ -271,7 +272,7 @@ class Orchestrator:
         while len(stats) < t.num_stages:
             msg = self._receive(POLL_S)
             if msg is None:
-                self._check_workers(0)
+                self._check_workers(f"the stats of {t.num_stages - len(stats)} stage(s) were awaited")
                 continue
             kind, stage, key, data = msg
             if kind == "fatal":

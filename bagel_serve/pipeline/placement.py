@@ -12,7 +12,6 @@ GPU, or a Ray actor) allocates its own cache from its own share.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,9 @@ from bagel_serve.engine.tokenizer import BagelTokenizer
 class Numerics:
     """Settings a worker copies from its parent so that it computes the same numbers."""
 
-    num_threads: int
+    num_threads: int | None
+    """None: the worker keeps the thread count its own environment gave torch (the stage's deploy `env`
+    sets OMP_NUM_THREADS)."""
     matmul_precision: str
 
     @classmethod
@@ -46,7 +47,8 @@ class Numerics:
         return cls(torch.get_num_threads(), torch.get_float32_matmul_precision())
 
     def apply(self) -> None:
-        torch.set_num_threads(self.num_threads)
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         torch.set_float32_matmul_precision(self.matmul_precision)
 
 
@@ -80,6 +82,9 @@ class StageSetup:
     to_cpu: bool = False
     """Copied contexts go through the CPU (for transports that pickle by value)."""
     env: dict[str, str] = field(default_factory=dict)
+    """The stage's deploy `env`: a worker process or Ray actor is started with it (so that what torch and CUDA
+    read at import, like OMP_NUM_THREADS or PYTORCH_CUDA_ALLOC_CONF, takes effect); `Omni` sets it in
+    os.environ for the stages that run in its own process."""
 
 
 def stage_devices(model_device: torch.device, deploy: DeployConfig, num_stages: int) -> list[torch.device]:
@@ -108,11 +113,14 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
         pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers) for x in shares))
         own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers)
         role = pipeline.stages[s]
-        common = dict(stage=s, num_stages=n, device=str(dev), numerics=numerics, batch_timeout=float(options.batch_timeout),
+        # A stage that sets its own thread count keeps it rather than copying ours.
+        own_threads = dataclasses.replace(numerics, num_threads=None) if "OMP_NUM_THREADS" in st.env else numerics
+        common = dict(stage=s, num_stages=n, device=str(dev), numerics=own_threads,
+                      batch_timeout=float(options.batch_timeout),
                       scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
                       kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
-                      enforce_eager=bool(st.enforce_eager or options.enforce_eager),
+                      enforce_eager=st.enforce_eager,
                       max_model_len=st.max_model_len, env=dict(st.env))
         if backend == "ray":
             setups.append(StageSetup(**common, utilization=own, to_cpu=True))
@@ -123,11 +131,6 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
         else:
             setups.append(StageSetup(**common, utilization=pooled, borrows_cache=peers[0] != s))
     return setups
-
-
-def apply_env(env: dict[str, str]) -> None:
-    """A stage's deploy `env`, set in the process it runs in (before it builds anything)."""
-    os.environ.update(env)
 
 
 def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> Stage:
@@ -176,7 +179,3 @@ def ray_bundles(devices: list[torch.device]) -> tuple[list[dict[str, float]], li
     """One bundle per stage: a CPU, and a GPU or an equal share of one among stages on the same device."""
     gpus = [1.0 / sum(1 for e in devices if e == d) if d.type == "cuda" else 0.0 for d in devices]
     return [{"CPU": 1.0, **({"GPU": g} if g else {})} for g in gpus], gpus
-
-
-def with_device(setup: StageSetup, device: str) -> StageSetup:
-    return dataclasses.replace(setup, device=device)

@@ -21,7 +21,7 @@ import torch
 
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.tokenizer import BagelTokenizer
-from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage
+from bagel_serve.pipeline.placement import StageSetup, build_stage
 from bagel_serve.pipeline.stage_worker import IpcCodec, StageWorker
 
 HEARTBEAT_S = 1.0
@@ -107,13 +107,12 @@ def main() -> None:
     conn.send(("hello", stage))
     link = _Link(conn, stage)
     try:
-        setup, model, vae, tokenizer_source = conn.recv()
+        setup, model, vae, tokenizer_dir = conn.recv()
         delay = start_delay(stage, os.environ.get(START_DELAY_ENV))
         if delay > 0:
             time.sleep(delay)
-        setup.numerics.apply()
-        apply_env(setup.env)
-        tok = tokenizer_source if isinstance(tokenizer_source, BagelTokenizer) else BagelTokenizer(tokenizer_source)
+        setup.numerics.apply()  # the stage's env was this process's from its start (backends.process)
+        tok = BagelTokenizer(tokenizer_dir)
         stage_obj = build_stage(setup, model, vae, tok)
         del model, vae
         worker = StageWorker(setup, stage_obj, link.send, IpcCodec)

@@ -10,6 +10,9 @@ placed on another GPU copies them to its GPU once. The model is sent from a thre
 before reading it can never block this process; any start-up failure becomes an error within `init_timeout`,
 with the worker's own last error (its traceback message, or the last line it printed).
 
+Each worker is started with its stage's deploy `env` in its environment, so what torch and CUDA read at
+import sees it.
+
 Workers send a heartbeat every second from a thread of their own, so a stopped or hung worker is told from a
 busy one (`request_timeout`).
 """
@@ -38,7 +41,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 class ProcessTransport:
     codec = IpcCodec
 
-    def __init__(self, setups: list[StageSetup], model: Any, vae: Any, tokenizer_source: Any) -> None:
+    def __init__(self, setups: list[StageSetup], model: Any, vae: Any, tokenizer_dir: str) -> None:
         self.num_stages = len(setups)
         # This process's own key: the resource sharer that hands shared-memory tensors out checks it.
         self._key = bytes(multiprocessing.current_process().authkey)
@@ -52,10 +55,11 @@ class ProcessTransport:
             _ensure_fd_limit([model, vae])
             model.share_memory()
             vae.share_memory()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
-                                                           if p)}
         self.procs: list[subprocess.Popen] = []
         for s in range(self.num_stages):
+            # The stage's deploy `env` is the worker's from its start, before torch is imported.
+            env = {**os.environ, **setups[s].env}
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bagel_serve.pipeline.worker_main", self._listener.address, str(s)],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
@@ -63,7 +67,7 @@ class ProcessTransport:
             proc.stdin.close()
             threading.Thread(target=self._drain_stderr, args=(s, proc), daemon=True).start()
             self.procs.append(proc)
-        payloads = [(setup, model, vae, tokenizer_source) for setup in setups]
+        payloads = [(setup, model, vae, tokenizer_dir) for setup in setups]
         threading.Thread(target=self._accept, args=(payloads,), name="bagel-serve-accept", daemon=True).start()
 
     # ------------------------------------------------------------------ start-up

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from bagel_serve.pipeline.orchestrator import WorkerDiedError
-from bagel_serve.pipeline.placement import StageSetup, apply_env, build_stage, ray_bundles
+from bagel_serve.pipeline.placement import StageSetup, build_stage, ray_bundles
 from bagel_serve.pipeline.stage_worker import StageWorker, ValueCodec, describe
 from bagel_serve.engine.tokenizer import BagelTokenizer
 from bagel_serve.model.loader import load_model
@@ -67,7 +67,6 @@ class StageActor:
         delay = start_delay(setup.stage, os.environ.get(START_DELAY_ENV))
         if delay > 0:
             time.sleep(delay)
-        apply_env(setup.env)
         loaded = load_model(model, device=setup.device, dtype=dtype)
         stage = build_stage(setup, loaded.model, loaded.vae, BagelTokenizer(loaded.model_dir))
         self.stage = setup.stage
@@ -132,12 +131,15 @@ class RayTransport:
         group = placement_group(bundles, strategy="PACK")
         _wait_placed(ray, group, bundles, init_timeout)
         remote = ray.remote(StageActor)
-        env = {k: os.environ[k] for k in (START_DELAY_ENV,) if k in os.environ}
+        # Each actor's process starts with its stage's deploy `env` (and the test hook), so that what torch
+        # reads at import sees it.
+        hook = {k: os.environ[k] for k in (START_DELAY_ENV,) if k in os.environ}
+        envs = [{**hook, **setup.env} for setup in setups]
         self.actors = [
             remote.options(
                 num_cpus=1, num_gpus=gpus[s], max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-                **({"runtime_env": {"env_vars": env}} if env else {}),
+                **({"runtime_env": {"env_vars": envs[s]}} if envs[s] else {}),
             ).remote(setups[s], model, dtype)
             for s in range(len(setups))
         ]

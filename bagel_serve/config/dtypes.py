@@ -1,0 +1,10 @@
+"""Weight dtype names: one vocabulary for `--dtype`, `Omni(dtype=...)` and a deploy config's `dtype`."""
+
+from __future__ import annotations
+
+DTYPES: dict[str, str | None] = {
+    "auto": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+    "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32",
+}
+"""Each name and the torch dtype it means (`torch.<value>`); "auto" (None): bf16 on CUDA, fp32 on the CPU.
+Names only, so that the CLI's choices and the deploy schema need no torch."""
