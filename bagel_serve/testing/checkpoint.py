@@ -190,8 +190,7 @@ def _random_state(module: nn.Module, std: float, gen: torch.Generator, device: t
         return t.to(dtype).cpu()
 
     for key, target in checkpoint_manifest(module).items():
-        owner_path, _, pname = target.name.rpartition(".")
-        mod = module.get_submodule(owner_path)
+        mod, pname = target.owner, target.name.rpartition(".")[2]
         shape = target.shape
         if isinstance(mod, PositionEmbedding):
             t = sincos_2d_table(mod.grid, shape[1]).to(dtype)
