@@ -1,0 +1,60 @@
+"""Where a denoising step's time goes: a few text2img / img2img steps through `Omni` under the torch profiler,
+kernels grouped by name, and the device's busy time against the wall time.
+
+    python benchmarks/profile_denoise.py --ckpt /tmp/bagel-full --out $OUT/profile
+
+Each case writes `<out>/<case>.txt` (the 40 kernels with the most device time) and prints one line per case.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import parser
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+from bagel_serve import Omni
+
+CASES = {
+    "t2i_1024": {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "steps": 5, "seed": 0},
+    "t2i_512": {"modality": "text2img", "prompt": "A cute cat sitting on a windowsill at sunset.", "steps": 5,
+                "height": 512, "width": 512, "seed": 0},
+    "i2i_1024": {"modality": "img2img", "prompt": "Make it winter.", "steps": 4, "cfg_img_scale": 2.0,
+                 "cfg_interval": [0.0, 1.0], "cfg_renorm_type": "text_channel", "seed": 0},
+}
+
+
+def main() -> None:
+    ap = parser("profile")
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--deploy", default="bagel_single_stage.yaml")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    omni = Omni(a.ckpt, deploy_config=a.deploy)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+    for name in a.cases:
+        req = dict(CASES[name])
+        if req["modality"] == "img2img":
+            req["image"] = image
+        omni.generate([req])  # warm-up: plans, allocator
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            omni.generate([req])
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+        (out / f"{name}.txt").write_text(f"wall {wall:.3f} s, device busy {busy:.3f} s\n\n{table}")
+        print(f"{name:<10} wall {wall:7.3f} s  device busy {busy:7.3f} s  steps {req['steps']}", flush=True)
+    omni.shutdown()
+
+
+if __name__ == "__main__":
+    main()
