@@ -4,6 +4,8 @@ kernels grouped by name, and the device's busy time against the wall time.
     python benchmarks/profile_denoise.py --ckpt /tmp/bagel-full --out $OUT/profile
 
 Each case writes `<out>/<case>.txt` (the 40 kernels with the most device time) and prints one line per case.
+`--timed` instead runs each case at full length (50 steps at 1024², 20 at 512²) without the profiler and
+prints its wall time and the engine's per-phase seconds (per-phase timing synchronises every forward).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     ap = parser("profile")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--deploy", default="bagel_single_stage.yaml")
+    ap.add_argument("--timed", action="store_true", help="full-length runs with per-phase times, no profiler")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,6 +46,16 @@ def main() -> None:
             req["image"] = image
         omni.generate([req])  # warm-up: plans, allocator
         torch.cuda.synchronize()
+        if a.timed:
+            req["steps"] = 20 if req.get("height") == 512 else 50
+            t0 = time.perf_counter()
+            omni.generate([req])
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            omni.orchestrator.generate(omni.make_requests([req]), timed=True)
+            phases = {k: round(v, 3) for k, v in omni.last_stats.phase_s.items()}
+            print(f"{name:<10} wall {wall:7.3f} s  steps {req['steps']}  phases {phases}", flush=True)
+            continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             omni.generate([req])
