@@ -65,12 +65,15 @@ def main() -> None:
                 fn = (lambda: model.decode(x)) if cname.startswith("decode") else (lambda: model.encode_moments(x)[0])
                 with b.flags(enabled=True, benchmark=bench, deterministic=False, allow_tf32=tf32):
                     torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
                     t0 = time.perf_counter()
                     out = fn()
                     torch.cuda.synchronize()
                     first = time.perf_counter() - t0
                     s = median_cuda_s(fn, 3)
                     out = fn()
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
                 if cname.startswith("decode"):
                     out = decoded_to_uint8(out.float()).int()
                 else:
@@ -81,7 +84,9 @@ def main() -> None:
                 res[f"{cname}_{vname}_s"] = s
                 res[f"{cname}_{vname}_first_s"] = first
                 res[f"{cname}_{vname}_maxdiff"] = diff
-                print(f"{cname:<12} {vname:<22} {s * 1e3:8.1f} ms (first {first * 1e3:8.1f} ms)  max diff {diff:.3g}",
+                res[f"{cname}_{vname}_peak_gib"] = peak
+                print(f"{cname:<12} {vname:<22} {s * 1e3:8.1f} ms (first {first * 1e3:8.1f} ms)  max diff {diff:.3g}"
+                      f"  peak +{peak:.2f} GiB",
                       flush=True)
             ae = model.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     report(res, a.out)
