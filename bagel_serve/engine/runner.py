@@ -79,10 +79,23 @@ class ModelRunner:
         self.device = model.device
         self.backend: AttentionBackend = select_backend(self.device, attention_backend)
         self.graphs: DecodeGraphs | None = None
+        self.warmup_s = 0.0
+        """Seconds `warm_up` took (the attention kernels' one-time set-up)."""
         # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
         if self.device.type == "cuda" and not enforce_eager and use_triton(cache.tensor):
             max_blocks = -(-max_model_len // cache.block_size) + 1
             self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the attention backend's one-time set-up now (once per process, at start)."""
+        llm = self.model.config.llm
+        t0 = time.perf_counter()
+        self.backend.warm_up(self.device, self.model.dtype, llm.num_attention_heads, llm.num_key_value_heads,
+                             llm.head_dim)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ forwards
     @torch.inference_mode()

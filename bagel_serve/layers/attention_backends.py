@@ -101,6 +101,9 @@ class AttentionBackend:
         for a, n in seq.q_segments:
             out[a : a + n] = self.attend(q[a : a + n], keys, values, seq.causal)
 
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+        """Pay the kernels' one-time set-up at start instead of in the first request."""
+
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Full attention within each of several packed sequences (the ViT's images), no cache."""
         outs, start = [], 0
@@ -156,6 +159,28 @@ class CudaBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         with sdpa_kernel(_LARGE if q.shape[0] >= CUDNN_MIN_QUERIES else _SMALL, set_priority=True):
             return _sdpa(q, k, v, causal)
+
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+        """cuDNN's first attention call in a process costs about 1.07 s on an H200 (a new sequence length
+        afterwards about 0.07 s, a known one 0.6 ms): one call of a large-image shape here takes that out of
+        the first image request. A stage that borrows its KV cache never runs the activation profile, which
+        would otherwise have paid it."""
+        q = torch.zeros((CUDNN_MIN_QUERIES, heads, head_dim), dtype=dtype, device=device)
+        k = torch.zeros((CUDNN_MIN_QUERIES, kv_heads, head_dim), dtype=dtype, device=device)
+        self.attend(q, k, k, False)
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        """An image block's rows (its boundary tokens among the understanding rows, its latents among the
+        generation rows) attend without a mask, so their order does not matter: one kernel for all of them."""
+        if seq.causal or len(seq.q_segments) == 1:
+            return super().sequence(q, k, v, seq, k_cache, v_cache, out)
+        keys, values = _keys(k, v, seq, k_cache, v_cache)
+        o = self.attend(torch.cat([q[a : a + n] for a, n in seq.q_segments]), keys, values, False)
+        start = 0
+        for a, n in seq.q_segments:
+            out[a : a + n] = o[start : start + n]
+            start += n
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:

@@ -15,8 +15,10 @@ from bagel_serve.layers.kernels.activation import silu_and_mul
 from bagel_serve.layers.linear import LinearBase
 
 MLP_CHUNK_ROWS = 8192
-"""Rows per MLP chunk: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
-GEMMs of this many rows already run at full rate."""
+"""Most rows per MLP chunk: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
+GEMMs of this many rows already run at full rate. A forward is cut into equal chunks: two CFG branches of a
+1024x1024 image are 8,196 rows, and 8,192 + 4 would read the generation expert's MLP weights once more for
+four rows (about 2.8 ms a step on an H200)."""
 
 
 def expert_linear(x: torch.Tensor, n_und: int, und: LinearBase, gen: LinearBase, reduce: bool = False) -> torch.Tensor:
@@ -39,8 +41,9 @@ def expert_mlp(x: torch.Tensor, n_und: int, und: nn.Module, gen: nn.Module) -> t
         h = silu_and_mul(expert_linear(x, n_und, und.gate_up_proj, gen.gate_up_proj))
         return expert_linear(h, n_und, und.down_proj, gen.down_proj, reduce=True)
     out = torch.empty_like(x)
-    for a in range(0, n, MLP_CHUNK_ROWS):
-        b = min(n, a + MLP_CHUNK_ROWS)
+    chunks = -(-n // MLP_CHUNK_ROWS)
+    bounds = [n * i // chunks for i in range(chunks + 1)]
+    for a, b in zip(bounds, bounds[1:]):
         h = silu_and_mul(expert_linear(x[a:b], n_und - a, und.gate_up_proj, gen.gate_up_proj))
         out[a:b] = expert_linear(h, n_und - a, und.down_proj, gen.down_proj)
     return tp_all_reduce(out)

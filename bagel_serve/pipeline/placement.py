@@ -135,7 +135,7 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
 
 def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> Stage:
     """The stage's `Stage`: on its device (the weights are copied there once when they live elsewhere), with
-    its KV cache sized and allocated and its decode graphs captured."""
+    its KV cache sized and allocated, its attention kernels set up and its decode graphs captured."""
     device = torch.device(setup.device)
     if device != model.device:
         model, vae = model.to(device), vae.to(device)
@@ -144,6 +144,7 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
     cache = _make_cache(setup, model, vae, tok)
     stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
                   enforce_eager=setup.enforce_eager or not setup.decodes)
+    stage.runner.warm_up()
     if stage.runner.graphs is not None:
         stage.runner.graphs.capture()
     return stage
