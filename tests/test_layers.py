@@ -65,3 +65,15 @@ def test_cuda_backend_attends_an_image_block_in_one_call(monkeypatch):
     for a, n in segments:
         torch.testing.assert_close(got[a : a + n], want[a : a + n], rtol=1e-6, atol=1e-6)
     assert torch.isnan(got[0]).all() and torch.isnan(got[3:6]).all()  # other rows untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's varlen call needs a GPU")
+def test_cuda_vit_attention_over_several_images_in_one_call():
+    from bagel_serve.layers.attention_backends import CudaBackend, ExactBackend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [5, 64, 17]
+    q, k, v = (torch.randn(sum(lengths), 16, 72, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    got = CudaBackend().self_attention(q, k, v, lengths)
+    want = ExactBackend().self_attention(q, k, v, lengths)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -12,6 +12,7 @@ context): a backend never sees requests, only rows, slots and block tables.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # older torch: one call per image
+    _varlen_attn = None
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
 
@@ -181,6 +187,13 @@ class CudaBackend(AttentionBackend):
         for a, n in seq.q_segments:
             out[a : a + n] = o[start : start + n]
             start += n
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Several images' ViT tokens in one varlen flash call (one image: the plain kernel)."""
+        if len(lengths) == 1 or _varlen_attn is None:
+            return super().self_attention(q, k, v, lengths)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
+        return _varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths))
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
                out: torch.Tensor) -> None:
