@@ -67,3 +67,110 @@ def parser(default_out: str) -> argparse.ArgumentParser:
     ap.add_argument("--ckpt", default="/tmp/bagel-full")
     ap.add_argument("--out", default=default_out)
     return ap
+
+
+def median_s(fn, reps: int, device: torch.device | str) -> float:
+    """`median_cuda_s` on a GPU; on the CPU (smoke runs) the median wall seconds of fn(), after one warm-up."""
+    if torch.device(device).type == "cuda":
+        return median_cuda_s(fn, reps)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def fp8_gemm_tflops(device: torch.device | str = "cuda", m: int = 8192, k: int = 3584, n: int = 18944,
+                    reps: int = 20) -> dict[str, float]:
+    """The card's FP8 (e4m3) GEMM rate at the DiT shape that `machine_ceilings` measures in bf16, through
+    `torch._scaled_mm` with rowwise scales (one per row of the activations, one per output channel of the
+    weight: what a per-token x per-channel FP8 linear runs) and a bf16 output, with and without fast
+    accumulation. A variant the card or torch refuses is left out (its error under `*_error`)."""
+    a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+    w = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)  # (out, in), as a linear's weight is stored
+    sa = torch.rand(m, 1, device=device) + 0.5
+    sw = torch.rand(1, n, device=device) + 0.5
+    out: dict[str, float] = {}
+    for key, fast in (("fp8_gemm_tflops", False), ("fp8_gemm_fast_accum_tflops", True)):
+        try:
+            s = median_s(lambda: torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
+                                                  use_fast_accum=fast), reps, device)
+            out[key] = 2 * m * k * n / s / 1e12
+        except Exception as e:  # a missing kernel (older card, changed torch API) must not stop the bench
+            out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+    del a, w, sa, sw
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def timed_on(device: torch.device | str, fn):
+    """`timed` on a GPU; on the CPU (smoke runs) (result, wall seconds, 0.0): there is no device peak."""
+    if torch.device(device).type == "cuda":
+        return timed(fn)
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, 0.0
+
+
+def free_device() -> None:
+    """Drop what the last engine left: Python garbage first (it holds the tensors), then the allocator cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_warmup_s(omni) -> dict[str, float]:
+    """Capture / compile / warm-up times and graph memory the engine exposes, read by duck typing so a bench
+    keeps running while those attributes come and go: every attribute of the stage and of its runner that is
+    itself a `*capture_s` / `*compile_s` / `*warmup_s` number, or an object carrying one (the decode graphs'
+    `capture_s` and `memory_bytes`, a later denoising graph's or compile step's). Empty when the stages run
+    out of this process."""
+    stage = getattr(omni, "stage", None)  # the property raises AttributeError for worker processes
+    found: dict[str, float] = {}
+    keys = ("capture_s", "compile_s", "warmup_s")
+    for owner_name, owner in (("stage", stage), ("runner", getattr(stage, "runner", None))):
+        if owner is None:
+            continue
+        for name, value in vars(owner).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name.endswith(keys):
+                found[f"{owner_name}.{name}"] = float(value)
+                continue
+            for key in (*keys, "memory_bytes"):
+                v = _attr(value, key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    found[f"{name}.{key.replace('memory_bytes', 'memory_gib')}"] = (
+                        v / 2**30 if key == "memory_bytes" else float(v))
+    return found
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 (b the reference)."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+def psnr_db(img, ref) -> float | str:
+    """PSNR of two PIL images as uint8 RGB, peak 255, in dB; "inf" (JSON has no infinity) when identical."""
+    import numpy as np
+
+    x = np.asarray(img.convert("RGB"), dtype=np.float64)
+    y = np.asarray(ref.convert("RGB"), dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"image sizes differ: {x.shape} vs reference {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    return "inf" if mse == 0.0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+def _attr(obj, name: str):
+    """obj.name, or None when it is missing or cannot be read (a property that raises)."""
+    if isinstance(obj, torch.Tensor):
+        return None
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
