@@ -24,6 +24,7 @@ from bagel_serve.engine.stage_engine import release_contexts
 from bagel_serve.engine.step_cache import StepCache, TaylorState
 from bagel_serve.entrypoints.cli import _parser, build_requests
 from bagel_serve.entrypoints.omni import resolve_deploy
+from bagel_serve.entrypoints.outputs import generation_parameters
 from bagel_serve.model.layout import LatentPiece, flattened_position_ids, latent_grid
 
 EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
@@ -346,3 +347,10 @@ def test_precedence_request_over_cli_over_deploy_over_builtin(tmp_path: Path) ->
     with pytest.raises(DeployConfigError, match=r"default_sampling_params.enable_taylorseer: must be true or false"):
         deploy.write_text("stages:\n  - stage_id: 0\n    default_sampling_params: {enable_taylorseer: 2}\n")
         load_deploy_config(deploy)
+
+
+def test_saved_parameters_say_whether_it_was_on(omni: Omni) -> None:
+    """An image made with step caching is not the uncached one: its parameters (PNG, manifest) say so."""
+    req = make_request({**T2I, "enable_taylorseer": True, "steps": 2, "height": 32, "width": 32, "seed": 1})
+    (out,) = omni.generate([req])
+    assert generation_parameters(req, out, "m", "0")["enable_taylorseer"] is True
