@@ -2,8 +2,8 @@
 
 `SamplingParams` is the schema of `default_sampling_params` in a deploy YAML (vllm-omni's key names). Only
 the keys bagel-serve honours are declared, plus its own `enable_taylorseer`; any other key (vLLM has many:
-`min_p`, `presence_penalty`, ...) is refused by name when the file loads. `engine/request.py` turns them into request defaults
-(`temperature` becomes `text_temperature`, and `do_sample = temperature > 0`).
+`min_p`, `presence_penalty`, ...) is refused by name when the file loads. `engine/request.py` turns them into
+request defaults (`temperature` becomes `text_temperature`, and `do_sample = temperature > 0`).
 """
 
 from __future__ import annotations
