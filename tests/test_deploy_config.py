@@ -506,8 +506,8 @@ def test_sampling_params_typed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("snippet, expected", [
-    ("{min_p: 0.1}", "stages[0].default_sampling_params.min_p: unknown key (known: detokenize, max_tokens, "
-                     "repetition_penalty, seed, temperature, top_k, top_p)"),
+    ("{min_p: 0.1}", "stages[0].default_sampling_params.min_p: unknown key (known: detokenize, "
+                     "enable_taylorseer, max_tokens, repetition_penalty, seed, temperature, top_k, top_p)"),
     ("{temperature: .nan}", "default_sampling_params.temperature: must be a finite number >= 0 or null, got nan"),
     ("{temperature: -1}", "default_sampling_params.temperature: must be a finite number >= 0 or null, got -1"),
     ("{seed: 18446744073709551616}", "default_sampling_params.seed: must be an integer in [0, 9223372036854775807]"),

@@ -236,7 +236,7 @@ def test_a_resolved_request_is_checked_again_not_redefaulted() -> None:
 def test_image_fields_on_text_outputs_are_warned(modality: str, name: str) -> None:
     values = {"negative_prompt": "x", "steps": 4, "height": 32, "width": 32, "cfg_text_scale": 2.0, "cfg_img_scale": 2.0,
               "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "channel", "cfg_renorm_min": 0.5, "timestep_shift": 2.0,
-              "return_latents": True, "noise": torch.zeros(4, 16)}
+              "return_latents": True, "noise": torch.zeros(4, 16), "enable_taylorseer": True}
     req = {"modality": modality, "prompt": "x", name: values[name]}
     if modality == "img2text":
         req["image"] = Image.new("RGB", (32, 32))

@@ -1,9 +1,9 @@
 """Sampling limits shared by requests and deploy configs, and a stage's `default_sampling_params`.
 
 `SamplingParams` is the schema of `default_sampling_params` in a deploy YAML (vllm-omni's key names). Only
-the keys bagel-serve honours are declared; any other key (vLLM has many: `min_p`, `presence_penalty`, ...)
-is refused by name when the file loads. `engine/request.py` turns them into request defaults
-(`temperature` becomes `text_temperature`, and `do_sample = temperature > 0`).
+the keys bagel-serve honours are declared, plus its own `enable_taylorseer`; any other key (vLLM has many:
+`min_p`, `presence_penalty`, ...) is refused by name when the file loads. `engine/request.py` turns them into
+request defaults (`temperature` becomes `text_temperature`, and `do_sample = temperature > 0`).
 """
 
 from __future__ import annotations
@@ -37,3 +37,5 @@ class SamplingParams:
     repetition_penalty: float | None = opt(None, gt=0.0)
     detokenize: bool | None = None
     """Outputs are always detokenized; `true` is accepted, `false` cannot be honoured."""
+    enable_taylorseer: bool | None = None
+    """bagel-serve's own key: TaylorSeer step caching of image requests (the request field of that name)."""

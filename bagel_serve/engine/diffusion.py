@@ -19,6 +19,7 @@ from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.kv_cache import Context
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sequence import Work
+from bagel_serve.engine.step_cache import StepCache
 from bagel_serve.imaging import to_tensor
 from bagel_serve.model.layout import LatentPiece, flattened_position_ids, latent_grid, pack_latent, unpack_latent
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
@@ -94,14 +95,23 @@ class HandoffError(RuntimeError):
 
 
 
-class ImagePrograms:
-    """Stage 1's programs (the DiT): denoise from a hand-off's contexts, then decode the image."""
+COND, TEXT_DROPPED, IMAGE_DROPPED = "cond", "text_dropped", "image_dropped"
+"""The CFG branches of a denoising step, by name (each has its own step-cache state)."""
 
-    def __init__(self, cfg: BagelConfig, vae: AutoEncoder, device: torch.device, clock: Callable[[], float]) -> None:
+
+class ImagePrograms:
+    """Stage 1's programs (the DiT): denoise from a hand-off's contexts, then decode the image.
+
+    `velocity_head` is the model's velocity head (`Bagel.velocity`: final generation norm, then llm2vae):
+    with step caching a predicted branch's hidden rows go through it without a transformer forward."""
+
+    def __init__(self, cfg: BagelConfig, vae: AutoEncoder, device: torch.device, clock: Callable[[], float],
+                 velocity_head: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.cfg = cfg
         self.vae = vae
         self.device = device
         self.now = clock
+        self.velocity_head = velocity_head
 
     def image_program(self, h: Handoff):
         h.check()
@@ -125,23 +135,66 @@ class ImagePrograms:
             x = torch.randn(gh * gw, cfg.patch_latent_dim, generator=rng).to(dev)
         pos = flattened_position_ids(gh, gw, cfg.max_latent_size)
         times, dts = flow_schedule(req.steps, req.timestep_shift)
-        for t, dt in zip(times.tolist(), dts.to(dev)):
-            guided = guidance_active(t, req.cfg_interval) and h.cfg_text is not None
-            branches = [h.full]
-            if guided:
-                branches.append(h.cfg_text)
-                if h.cfg_img is not None:
-                    branches.append(h.cfg_img)
-            vs = yield [Work(c, LatentPiece(x, t, pos), commit=False, want_output=True, phase="denoise")
-                        for c in branches]
-            if guided:
-                v_i = vs[2] if len(vs) > 2 else vs[0]
-                v = combine_cfg(vs[0], vs[1], v_i, req.cfg_text_scale, req.cfg_img_scale, req.cfg_renorm_type,
-                                req.cfg_renorm_min)
-            else:
-                v = vs[0]
-            x = x - v * dt
+        cache = StepCache() if req.enable_taylorseer else None
+        try:
+            for t, dt in zip(times.tolist(), dts.to(dev)):
+                branches = self._branches(req, h, guidance_active(t, req.cfg_interval), cache)
+                vs = yield from self._velocities(branches, LatentPiece(x, t, pos), cache)
+                if TEXT_DROPPED in vs:
+                    v = combine_cfg(vs[COND], vs[TEXT_DROPPED], vs.get(IMAGE_DROPPED, vs[COND]), req.cfg_text_scale,
+                                    req.cfg_img_scale, req.cfg_renorm_type, req.cfg_renorm_min)
+                else:
+                    v = vs[COND]
+                x = x - v * dt
+        finally:
+            if cache is not None:
+                cache.clear()  # the factors (hundreds of MB per branch at 1024x1024) go with the request
         return x
+
+    @staticmethod
+    def _branches(req: Request, h: Handoff, guided: bool, cache: StepCache | None) -> dict[str, Context | None]:
+        """The CFG branches one step evaluates and their contexts; None marks a branch whose velocity is the
+        conditional one's (not computed).
+
+        For text2img the image-dropped context is the full one, so that branch equals the conditional one.
+        With step caching that holds while the two have been evaluated equally often: the conditional branch
+        runs every step, so then the image-dropped one ran at every step too, on the same inputs, and its
+        cache state is the same. Once an unguided step came first (cfg_interval's high end below 1) the
+        image-dropped branch starts its own schedule later, and is evaluated on its own over the full context.
+        """
+        out: dict[str, Context | None] = {COND: h.full}
+        if guided and h.cfg_text is not None:
+            out[TEXT_DROPPED] = h.cfg_text
+            if h.cfg_img is not None:
+                out[IMAGE_DROPPED] = h.cfg_img
+            elif h.img_is_full and req.cfg_img_scale > 1.0:
+                same = cache is None or cache.evaluations(IMAGE_DROPPED) == cache.evaluations(COND)
+                out[IMAGE_DROPPED] = None if same else h.full
+        return out
+
+    def _velocities(self, branches: dict[str, Context | None], piece: LatentPiece, cache: StepCache | None):
+        """Each branch's velocity: the full ones from one shared forward (none runs when no branch is full),
+        the predicted ones through the velocity head from their cached expansion."""
+        full = [b for b, c in branches.items() if c is not None and (cache is None or cache.is_full(b))]
+        works = [Work(branches[b], piece, commit=False, want_output=True, want_hidden=cache is not None,
+                      phase="denoise") for b in full]
+        results = (yield works) if works else []
+        vs: dict[str, torch.Tensor] = {}
+        for b, r in zip(full, results):
+            if cache is None:
+                vs[b] = r
+            else:
+                vs[b], hidden = r
+                cache.refresh(b, hidden)
+        for b, c in branches.items():
+            if c is not None and b not in vs:
+                vs[b] = self.velocity_head(cache.predict(b)).float()
+        for b, c in branches.items():
+            if c is None:
+                vs[b] = vs[COND]
+                if cache is not None:
+                    cache.follow(b, COND)
+        return vs
 
 
 def encode_image(vae: AutoEncoder, image: Image.Image, rng: torch.Generator, cfg: BagelConfig) -> torch.Tensor:

@@ -89,6 +89,9 @@ class Request:
     negative_prompt: str | None = None
     return_latents: bool | None = opt(None, builtin=False)
     noise: torch.Tensor | None = None
+    enable_taylorseer: bool | None = opt(None, builtin=False)
+    """TaylorSeer step caching (`engine.step_cache`): predict most denoising steps of each CFG branch from
+    its last full forwards instead of running the transformer; faster, not the exact image."""
 
     @property
     def outputs_image(self) -> bool:
@@ -123,15 +126,16 @@ _HINTS = typing.get_type_hints(Request)
 _FIELDS = set(_SPECS)
 # Fields only image outputs use.
 IMAGE_ONLY_FIELDS = ("negative_prompt", "steps", "height", "width", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
-                     "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "return_latents", "noise")
+                     "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "return_latents", "noise",
+                     "enable_taylorseer")
 # Fields that shape text decoding (an image output decodes only with think).
 DECODING_FIELDS = ("max_think_tokens", "do_sample", "text_temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def request_defaults(params: SamplingParams | Mapping[str, Any] | None) -> dict[str, Any]:
     """Request defaults from a stage's `default_sampling_params`: `temperature` sets `text_temperature` and
-    `do_sample = temperature > 0`; `top_p`, `top_k`, `max_tokens`, `seed`, `repetition_penalty` keep their
-    names (`detokenize` is what always happens)."""
+    `do_sample = temperature > 0`; `top_p`, `top_k`, `max_tokens`, `seed`, `repetition_penalty`,
+    `enable_taylorseer` keep their names (`detokenize` is what always happens)."""
     if params is None:
         return {}
     if not isinstance(params, SamplingParams):
@@ -142,7 +146,7 @@ def request_defaults(params: SamplingParams | Mapping[str, Any] | None) -> dict[
     if params.temperature is not None:
         out["text_temperature"] = params.temperature
         out["do_sample"] = params.temperature > 0
-    for name in ("top_p", "top_k", "max_tokens", "seed", "repetition_penalty"):
+    for name in ("top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "enable_taylorseer"):
         value = getattr(params, name)
         if value is not None:
             out[name] = value

@@ -103,12 +103,13 @@ class ModelRunner:
         """Run one forward over the works (their blocks reserved: `reserve_blocks`); one result per work:
         the tokens sampled for works with a sampler (a list: one, or a burst of DECODE_STEPS when a greedy
         decode batch runs that many steps in one graph replay), the last row's logits for other text works
-        that want output, the velocity of the latents for latent works that want output, else None."""
+        that want output, the velocity of the latents for latent works that want output (with `want_hidden`:
+        the velocity and the latents' hidden rows before the final norm), else None."""
         cache = works[0].context.cache
         if any(w.context.cache is not cache for w in works):
             raise RuntimeError("the contexts of one forward must live in one KV cache")
         lay = self._layout(works)
-        logits = velocity = bursts = None
+        logits = velocity = gen_hidden = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
             if self._bursts(works, lay):
                 bursts = self.graphs.run_steps(lay, DECODE_STEPS)
@@ -124,7 +125,8 @@ class ModelRunner:
                 gen = [where for _, kind, where in lay.outputs if kind == "velocity"]
                 if gen:
                     rows = self._up(torch.cat([torch.arange(a, a + n) for a, n in gen]))
-                    velocity = self.model.velocity(hidden.index_select(0, rows)).float()
+                    gen_hidden = hidden.index_select(0, rows)
+                    velocity = self.model.velocity(gen_hidden).float()
         steps = DECODE_STEPS if bursts is not None else 1
         for w in works:
             if w.is_decode:
@@ -133,7 +135,7 @@ class ModelRunner:
                 w.context.commit(w.rows, rope_advance(w.piece))
         if bursts is not None:
             return [bursts[j] for j in range(len(works))]  # pure decode: rows are the works, in order
-        return self._results(works, lay, logits, velocity)
+        return self._results(works, lay, logits, velocity, gen_hidden)
 
     @staticmethod
     def _bursts(works: list[Work], lay: _Layout) -> bool:
@@ -143,7 +145,7 @@ class ModelRunner:
                    for w in works)
 
     def _results(self, works: list[Work], lay: _Layout, logits: torch.Tensor | None,
-                 velocity: torch.Tensor | None) -> list[Any]:
+                 velocity: torch.Tensor | None, gen_hidden: torch.Tensor | None) -> list[Any]:
         results: list[Any] = [None] * len(works)
         text = [i for i, kind, _ in lay.outputs if kind == "logits"]  # in the order of the logits rows
         rows = [j for j, i in enumerate(text) if works[i].sampler is not None]
@@ -158,6 +160,8 @@ class ModelRunner:
         for i, kind, where in lay.outputs:
             if kind == "velocity":
                 results[i] = velocity[v : v + where[1]]
+                if works[i].want_hidden:
+                    results[i] = (results[i], gen_hidden[v : v + where[1]])
                 v += where[1]
         return results
 

@@ -25,7 +25,9 @@ class Work:
 
     With `want_output` the runner returns a result for it: the sampled next tokens when a `sampler` is given
     (text: a list of 1 to `steps` tokens, each fed back in turn, for a decode step that may run several
-    steps on the device), else the logits of its last row (text) or the velocity of its latents (image)."""
+    steps on the device), else the logits of its last row (text) or the velocity of its latents (image);
+    with `want_hidden` a latent work gets (velocity, hidden rows of its latents before the final norm), what
+    step caching (`engine.step_cache`) extrapolates from."""
 
     context: Context
     piece: Piece
@@ -35,6 +37,8 @@ class Work:
     sampler: "Sampler | None" = None
     steps: int = 1
     """Decode steps the runner may take for this work in one go (rows reserved for each)."""
+    want_hidden: bool = False
+    """A latent work with `want_output`: also return its latents' final hidden rows (before the norm)."""
 
     @property
     def rows(self) -> int:

@@ -47,7 +47,7 @@ class Stage:
                                   attention_backend=attention_backend)
         self.timed = False
         self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now)
-        self.images = ImagePrograms(self.cfg, vae, model.device, self.now)
+        self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity)
 
     def now(self) -> float:
         """A clock for phase timings: synchronised with the device when timing was asked for."""

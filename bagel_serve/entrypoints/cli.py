@@ -135,6 +135,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="CFG renormalisation (default: global)")
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="renorm clamp minimum, in [0, 1] (default: 0.0)")
     g.add_argument("--negative-prompt", default=None, help="text of the text-dropped CFG context (default: none)")
+    g.add_argument("--enable-taylorseer", action="store_true", default=None,
+                   help="TaylorSeer step caching: after 5 full steps, run the transformer on one step in 3 per CFG "
+                        "branch and predict the others (order-6 Taylor expansion); faster, trades fidelity for "
+                        "speed (default: the deploy config's enable_taylorseer, else off)")
     g.add_argument("--think", action="store_true", default=None,
                    help="plan (image modalities) / reason (text modalities) first (default: off)")
     g.add_argument("--max-think-tokens", type=int, default=None,
@@ -168,7 +172,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 # Flags that become request fields when given (dest -> field).
 REQUEST_FLAGS = ("think", "seed", "do_sample", "text_temperature", "top_k", "top_p", "repetition_penalty",
                  "max_think_tokens", "max_tokens", "steps", "height", "width", "timestep_shift", "cfg_text_scale",
-                 "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min", "negative_prompt")
+                 "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min", "negative_prompt",
+                 "enable_taylorseer")
 # Flags that become engine options when given.
 ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
                 "quantization", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",

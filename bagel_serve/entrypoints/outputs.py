@@ -140,6 +140,7 @@ def generation_parameters(req: Request, out: RequestOutput, model: str, version:
             cfg_renorm_type=req.cfg_renorm_type,
             cfg_renorm_min=req.cfg_renorm_min,
             timestep_shift=req.timestep_shift,
+            enable_taylorseer=req.enable_taylorseer,
         )
     else:
         params.update(max_tokens=req.max_tokens)
