@@ -16,13 +16,15 @@ from torch import nn
 from bagel_serve.distributed.parallel_state import tp_all_reduce
 from bagel_serve.layers.fp8 import SplitRows
 from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_quant
+from bagel_serve.layers.kernels.quant import Fp8Rows
 from bagel_serve.layers.linear import LinearBase
 
 MLP_CHUNK_ROWS = 8192
 """Rows per MLP chunk: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
 GEMMs of this many rows already run at full rate."""
 
-Rows = torch.Tensor | SplitRows
+Rows = torch.Tensor | Fp8Rows | SplitRows
+"""A forward's rows (or a row range of them): a tensor, e4m3 rows, or both experts' blocks."""
 
 
 def expert_linear(x: Rows, n_und: int, und: LinearBase, gen: LinearBase, reduce: bool = False) -> torch.Tensor:
