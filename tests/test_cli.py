@@ -134,7 +134,7 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
     (["--cfg-parallel-size", "2"], "CFG parallel"),
     (["--vae-patch-parallel-size", "2"], "VAE patch parallel"),
     (["--vae-use-tiling"], "VAE tiling"),
-    (["--quantization", "fp8"], "quantization"),
+    (["--fp8-und"], "fp8_und: true needs quantization: fp8"),
     (["--worker-backend", "inline", "--ray-address", "auto"], "--ray-address) places the stages with Ray"),
     (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be an integer >= 1, got 0"),
     (["--init-timeout", "nan"], "init_timeout (--init-timeout) must be a finite number > 0, got nan"),
@@ -216,7 +216,7 @@ def test_end2end_help_lists_seed_flags(capsys: pytest.CaptureFixture) -> None:
     ({"cfg_parallel_size": 2}, ["--cfg-parallel-size", "2"]),
     ({"worker_backend": "multi_process", "ray_address": "auto"}, ["--worker-backend", "multi_process", "--ray-address", "auto"]),
     ({"tensor_parallel_size": 0}, ["--tensor-parallel-size", "0"]),
-    ({"quantization": "fp8"}, ["--quantization", "fp8"]),
+    ({"fp8_und": True}, ["--fp8-und"]),
 ])
 def test_omni_kwargs_say_what_the_cli_says(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                            kwargs: dict, flags: list[str]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError, ParallelConfig
 from bagel_serve.config.deploy_loader import apply_overrides, bundled_deploy_config, load_deploy_config, parse_deploy_config, resolve_deploy_path
 from bagel_serve.config.pipelines import PIPELINES, default_deploy_config, is_bagel_model_config, resolve_pipeline
+from bagel_serve.config.quantization import QuantizationConfig
 
 BAGEL_JSON = {"llm_config": {}, "vit_config": {}, "vae_config": {}}  # what the real checkpoint's config.json has
 
@@ -413,10 +414,10 @@ def test_require_runnable_parallel(tmp_path: Path, snippet: str, expected: str) 
         cfg.require_runnable()
 
 
-def test_require_runnable_quantization(tmp_path: Path) -> None:
+def test_quantization_runs(tmp_path: Path) -> None:
     cfg = load_deploy_config(write(tmp_path, SINGLE + "quantization: fp8\n"))
-    with pytest.raises(NotImplementedError, match="quantization"):
-        cfg.require_runnable()
+    cfg.require_runnable()
+    assert cfg.quantization_config() == QuantizationConfig("fp8", fp8_und=False)
 
 
 # --- overrides ---------------------------------------------------------------------------------------------

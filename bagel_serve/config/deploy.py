@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.quantization import FP8_UND_NEEDS_FP8, QUANTIZATIONS, QuantizationConfig
 from bagel_serve.config.sampling import SamplingParams
 from bagel_serve.config.validate import ValidationError, build, check_field, opt
 
@@ -160,6 +161,11 @@ class StageConfig:
     """KV cache size in blocks of 16 tokens; null: sized from gpu_memory_utilization on CUDA, a fixed default
     on the CPU."""
     enforce_eager: bool = False
+    quantization: str | None = opt(None, choices=QUANTIZATIONS)
+    """As the pipeline-wide key (which it overrides); the stages share one copy of the weights, so every
+    stage must end up with the same value."""
+    fp8_und: bool | None = None
+    """As the pipeline-wide key (which it overrides): FP8 for the understanding expert too."""
     trust_remote_code: bool | None = None
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
@@ -290,7 +296,10 @@ class DeployConfig:
     session_mode: str | None = None
     trust_remote_code: bool | None = None
     dtype: str | None = opt(None, choices=tuple(DTYPES))
-    quantization: str | None = None
+    quantization: str | None = opt(None, choices=QUANTIZATIONS)
+    """`fp8`: the generation expert's projections in FP8 (W8A8 e4m3, `config.quantization`)."""
+    fp8_und: bool | None = None
+    """With `quantization: fp8`, the understanding expert's projections too (off by default)."""
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
     distributed_executor_backend: str | None = None
@@ -316,6 +325,29 @@ class DeployConfig:
         value = self.stage(stage_id).enable_prefix_caching
         return bool(self.enable_prefix_caching if value is None else value)
 
+    def _stage_quantization(self, s: StageConfig) -> tuple[str | None, bool]:
+        """(quantization, fp8_und) of one stage: its own keys, else the pipeline-wide ones."""
+        method = s.quantization if s.quantization is not None else self.quantization
+        und = s.fp8_und if s.fp8_und is not None else self.fp8_und
+        return method, bool(und)
+
+    def _quantization_conflict(self) -> str | None:
+        per_stage = [self._stage_quantization(s) for s in self.stages]
+        if len(set(per_stage)) <= 1:
+            return None
+        shown = ", ".join(f"stages[{i}]: quantization={m!r}, fp8_und={u}" for i, (m, u) in enumerate(per_stage))
+        return (f"per-stage quantization ({shown}) cannot be honoured: the stages share one copy of the weights; "
+                f"set quantization (and fp8_und) pipeline-wide or the same in every stage")
+
+    def quantization_config(self) -> QuantizationConfig | None:
+        """What the model loader quantises (None: nothing); the same for every stage (`require_runnable`
+        refuses stages that differ)."""
+        conflict = self._quantization_conflict()
+        if conflict is not None:
+            raise DeployConfigError(conflict)
+        method, und = self._stage_quantization(self.stages[0])
+        return QuantizationConfig(method, fp8_und=und) if method is not None else None
+
     def require_runnable(self) -> None:
         """Raise NotImplementedError naming every key of this config the engine cannot honour.
 
@@ -340,8 +372,9 @@ class DeployConfig:
             if value is not None and value > 1:
                 label = key.replace("_size", "").replace("_", " ")
                 missing.append(f"{label} ({key}={value}) is not built yet")
-        if self.quantization is not None:
-            missing.append(f"quantization (quantization={self.quantization!r}) is not built yet")
+        conflict = self._quantization_conflict()
+        if conflict is not None:
+            missing.append(conflict)
         if self.enable_chunked_prefill is False:
             missing.append("enable_chunked_prefill=false cannot be honoured: prefill is always chunked at "
                            "max_num_batched_tokens (leave it out or true)")
@@ -361,6 +394,11 @@ class DeployConfig:
     def _check(self, path: str) -> None:
         if not self.stages:
             raise ValidationError("stages", "at least one stage is required")
+        for i, s in enumerate(self.stages):
+            method, und = self._stage_quantization(s)
+            if und and method is None:
+                where = f"stages[{i}].fp8_und" if s.fp8_und else "fp8_und"
+                raise ValidationError(where, f"true needs quantization: fp8 — {FP8_UND_NEEDS_FP8}")
         seen: dict[int, int] = {}
         for i, s in enumerate(self.stages):
             if s.stage_id in seen:

@@ -17,13 +17,13 @@ from typing import Any
 
 from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
 from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.quantization import QUANTIZATIONS
 from bagel_serve.config.validate import ValidationError, check_field, opt
 
 if typing.TYPE_CHECKING:
     import torch
 
 WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
-QUANTIZATIONS = ("fp8",)
 
 # Options that set the deploy config key of the same name in every stage (None = not given).
 STAGE_OVERRIDE_KEYS = (
@@ -32,7 +32,7 @@ STAGE_OVERRIDE_KEYS = (
     "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
 )
 # Options that set a pipeline-wide deploy config key.
-GLOBAL_OVERRIDE_KEYS = ("quantization",)
+GLOBAL_OVERRIDE_KEYS = ("quantization", "fp8_und")
 
 
 class EngineOptionError(ValueError):
@@ -62,7 +62,7 @@ class EngineOptions:
     """`Omni`'s keyword arguments besides model, device, dtype and deploy config, and the CLI's engine flags
     (each field's flag is `--` + its name with dashes). None: not given."""
 
-    # Parallel layout and quantization (refused by the deploy config's runnable check until built).
+    # Parallel layout (refused by the deploy config's runnable check until built) and quantization.
     tensor_parallel_size: int | None = opt(None, ge=1)
     cfg_parallel_size: int | None = opt(None, choices=CFG_PARALLEL_SIZES)
     vae_patch_parallel_size: int | None = opt(None, ge=1)
@@ -71,6 +71,9 @@ class EngineOptions:
     hsdp_shard_size: int | None = opt(None, ge=-1)
     hsdp_replicate_size: int | None = opt(None, ge=1)
     quantization: str | None = opt(None, choices=QUANTIZATIONS)
+    """FP8 (W8A8 e4m3) for the generation expert's projections (`config.quantization`)."""
+    fp8_und: bool | None = None
+    """With quantization=fp8: the understanding expert's projections too (changes text outputs slightly)."""
     # Stage limits, applied to every stage.
     enforce_eager: bool | None = None
     max_model_len: int | None = opt(None, ge=1)

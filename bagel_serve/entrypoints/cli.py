@@ -81,7 +81,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-hsdp", action="store_true", default=None,
                    help="FSDP2 sharding of the decoder layers; refused until built (default: off)")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="weight quantization; refused until FP8 is built (default: none)")
+                   help="fp8: the generation expert's projections (QKV, O, gate-up, down of every layer) in FP8 "
+                        "(W8A8 e4m3, per-row activation and per-channel weight scales; needs a GPU of compute "
+                        "capability 8.9+, emulated on the CPU); the understanding expert (text, ViT rows) stays "
+                        "in bf16 (default: the deploy config's quantization, else none)")
+    g.add_argument("--fp8-und", action="store_true", default=None,
+                   help="with --quantization fp8: the understanding expert's projections in FP8 too (changes text "
+                        "outputs slightly) (default: off)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs in any stage (default: the deploy config's enforce_eager, false)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -176,7 +182,7 @@ REQUEST_FLAGS = ("think", "seed", "do_sample", "text_temperature", "top_k", "top
                  "enable_taylorseer")
 # Flags that become engine options when given.
 ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
-                "quantization", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
+                "quantization", "fp8_und", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
                 "request_timeout", "enable_diffusion_pipeline_profiler", "stage_overrides", "enforce_eager",
                 "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks")
 

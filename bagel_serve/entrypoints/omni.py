@@ -36,8 +36,9 @@ class Omni:
     default: `bagel.yaml`, the two-stage Thinker -> DiT pipeline, for a BAGEL checkpoint. The other keyword
     arguments are the seed's engine options, as `bagel_serve.config.engine_options.EngineOptions` declares
     them (parallel layout, worker backend, timeouts, reporting, `stage_overrides`, and limits applied to
-    every stage such as `max_num_seqs`). An option whose feature is not built yet fails by name rather than
-    being ignored.
+    every stage such as `max_num_seqs`). `quantization="fp8"` runs the generation expert's projections in
+    FP8 (W8A8 e4m3; `fp8_und=True` adds the understanding expert's). An option whose feature is not built yet
+    fails by name rather than being ignored.
 
     Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
     deploy config, the GPUs it names) is checked before they load.
@@ -84,7 +85,8 @@ class Omni:
             # The actors load the weights where they run; here a skeleton validates the requests.
             loaded = load_skeleton(model_dir, dtype=dtype or default_dtype(self._device))
         else:
-            loaded = load_model(model_dir, device=self._device, dtype=dtype, progress=progress)
+            loaded = load_model(model_dir, device=self._device, dtype=dtype, progress=progress,
+                                quantization=deploy.quantization_config())
         self.config = loaded.config
         self.model_dir = loaded.model_dir
         self.model = loaded.model
@@ -97,7 +99,8 @@ class Omni:
         if self._backend == "ray":
             where = str(model_dir.resolve()) if Path(model).expanduser().is_dir() else str(model)
             transport = RayTransport(setups, stage_devices(device, deploy, self.pipeline.num_stages), model=where,
-                                     dtype=loaded.model.dtype, ray_address=self.options.ray_address,
+                                     dtype=loaded.model.dtype, quantization=deploy.quantization_config(),
+                                     ray_address=self.options.ray_address,
                                      init_timeout=self.options.init_timeout)
         elif self._backend == "process":
             transport = ProcessTransport(setups, loaded.model, loaded.vae, str(loaded.model_dir))

@@ -1,7 +1,7 @@
 """Linear layers that know how they are sharded, fused and quantised.
 
 Every projection of the model is one of these. A layer owns its parameters through a `quant_method`
-(how the weight is stored and multiplied: unquantised today, FP8 later) and a `weight_loader` on each
+(how the weight is stored and multiplied: unquantised here, FP8 in `layers.fp8`) and a `weight_loader` on each
 parameter that puts one checkpoint tensor into its place: the slice of a merged projection it fills
 (QKV, gate-up) and, under tensor parallelism, only this rank's part of it. Every layer has a
 `weight_loader(param, tensor, shard)` for its parameters (the model loader looks it up on the parameter's
@@ -27,16 +27,35 @@ ShardId = int | str | None
 
 
 class LinearMethod(Protocol):
-    """How a linear layer stores its weight and computes `x @ W.T + b`."""
+    """How a linear layer stores its weight and computes `x @ W.T + b`.
+
+    The loader fills the parameters `create_weights` made (in the model dtype, through `weight_loader`),
+    then calls `process_weights_after_loading` once (where a quantised method converts them).
+    `wants_fp8_input` tells the kernel producing this layer's input (RMSNorm, SiLU-and-mul) to hand it over
+    as e4m3 rows with scales (`kernels.quant.Fp8Rows`) instead of model-dtype rows."""
+
+    wants_fp8_input: bool
 
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype) -> None: ...
 
-    def apply(self, layer: "LinearBase", x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def process_weights_after_loading(self, layer: "LinearBase") -> None: ...
+
+    def output_dtype(self, layer: "LinearBase") -> torch.dtype: ...
+
+    def apply(self, layer: "LinearBase", x: Any, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class UnquantizedLinearMethod:
     """Plain weights in the model dtype; `out` lets the MoT pair write both experts into one buffer."""
+
+    wants_fp8_input = False
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        pass
+
+    def output_dtype(self, layer: "LinearBase") -> torch.dtype:
+        return layer.weight.dtype
 
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype) -> None:
@@ -74,8 +93,22 @@ class LinearBase(nn.Module):
     def adds_bias(self) -> bool:
         return self.bias is not None
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def wants_fp8_input(self) -> bool:
+        """Whether this layer's input should arrive as e4m3 rows with scales (its quant method's choice)."""
+        return self.quant_method.wants_fp8_input
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return self.quant_method.output_dtype(self)
+
+    def forward(self, x: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`x`: [M, K] rows (a tensor, or e4m3 rows with scales for an FP8 layer); `out`: [M, N] to write into."""
         return self.quant_method.apply(self, x, out)
+
+    def process_weights_after_loading(self) -> None:
+        """After the checkpoint filled the parameters: let the quant method convert them (e.g. to FP8)."""
+        self.quant_method.process_weights_after_loading(self)
 
     # ------------------------------------------------------------------ loading
     def checkpoint_tensors(self, param_name: str) -> dict[ShardId, tuple[str | None, tuple[int, ...]]]:

@@ -6,6 +6,10 @@ puts it into place (a merged QKV or gate-up parameter takes three or two checkpo
 checkpoint's names are the contract: `checkpoint_manifest` says, for every tensor the model expects, which
 parameter (and which part of it) it fills, so loading is strict in the checkpoint's own terms — a missing,
 unexpected or mis-shaped tensor fails with its checkpoint name.
+
+With a quantization config, the chosen projections get an FP8 quant method on the meta skeleton, load in the
+model dtype like every other parameter, and are quantised one layer at a time once all weights are in
+place (each layer frees its model-dtype weight as it goes, so two copies of the expert never coexist).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
+from bagel_serve.config.quantization import QuantizationConfig
+from bagel_serve.layers.fp8 import check_fp8_device, use_fp8
+from bagel_serve.layers.linear import LinearBase
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
 
@@ -257,6 +264,36 @@ def load_skeleton(model: str | os.PathLike, *, dtype: torch.dtype, vae_dtype: to
     return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)
 
 
+EXPERT_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+"""An LLM layer's projections of the understanding expert; the generation expert's are the same names with
+`_moe_gen` (`self_attn.qkv_proj_moe_gen`, `mlp_moe_gen.gate_up_proj`, ...)."""
+
+
+def expert_projections(bagel: Bagel, *, und: bool) -> list[LinearBase]:
+    """Every LLM layer's generation-expert projections (QKV, O, gate-up, down), with `und` the
+    understanding expert's too: what FP8 quantises. Embeddings, norms, the LM head, the ViT, the connector,
+    the latent and time embedders and the VAE are never in it."""
+    out: list[LinearBase] = []
+    for layer in bagel.language_model.model.layers:
+        for name in EXPERT_PROJECTIONS:
+            owner, _, leaf = name.partition(".")
+            gen = f"{owner}.{leaf}_moe_gen" if owner == "self_attn" else f"{owner}_moe_gen.{leaf}"
+            out.append(layer.get_submodule(gen))
+            if und:
+                out.append(layer.get_submodule(name))
+    return out
+
+
+def process_weights_after_loading(module: nn.Module, device: torch.device) -> None:
+    """Let every linear's quant method convert its loaded weight (FP8: quantise, free the original), then
+    give the freed memory back to the device."""
+    for m in module.modules():
+        if isinstance(m, LinearBase):
+            m.process_weights_after_loading()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def load_model(
     model: str | os.PathLike,
     *,
@@ -264,12 +301,19 @@ def load_model(
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    quantization: QuantizationConfig | None = None,
 ) -> LoadedModel:
     """Load BAGEL and its autoencoder. bf16 on CUDA and float32 on CPU unless `dtype` says otherwise;
-    the autoencoder stays float32 (the reference decodes in float32)."""
+    the autoencoder stays float32 (the reference decodes in float32). `quantization`: FP8 for the
+    generation expert's projections (and the understanding expert's with `fp8_und`); a GPU without FP8
+    support is refused before anything is read."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if quantization is not None:
+        check_fp8_device(device, dtype)
     sk = _skeletons(model)
+    if quantization is not None:
+        use_fp8(expert_projections(sk.bagel, und=quantization.fp8_und))
     ae_path = sk.model_dir / AE_FILE
     total = sum(p.stat().st_size for p in set(sk.files.values()) | {ae_path})
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
@@ -278,6 +322,6 @@ def load_model(
         bar.update(bar.total - bar.n)  # the files' headers are part of the total but not of the tensors
     sk.bagel.eval().requires_grad_(False)
     sk.vae.eval().requires_grad_(False)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the tensors read on their way into place: nothing here reuses their memory
+    # Also returns the tensors read on their way into place to the device: nothing here reuses their memory.
+    process_weights_after_loading(sk.bagel, device)
     return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)

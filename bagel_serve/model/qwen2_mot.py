@@ -83,14 +83,17 @@ class MoTDecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm residual block; `residual` carries the stream, `x` this block's pending addition."""
         n = get_forward_context().n_und
+        # Each norm hands its rows to the projections it feeds in the form they take (e4m3 for FP8 ones).
+        qkv = (self.self_attn.qkv_proj, self.self_attn.qkv_proj_moe_gen)
+        gate_up = (self.mlp.gate_up_proj, self.mlp_moe_gen.gate_up_proj)
         if residual is None:
-            h, _ = expert_rms_norm(x, n, self.input_layernorm, self.input_layernorm_moe_gen)
+            h, _ = expert_rms_norm(x, n, self.input_layernorm, self.input_layernorm_moe_gen, feeds=qkv)
             residual = x
         else:
-            h, residual = expert_rms_norm(x, n, self.input_layernorm, self.input_layernorm_moe_gen, residual)
+            h, residual = expert_rms_norm(x, n, self.input_layernorm, self.input_layernorm_moe_gen, residual, qkv)
         h = self.self_attn(h, inv_freq)
         h, residual = expert_rms_norm(h, n, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen,
-                                      residual)
+                                      residual, gate_up)
         return expert_mlp(h, n, self.mlp, self.mlp_moe_gen), residual
 
 

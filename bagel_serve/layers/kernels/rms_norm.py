@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from bagel_serve.layers.kernels import next_power_of_2, use_triton
+from bagel_serve.layers.kernels.quant import Fp8Rows, block_args, empty_rows, quantize_rows_native
 
 try:
     import triton
     import triton.language as tl
 
     from bagel_serve.layers.kernels import cast_rne
+    from bagel_serve.layers.kernels.quant import quantize_values, row_scale
 except ImportError:  # the native path needs neither
     triton = None
 
@@ -73,6 +75,19 @@ def rms_norm_native(
 if triton is not None:
 
     @triton.jit
+    def _normed_row(x_ptr, res_ptr, row, cols, mask, H, stride_x, stride_r, eps, HAS_RES: tl.constexpr):
+        """One row's (residual-added) normalised value, rounded to the input dtype, as float32; with
+        HAS_RES the rounded sum is stored back into the residual row."""
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = cast_rne(x.to(tl.float32) + r.to(tl.float32), x.dtype)
+            tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+        s = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+        return cast_rne(s * rstd, x.dtype).to(tl.float32)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, out_ptr, wu_ptr, wg_ptr,
         n_und, H, stride_x, stride_r, stride_o, eps,
@@ -81,19 +96,45 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-            x = cast_rne(x.to(tl.float32) + r.to(tl.float32), x.dtype)
-            tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-        s = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
-        h = cast_rne(s * rstd, x.dtype).to(tl.float32)
+        h = _normed_row(x_ptr, res_ptr, row, cols, mask, H, stride_x, stride_r, eps, HAS_RES)
         if row < n_und:
             w = tl.load(wu_ptr + cols, mask=mask, other=0.0)
         else:
             w = tl.load(wg_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * stride_o + cols, cast_rne(h * w.to(tl.float32), x.dtype), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, cast_rne(h * w.to(tl.float32), x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _emit_row(ptr, s_ptr, r, stride, cols, mask, y, QUANT: tl.constexpr):
+        """Store one output row `y` (input dtype) as is, or as e4m3 with its scale."""
+        if QUANT:
+            yf = y.to(tl.float32)
+            scale = row_scale(tl.max(tl.abs(yf), axis=0))  # masked lanes hold 0
+            tl.store(s_ptr + r, scale)
+            tl.store(ptr + r * stride + cols, quantize_values(yf, scale), mask=mask)
+        else:
+            tl.store(ptr + r * stride + cols, y, mask=mask)
+
+    @triton.jit
+    def _rms_norm_quant_kernel(
+        x_ptr, res_ptr, wu_ptr, wg_ptr, head_ptr, head_s_ptr, tail_ptr, tail_s_ptr,
+        n_und, H, stride_x, stride_r, stride_h, stride_t, eps,
+        HAS_RES: tl.constexpr, Q_HEAD: tl.constexpr, Q_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """`_rms_norm_kernel` writing rows [0, n_und) into the head buffer and the rest into the tail buffer,
+        each either in the input dtype or as e4m3 rows with their scales (the row is in registers, so its
+        amax is known before the cast)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        h = _normed_row(x_ptr, res_ptr, row, cols, mask, H, stride_x, stride_r, eps, HAS_RES)
+        dtype = x_ptr.dtype.element_ty
+        if row < n_und:
+            w = tl.load(wu_ptr + cols, mask=mask, other=0.0)
+            _emit_row(head_ptr, head_s_ptr, row, stride_h, cols, mask, cast_rne(h * w.to(tl.float32), dtype), Q_HEAD)
+        else:
+            w = tl.load(wg_ptr + cols, mask=mask, other=0.0)
+            _emit_row(tail_ptr, tail_s_ptr, row - n_und, stride_t, cols, mask, cast_rne(h * w.to(tl.float32), dtype),
+                      Q_TAIL)
 
 
 def rms_norm_triton(
@@ -142,3 +183,78 @@ def rms_norm(
     if use_triton(x, residual):
         return rms_norm_triton(x, w_und, w_gen, n_und, eps, residual)
     return rms_norm_native(x, w_und, w_gen, n_und, eps, residual)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 output: the rows that feed an FP8 linear leave the norm quantised (`kernels.quant`).
+
+Rows = torch.Tensor | Fp8Rows
+"""A block of output rows: in the input dtype, or e4m3 with a scale per row."""
+
+
+def rms_norm_quant_native(
+    x: torch.Tensor,
+    w_und: torch.Tensor,
+    w_gen: torch.Tensor,
+    n_und: int,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    quant_und: bool = False,
+    quant_gen: bool = True,
+) -> tuple[Rows, Rows, torch.Tensor | None]:
+    """The definition: `rms_norm_native`, then rows [0, n_und) (the head) and the rest (the tail) each
+    quantised per row if asked. Returns (head, tail, residual)."""
+    out, residual = rms_norm_native(x, w_und, w_gen, n_und, eps, residual)
+    n = _split(x.shape[0], w_gen, n_und)
+    head, tail = out[:n], out[n:]
+    return (quantize_rows_native(head) if quant_und else head,
+            quantize_rows_native(tail) if quant_gen else tail, residual)
+
+
+def rms_norm_quant_triton(
+    x: torch.Tensor,
+    w_und: torch.Tensor,
+    w_gen: torch.Tensor,
+    n_und: int,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    quant_und: bool = False,
+    quant_gen: bool = True,
+) -> tuple[Rows, Rows, torch.Tensor | None]:
+    """One launch over all rows, like `rms_norm_triton`; head and tail are separate allocations (so an FP8
+    GEMM gets aligned data and scale pointers for each expert)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check(x, w_und, w_gen, residual)
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rms_norm_quant_triton needs unit stride along H")
+    n_rows, hidden = x.shape
+    n = _split(n_rows, w_gen, n_und)
+    head, tail = empty_rows(n, hidden, x, quant_und), empty_rows(n_rows - n, hidden, x, quant_gen)
+    if n_rows == 0:
+        return head, tail, residual
+    (hd, hs, qh), (td, ts, qt) = block_args(head, tail, quant_und, quant_gen, x)
+    block = next_power_of_2(hidden)
+    _rms_norm_quant_kernel[(n_rows,)](
+        x, residual if residual is not None else x, w_und, w_gen, hd, hs, td, ts,
+        n, hidden, x.stride(0), residual.stride(0) if residual is not None else 0, hd.stride(0), td.stride(0), eps,
+        HAS_RES=residual is not None, Q_HEAD=qh, Q_TAIL=qt, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)),
+    )
+    return head, tail, residual
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    w_und: torch.Tensor,
+    w_gen: torch.Tensor,
+    n_und: int,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    quant_und: bool = False,
+    quant_gen: bool = True,
+) -> tuple[Rows, Rows, torch.Tensor | None]:
+    """(head rows [0, n_und), tail rows, residual_out), each block e4m3 + scales where asked."""
+    if use_triton(x, residual):
+        return rms_norm_quant_triton(x, w_und, w_gen, n_und, eps, residual, quant_und, quant_gen)
+    return rms_norm_quant_native(x, w_und, w_gen, n_und, eps, residual, quant_und, quant_gen)

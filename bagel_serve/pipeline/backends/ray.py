@@ -35,6 +35,7 @@ from bagel_serve.pipeline.orchestrator import WorkerDiedError
 from bagel_serve.pipeline.placement import StageSetup, build_stage, ray_bundles
 from bagel_serve.pipeline.stage_worker import StageWorker, ValueCodec, describe
 from bagel_serve.engine.tokenizer import BagelTokenizer
+from bagel_serve.config.quantization import QuantizationConfig
 from bagel_serve.model.loader import load_model
 from bagel_serve.pipeline.worker_main import START_DELAY_ENV, start_delay
 
@@ -62,12 +63,13 @@ class RayCodec(ValueCodec):
 class StageActor:
     """A stage worker inside a Ray actor (made remote by `RayTransport`)."""
 
-    def __init__(self, setup: StageSetup, model: str, dtype: torch.dtype) -> None:
+    def __init__(self, setup: StageSetup, model: str, dtype: torch.dtype,
+                 quantization: QuantizationConfig | None = None) -> None:
         setup.numerics.apply()
         delay = start_delay(setup.stage, os.environ.get(START_DELAY_ENV))
         if delay > 0:
             time.sleep(delay)
-        loaded = load_model(model, device=setup.device, dtype=dtype)
+        loaded = load_model(model, device=setup.device, dtype=dtype, quantization=quantization)
         stage = build_stage(setup, loaded.model, loaded.vae, BagelTokenizer(loaded.model_dir))
         self.stage = setup.stage
         self.inbox: queue.Queue = queue.Queue()
@@ -116,7 +118,7 @@ class RayTransport:
     codec = RayCodec
 
     def __init__(self, setups: list[StageSetup], devices: list[torch.device], *, model: str, dtype: torch.dtype,
-                 ray_address: str | None, init_timeout: float) -> None:
+                 ray_address: str | None, init_timeout: float, quantization: QuantizationConfig | None = None) -> None:
         ray = import_ray()
         self.ray = ray
         if not ray.is_initialized():
@@ -140,7 +142,7 @@ class RayTransport:
                 num_cpus=1, num_gpus=gpus[s], max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
                 **({"runtime_env": {"env_vars": envs[s]}} if envs[s] else {}),
-            ).remote(setups[s], model, dtype)
+            ).remote(setups[s], model, dtype, quantization)
             for s in range(len(setups))
         ]
         self.group = group
