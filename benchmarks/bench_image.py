@@ -31,7 +31,7 @@ the cache tensor plus 64 blocks (`t2i_peak_gib`); the measured one is `t2i_peak_
         --out $OUT/image.json --images $OUT/images
     PYTHONPATH=. python benchmarks/bench_image.py --smoke --out /tmp/image-smoke.json   # CPU dry run of every section
 
-Estimated H200 time (seconds; the deadline check uses the same numbers): ceilings 5, checkpoint write 40,
+Estimated H200 time (seconds; the deadline check uses the same numbers): ceilings 11 (6 of them a sustained GEMM), checkpoint write 40,
 bf16 load with graph capture 35, warm-up 5, t2i 35, i2i 25, t2i_512 5, taylorseer 30, batch 95, fp8 75,
 fp8_und 75: about 425 s with every feature built (about 245 s while FP8 and TaylorSeer are refused). A
 section that would end past `--deadline-s` (default 560, counted from
@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from common import (engine_warmup_s, fp8_gemm_tflops, free_device, header, machine_ceilings, median_s, parser,
-                    psnr_db, rel_l2, report, timed_on)
+                    psnr_db, rel_l2, report, sustained_gemm_tflops, timed_on)
 from PIL import Image
 
 from bagel_serve import Omni
@@ -215,6 +215,7 @@ def ceilings(b: Bench) -> None:
     if b.device == "cuda":
         b.res.update(machine_ceilings())
         b.res.update(fp8_gemm_tflops("cuda"))
+        b.res["sustained_bf16_gemm_tflops"] = sustained_gemm_tflops()
     else:  # smoke: the same measurements at toy shapes, so the code runs
         x = torch.randn(256, 256, dtype=torch.bfloat16)
         b.res["bf16_gemm_tflops"] = 2 * 256**3 / median_s(lambda: x @ x, 3, "cpu") / 1e12

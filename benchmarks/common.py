@@ -48,6 +48,31 @@ def machine_ceilings() -> dict[str, float]:
     return {"bf16_gemm_tflops": gemm, "hbm_tb_s": hbm}
 
 
+def sustained_gemm_tflops(seconds: float = 6.0) -> float:
+    """The bf16 GEMM rate of `machine_ceilings` held for `seconds` back to back, over the last third: a long
+    denoising run draws the card's full power and its clocks fall (on an H200 from 1.98 GHz to about
+    1.6 GHz at the 700 W cap), so a short burst overstates what 50 steps get."""
+    a = torch.randn(8192, 3584, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(3584, 18944, device="cuda", dtype=torch.bfloat16)
+    flop = 2 * 8192 * 3584 * 18944
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds * 2 / 3:
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize()
+    n, t1 = 0, time.perf_counter()
+    while time.perf_counter() - t1 < seconds / 3:
+        for _ in range(20):
+            a @ b
+        n += 20
+        torch.cuda.synchronize()
+    rate = n * flop / (time.perf_counter() - t1) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def header() -> dict:
     """The card, torch version and date every result file starts with."""
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

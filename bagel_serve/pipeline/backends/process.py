@@ -25,6 +25,7 @@ import multiprocessing
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
@@ -51,6 +52,7 @@ class ProcessTransport:
         self._results: queue.Queue[tuple] = queue.Queue()
         self._stderr: list[deque[str]] = [deque(maxlen=20) for _ in setups]
         self.stopped = False
+        self._threads: list[threading.Thread] = []
         if model.device.type == "cpu":
             _ensure_fd_limit([model, vae])
             model.share_memory()
@@ -65,10 +67,19 @@ class ProcessTransport:
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
             proc.stdin.write(self._key.hex() + "\n")
             proc.stdin.close()
-            threading.Thread(target=self._drain_stderr, args=(s, proc), daemon=True).start()
+            self._thread(self._drain_stderr, s, proc)
             self.procs.append(proc)
         payloads = [(setup, model, vae, tokenizer_dir) for setup in setups]
         threading.Thread(target=self._accept, args=(payloads,), name="bagel-serve-accept", daemon=True).start()
+
+    def _thread(self, target: Any, *args: Any) -> None:
+        """A daemon thread `stop` waits for (once its pipe or connection is closed it ends): one still
+        unpickling a worker's tensors while the interpreter exits can abort the process ("terminate called
+        without an active exception"). The accept thread is not one: a worker that never connected leaves it
+        in `accept`, and it touches no tensors."""
+        t = threading.Thread(target=target, args=args, name=f"bagel-serve-{target.__name__.strip('_')}", daemon=True)
+        self._threads.append(t)
+        t.start()
 
     # ------------------------------------------------------------------ start-up
     def _accept(self, payloads: list[tuple]) -> None:
@@ -82,7 +93,7 @@ class ProcessTransport:
                 conn.close()
                 continue
             self._conns[stage] = conn
-            threading.Thread(target=self._serve, args=(stage, conn, payloads[stage]), daemon=True).start()
+            self._thread(self._serve, stage, conn, payloads[stage])
 
     def _serve(self, stage: int, conn: Connection, payload: tuple) -> None:
         """Send a worker its setup and model, then forward what it sends until it closes."""
@@ -159,6 +170,10 @@ class ProcessTransport:
             if conn is not None:
                 conn.close()
         self._listener.close()
+        deadline = time.monotonic() + grace
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _ensure_fd_limit(modules: list[torch.nn.Module]) -> None:
