@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--deploy", default="bagel_single_stage.yaml")
     ap.add_argument("--timed", action="store_true", help="full-length runs with per-phase times, no profiler")
+    ap.add_argument("--repeat", type=int, default=1, help="with --timed: untimed runs per case (each printed)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,13 +49,16 @@ def main() -> None:
         torch.cuda.synchronize()
         if a.timed:
             req["steps"] = 20 if req.get("height") == 512 else 50
-            t0 = time.perf_counter()
-            omni.generate([req])
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
+            walls = []
+            for _ in range(a.repeat):
+                t0 = time.perf_counter()
+                omni.generate([req])
+                torch.cuda.synchronize()
+                walls.append(round(time.perf_counter() - t0, 3))
+            wall = sorted(walls)[len(walls) // 2]
             omni.orchestrator.generate(omni.make_requests([req]), timed=True)
             phases = {k: round(v, 3) for k, v in omni.last_stats.phase_s.items()}
-            print(f"{name:<10} wall {wall:7.3f} s  steps {req['steps']}  phases {phases}", flush=True)
+            print(f"{name:<10} wall {wall:7.3f} s (runs {walls})  steps {req['steps']}  phases {phases}", flush=True)
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()

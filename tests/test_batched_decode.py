@@ -13,6 +13,7 @@ differed too: there is only one implementation now.)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ from bagel_serve.engine.sequence import Work
 from bagel_serve.layers.attention_backends import DecodeBatch, ExactBackend, exact_attention
 from bagel_serve.model.layout import TextPiece
 
-ROOT = Path(__file__).resolve().parents[1]
-EDIT = ROOT.parent / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
+GOLDEN = Path(os.environ.get("BAGEL_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+EDIT = GOLDEN / "config_a" / "inputs" / "edit_rgb_150x100.png"
 
 
 @pytest.fixture(scope="module")
