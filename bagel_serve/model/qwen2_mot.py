@@ -21,7 +21,7 @@ from bagel_serve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from bagel_serve.layers.forward_context import get_forward_context
 from bagel_serve.layers.kernels.qk_norm_rope import qk_norm_rope_
 from bagel_serve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from bagel_serve.layers.mot import expert_linear, expert_mlp
+from bagel_serve.layers.mot import Rows, expert_linear, expert_mlp
 from bagel_serve.layers.norm import RMSNorm, expert_rms_norm
 from bagel_serve.layers.rotary import inv_frequencies
 
@@ -50,7 +50,8 @@ class MoTAttention(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.attn = Attention(layer_index)
 
-    def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Rows, inv_freq: torch.Tensor) -> torch.Tensor:
+        """`x`: the normed rows, as a tensor or per expert in the form its QKV projection takes (`layers.fp8`)."""
         ctx = get_forward_context()
         n, nh, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = expert_linear(x, ctx.n_und, self.qkv_proj, self.qkv_proj_moe_gen)
