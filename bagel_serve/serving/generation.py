@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from bagel_serve.engine.detokenize import TextDeltas
+from bagel_serve.engine.detokenize import TextDeltas, split_think
 from bagel_serve.engine.request import RequestOutput
 from bagel_serve.serving.errors import APIError, from_exception
 
@@ -52,6 +52,13 @@ class Generation:
 
     def prompt_tokens(self, index: int) -> int:
         return len(self.stream.submission.prepared[index].prompt_ids)
+
+    def final_text(self, index: int, out: RequestOutput) -> tuple[str, str]:
+        """(think text, answer text) of a finished request, as its stream delivered them (stop strings cut)."""
+        if index in self._stopped:
+            return out.think_text or "", out.text
+        req = self.requests[index]
+        return split_think(out.text if not req.outputs_image else out.think_text or "", bool(req.think), req.outputs_image)
 
     def cancel(self) -> None:
         self.stream.close()

@@ -126,10 +126,10 @@ async def chat_completions(request: Request) -> Any:
             if up.kind != "done":
                 continue
             out = up.output
-            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            think, answer = gen.final_text(up.index, out)
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
             if out.images:
                 message["content"] = [_image_part(out, body)]
-            think = gen.deltas[up.index].text[0]
             if think:
                 message["reasoning_content"] = think
             choices[up.index] = {"index": up.index, "message": message, "finish_reason": up.finish_reason,
