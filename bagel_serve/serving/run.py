@@ -27,6 +27,14 @@ class _Server(uvicorn.Server):
         self.port: int | None = None
         self.ready = threading.Event()
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """Drain, then return normally (uvicorn would raise the signal again after its shutdown, killing the
+        process before the engine's workers are stopped)."""
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started and self.servers:
