@@ -88,6 +88,10 @@ class EngineOptions:
     # Reporting.
     log_stats: bool = False
     enable_diffusion_pipeline_profiler: bool = False
+    # Admission.
+    max_queue: int | None = opt(None, ge=1)
+    """Most unfinished requests (queued or running) the engine holds; a submission beyond it is refused at
+    once with `QueueFullError` (None: unbounded)."""
     # Timeouts (seconds).
     init_timeout: float = opt(300.0, gt=0.0)
     stage_init_timeout: float = opt(300.0, gt=0.0)

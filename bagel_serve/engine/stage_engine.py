@@ -111,6 +111,8 @@ class Engine:
         self.progress = progress
         self.finished: dict[int, RequestState] = {}
         self.stats = RunStats()
+        self.on_denoise_step: Callable[[int], None] | None = None
+        """Called with a request's id after each denoising step that ran a forward for it (progress)."""
         self._next_id = 0
         self._bars: dict[str, tqdm] = {}
 
@@ -142,6 +144,21 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def cancel(self, rid: int, error: BaseException) -> bool:
+        """End a waiting or running request now with `error` (its program is closed, which drops its contexts
+        and gives back its admission reservation); False when the engine does not hold it. Call it between
+        steps, from the thread that steps."""
+        for state in self.scheduler.waiting:
+            if state.rid == rid:
+                self.scheduler.waiting.remove(state)
+                self._fail(state, error)
+                return True
+        state = self.scheduler.running.get(rid)
+        if state is None:
+            return False
+        self._fail(state, error)
+        return True
 
     def pop_finished(self) -> list[tuple[int, Any, BaseException | None]]:
         done = [(rid, s.result, s.error) for rid, s in self.finished.items()]
@@ -235,6 +252,9 @@ class Engine:
         for w, s in zip(works, owners):
             units.setdefault(s.rid, (s, []))[1].append(w)
         phases = set()
+        st.max_batch_requests = max(st.max_batch_requests, len(units))
+        if len(units) > 1:
+            st.shared_forwards += 1
         for s, unit in units.values():
             phase = unit[0].phase
             phases.add(phase)
@@ -243,6 +263,8 @@ class Engine:
                 st.denoise_steps += 1
                 st.denoise_branch_evals += len(unit)
                 self._bar("denoising", "step").update(1)
+                if self.on_denoise_step is not None:
+                    self.on_denoise_step(s.rid)
             elif phase in ("decode", "think_decode"):
                 made = tokens_made(results[s.rid][0], self.stage.tok.special.eos)
                 st.decoded_tokens += made

@@ -27,6 +27,10 @@ class RunStats:
     kv_peak_blocks: int = 0
     kv_block_bytes: int = 0
     kv_total_blocks: int = 0
+    shared_forwards: int = 0
+    """Packed forwards that served more than one request (continuous batching at work)."""
+    max_batch_requests: int = 0
+    """The most requests one packed forward served."""
 
     def summary(self) -> str:
         if self.wall_s:
@@ -63,6 +67,8 @@ class RunStats:
             out.images += s.images
             out.queue_s += s.queue_s
             out.admitted += s.admitted
+            out.shared_forwards += s.shared_forwards
+            out.max_batch_requests = max(out.max_batch_requests, s.max_batch_requests)
             out.kv_peak_blocks = max(out.kv_peak_blocks, s.kv_peak_blocks)
             out.kv_block_bytes = max(out.kv_block_bytes, s.kv_block_bytes)
             out.kv_total_blocks = max(out.kv_total_blocks, s.kv_total_blocks)

@@ -1,4 +1,4 @@
-"""Command line: `bagel-serve generate|download` and the seed system's `end2end.py`.
+"""Command line: `bagel-serve generate|serve|download` and the seed system's `end2end.py`.
 
 `end2end.py` users keep every flag and default they know; `bagel-serve generate` takes the same flags.
 Everything that can be checked without the model (prompts, images, flag values, the output directory and
@@ -48,11 +48,15 @@ class RunError(CLIError):
     status = 1
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+MODEL_HELP = "checkpoint directory, Hugging Face repo id, or 'bagel-serve-demo' (tiny, random weights)"
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, *, model_option: bool = True) -> argparse._ArgumentGroup:
+    """The engine's flags (model, topology, limits, timeouts), shared by `generate` and `serve`; without
+    `model_option` the caller takes the model another way (serve's positional MODEL)."""
     g = p.add_argument_group("model and topology")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, Hugging Face repo id, or 'bagel-serve-demo' (tiny, random weights) "
-                        f"(default: {DEFAULT_MODEL})")
+    if model_option:
+        g.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     g.add_argument("--deploy-config", default=None,
                    help="deploy YAML: a path, or the name of a bundled one (bagel.yaml, bagel_think.yaml, "
                         "bagel_single_stage.yaml) (default: bagel.yaml, the two-stage Thinker -> DiT pipeline; "
@@ -114,7 +118,20 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="legacy flag of the seed system, accepted with a note; no effect (default: none)")
     g.add_argument("--shm-threshold-bytes", type=int, default=None,
                    help="legacy flag of the seed system, accepted with a note; no effect (default: none)")
+    return g
 
+
+def add_reporting_arguments(g: argparse._ArgumentGroup) -> None:
+    """The engine's reporting flags (they time the phases), shared by `generate` and `serve`."""
+    g.add_argument("--log-stats", action="store_true",
+                   help="print the topology, per-phase times, throughput, queue wait and KV cache use (per stage too) "
+                        "(default: off)")
+    g.add_argument("--enable-diffusion-pipeline-profiler", action="store_true",
+                   help="print a per-request breakdown: context prefill, think decode, denoise, VAE (default: off)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
     g = p.add_argument_group("inputs")
     g.add_argument("--modality", default="text2img", choices=MODALITIES, help="what to generate (default: text2img)")
     g.add_argument("--prompts", nargs="+", default=None, help=f"one or more prompts (default: {DEFAULT_PROMPT!r})")
@@ -167,11 +184,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs and reporting")
     g.add_argument("--output", default=".", help="output directory, created if missing (default: current directory)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: off)")
-    g.add_argument("--log-stats", action="store_true",
-                   help="print the topology, per-phase times, throughput, queue wait and KV cache use (per stage too) "
-                        "(default: off)")
-    g.add_argument("--enable-diffusion-pipeline-profiler", action="store_true",
-                   help="print a per-request breakdown: context prefill, think decode, denoise, VAE (default: off)")
+    add_reporting_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
 
 
@@ -441,6 +454,11 @@ def _parser(prog: str, subcommands: bool) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text or images from prompts (the seed's end2end.py flags)",
                          allow_abbrev=False)
     add_generate_arguments(gen)
+    srv = sub.add_parser("serve", help="serve the model over HTTP: an OpenAI-compatible API (needs the serve extra)",
+                         allow_abbrev=False)
+    from bagel_serve.entrypoints.server import add_serve_arguments
+
+    add_serve_arguments(srv)
     dl = sub.add_parser("download", help="download a model's weights into the Hugging Face cache", allow_abbrev=False)
     dl.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"Hugging Face repo id (default: {DEFAULT_MODEL})")
     dl.add_argument("--revision", default=None, help="branch, tag or commit (default: the main branch)")
@@ -453,6 +471,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if getattr(args, "command", "generate") == "download":
             return run_download(args)
+        if getattr(args, "command", "generate") == "serve":
+            from bagel_serve.entrypoints.server import run_serve
+
+            return run_serve(args)
         return run_generate(args)
     except CLIError as e:
         parser.exit(e.status, f"error: {e}\n")

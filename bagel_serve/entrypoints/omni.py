@@ -22,7 +22,9 @@ from bagel_serve.model.loader import default_dtype, load_model, load_skeleton, r
 from bagel_serve.pipeline.backends.inline import InlineTransport
 from bagel_serve.pipeline.backends.process import ProcessTransport
 from bagel_serve.pipeline.backends.ray import RayTransport
-from bagel_serve.pipeline.orchestrator import Orchestrator
+from bagel_serve.pipeline.async_stream import AsyncStream
+from bagel_serve.pipeline.orchestrator import Orchestrator, collect_outputs
+from bagel_serve.pipeline.submission import Sink, Submission
 from bagel_serve.pipeline.placement import stage_devices, stage_setups
 from bagel_serve.testing.demo import DEMO_MODEL, ensure_demo_model
 
@@ -109,7 +111,7 @@ class Omni:
         self.orchestrator = Orchestrator(
             self.pipeline, lambda i, r: prepare(i, r, cfg, tok, max_model_len), transport,
             init_timeout=min(self.options.init_timeout, self.options.stage_init_timeout),
-            request_timeout=self.options.request_timeout)
+            request_timeout=self.options.request_timeout, max_queue=self.options.max_queue)
 
     @property
     def stage(self) -> Stage:
@@ -172,8 +174,47 @@ class Omni:
         `.ok` is False). `on_token(request_index, token_id)` receives decoded tokens (answers and think plans) as they come.
         """
         reqs = self.make_requests(requests)
-        timed = self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
-        return self.orchestrator.generate(reqs, progress=self.progress, timed=timed, on_token=on_token)
+        return self.orchestrator.generate(reqs, progress=self.progress, timed=self._timed, on_token=on_token)
+
+    @property
+    def _timed(self) -> bool:
+        return self.options.log_stats or self.options.enable_diffusion_pipeline_profiler
+
+    def submit(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], sink: Sink, *,
+               stream: bool = False, progress: bool = False, timeout: float | None = None) -> Submission:
+        """Queue requests and return at once: the engine's loop calls `sink(Event)` as tokens, denoising
+        steps, outputs and errors come (`bagel_serve.pipeline.submission`). Raises `RequestError` for a bad
+        request, `QueueFullError` when `max_queue` requests are unfinished."""
+        return self.orchestrator.submit(self.make_requests(requests), sink, timed=self._timed, stream=stream,
+                                        progress=progress, timeout=timeout)
+
+    def stream(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,
+               progress: bool = True, timeout: float | None = None) -> AsyncStream:
+        """The async API, streaming: `async with omni.stream(req) as s: async for ev in s: ...` yields token,
+        progress, output and error events (`Event.kind`) as they come; leaving the block early cancels
+        what is pending. Call it inside a running event loop."""
+        reqs = self.make_requests(requests)
+        return AsyncStream(lambda sink: self.orchestrator.submit(reqs, sink, timed=self._timed, stream=True,
+                                                                 progress=progress, timeout=timeout))
+
+    async def agenerate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,
+                        timeout: float | None = None) -> list[RequestOutput]:
+        """`generate` for asyncio callers: runs beside everything else the engine runs, never blocks the event
+        loop; a cancelled task cancels its requests. One output per request, in order (a failed one carries
+        `.error`); raises `WorkerDiedError` if the engine fails."""
+        reqs = self.make_requests(requests)
+        outputs: dict[int, RequestOutput] = {}
+        errors: dict[int, BaseException] = {}
+        async with AsyncStream(lambda sink: self.orchestrator.submit(reqs, sink, timed=self._timed,
+                                                                     timeout=timeout)) as events:
+            async for ev in events:
+                if ev.kind == "fatal":
+                    raise ev.data
+                if ev.kind == "output":
+                    outputs[ev.index] = ev.data
+                elif ev.kind == "error":
+                    errors[ev.index] = ev.data
+        return collect_outputs(reqs, outputs, errors)
 
 
 class DeployPlan(NamedTuple):

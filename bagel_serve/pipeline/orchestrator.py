@@ -7,17 +7,25 @@ programs — prefill, text and think decoding — and for image requests emits a
 contexts with their RoPE positions and lengths, the output size and the RNG state), which the orchestrator
 routes to stage 1 (the DiT), which denoises and decodes.
 
+One loop thread receives what the stages send and delivers it to the callers' submissions, so requests of
+different callers (threads, the async API, the HTTP server) share the stages' continuous batches; a request
+can be cancelled (its KV blocks are freed at once), may carry a deadline, and the number of unfinished
+requests may be bounded (`max_queue`).
+
 A worker that dies (killed, crashed, out of memory) or goes silent (stopped: no heartbeat for
-`request_timeout`) never hangs the caller: the batch fails with `WorkerDiedError`, the other workers are shut
-down, and every later `generate` raises `EngineShutDownError` at once. A request that fails inside a worker
-fails alone: its output carries the error.
+`request_timeout`) never hangs a caller: everything pending fails with `WorkerDiedError`, the other workers
+are shut down, and every later call raises `EngineShutDownError` at once. A request that fails inside a
+worker fails alone: its output carries the error.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+import traceback
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
 from bagel_serve.config.pipelines import PipelineSpec
@@ -25,6 +33,8 @@ from bagel_serve.engine.preprocess import Prepared
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.stats import RunStats
 from bagel_serve.pipeline.stage_worker import Codec, Flags, describe
+from bagel_serve.pipeline.submission import (Event, QueueFullError, RequestCancelledError, RequestTimeoutError, Sink,
+                                             Submission)
 
 POLL_S = 0.05  # how often the parent looks at its workers while it waits for results
 FATAL_GRACE_S = 1.0  # how long the other workers get to leave once one has died
@@ -73,24 +83,52 @@ def collect_outputs(requests: list[Request], outputs: dict[int, RequestOutput],
             for i, r in enumerate(requests)]
 
 
+class _Ask:
+    """A question to every stage ("stats", "usage") and the replies received so far."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.replies: dict[int, Any] = {}
+        self.num_stages = num_stages
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
 class Orchestrator:
-    """`generate` runs a batch to completion; `shutdown()` stops the workers (idempotent; also done at
-    interpreter exit and when this object is collected)."""
+    """Runs requests through the stages in one background loop, shared by every caller.
+
+    `submit` queues requests and returns at once (a `Submission`; events go to its sink); `generate` is
+    `submit` plus waiting, so `generate` calls from several threads — and the async API and the HTTP server,
+    built on `submit` — run their requests in the same continuous batches. The loop thread starts when there
+    is something in flight and ends when nothing is, so an idle engine holds no thread. `max_queue` bounds
+    the unfinished requests (a submission over it raises `QueueFullError` at once; None: unbounded).
+
+    `shutdown()` stops the workers (idempotent; also done at interpreter exit and when this object is
+    collected); pending requests then fail with `EngineShutDownError`."""
 
     def __init__(self, pipeline: PipelineSpec, prepare: Callable[[int, Request], Prepared], transport: Transport, *,
-                 init_timeout: float = 300.0, request_timeout: float = 60.0) -> None:
+                 init_timeout: float = 300.0, request_timeout: float = 60.0, max_queue: int | None = None) -> None:
         self.pipeline = pipeline
         self.prepare = prepare
         self.request_timeout = request_timeout
+        self.max_queue = max_queue
         self.last_stats: RunStats | None = None
         self.stage_stats: list[RunStats] = []
-        self._lock = threading.Lock()
+        self.totals = RunStats()
+        """Everything the stages reported since the start (summed over every stats collection)."""
+        self._lock = threading.RLock()  # submissions, asks, the loop thread's life
+        self._send_lock = threading.Lock()  # one sender at a time on the transport
+        self._subs: dict[int, Submission] = {}
+        self._asks: dict[tuple[str, int], _Ask] = {}
+        self._inflight = 0
+        self._cancelled: OrderedDict[tuple[int, int], None] = OrderedDict()  # for hand-offs still on their way
+        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread | None] = [None]  # the last loop thread, for the finalizer
         self._batch = 0
         self._closed: str | None = None  # why we serve no more requests
         self._transport = transport
         self._heard = [time.monotonic()] * transport.num_stages
         # Holds the transport, not self: collecting this object (or exiting) stops the workers.
-        self._finalizer = weakref.finalize(self, transport.stop)
+        self._finalizer = weakref.finalize(self, _stop, transport, self._threads)
         try:
             self._wait_ready(init_timeout)
         except BaseException:
@@ -107,42 +145,259 @@ class Orchestrator:
     def is_shut_down(self) -> bool:
         return self._closed is not None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not ended yet (queued in a stage or running)."""
+        return self._inflight
+
+    def health(self) -> str | None:
+        """None while the engine serves; else why it does not (shut down, or a dead worker)."""
+        if self._closed is not None:
+            return f"engine is shut down ({self._closed})"
+        for s in range(self._transport.num_stages):
+            how = self._transport.exited(s)
+            if how is not None:
+                return f"{self._transport.name(s)} {how}"
+        return None
+
     def shutdown(self) -> None:
-        """Stop every worker (idempotent). Later `generate` calls raise `EngineShutDownError`."""
+        """Stop every worker (idempotent). Pending and later requests fail with `EngineShutDownError`."""
         if self._closed is None:
             self._closed = "shutdown() was called"
+        self._fail_all(EngineShutDownError(f"engine is shut down ({self._closed})"))
         self._finalizer()
+
+    # ------------------------------------------------------------------ callers
+    def submit(self, requests: list[Request], sink: Sink, *, timed: bool = False, stream: bool = False,
+               progress: bool = False, timeout: float | None = None) -> Submission:
+        """Queue requests (prepared first: no work is sent if any is bad) and return at once; `sink` gets
+        their events (`submission` module). `stream`: token events; `progress`: denoising-step events;
+        `timeout`: seconds until a request still pending is cancelled with `RequestTimeoutError`."""
+        self._check_open()
+        prepared = [self.prepare(i, r) for i, r in enumerate(requests)]
+        flags = Flags(timed=timed, stream=stream, progress=progress)
+        codec = self._transport.codec
+        blobs = [codec.dumps((r, p, flags)) for r, p in zip(requests, prepared)]  # a pickling error sends nothing
+        with self._lock:
+            self._check_open()
+            if self.max_queue is not None and self._inflight + len(requests) > self.max_queue:
+                raise QueueFullError(f"the engine holds {self._inflight} unfinished request(s) and takes at most "
+                                     f"max_queue={self.max_queue}; try again later")
+            self._batch += 1
+            deadline = time.monotonic() + timeout if timeout is not None else None
+            sub = Submission(self, self._batch, list(requests), prepared, sink, deadline, stream)
+            if requests:
+                self._subs[sub.batch] = sub
+                self._inflight += len(requests)
+                self._ensure_loop()
+        with self._send_lock:
+            for i, blob in enumerate(blobs):
+                self._transport.send(0, ("request", None, (sub.batch, i), blob))
+        return sub
+
+    def cancel(self, sub: Submission, index: int | None = None, error: BaseException | None = None) -> None:
+        """See `Submission.cancel`."""
+        with self._lock:
+            chosen = sorted(sub.pending) if index is None else [index] if index in sub.pending else []
+            for i in chosen:
+                self._end(sub, i)
+        if not chosen:
+            return
+        if self._closed is None:
+            with self._send_lock:
+                for i in chosen:
+                    key = (sub.batch, i)
+                    self._cancelled[key] = None
+                    while len(self._cancelled) > 10_000:
+                        self._cancelled.popitem(last=False)
+                    for s in range(self._transport.num_stages):
+                        self._transport.send(s, ("cancel", None, key, None))
+        for i in chosen:
+            _deliver(sub, Event("error", i, error or RequestCancelledError(f"request {i} was cancelled")))
 
     def generate(self, requests: list[Request], *, progress: bool = False, timed: bool = False,
                  on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
-        """All requests, prepared first (no work is done if any is bad), then run to completion.
+        """All requests, prepared first (no work is done if any is bad), then run to completion beside
+        whatever else the engine runs. `on_token(request_index, token_id)` streams decoded tokens, in this
+        thread; a callback that raises fails (and cancels) its request.
 
-        `on_token(request_index, token_id)` streams decoded tokens as they are produced."""
-        self._check_open()
-        prepared = [self.prepare(i, r) for i, r in enumerate(requests)]
-        flags = Flags(timed=timed, stream=on_token is not None)
-        codec = self._transport.codec
-        with self._lock:
-            self._check_open()
-            self._batch += 1
-            batch = self._batch
-            blobs = [codec.dumps((r, p, flags)) for r, p in zip(requests, prepared)]  # a pickling error sends nothing
-            t0 = time.perf_counter()
-            for i, blob in enumerate(blobs):
-                self._transport.send(0, ("request", None, (batch, i), blob))
-            outputs, errors = self._collect(batch, len(requests), on_token)
-            self.stage_stats = self._collect_stats(batch)
-            self.last_stats = RunStats.merged(self.stage_stats, len(requests), time.perf_counter() - t0)
+        `last_stats` / `stage_stats` then hold what the stages did since the previous collection: this
+        call's work, and that of calls that ran beside it."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        t0 = time.perf_counter()
+        sub = self.submit(requests, events.put, timed=timed, stream=on_token is not None)
+        outputs: dict[int, RequestOutput] = {}
+        errors: dict[int, BaseException] = {}
+        callback_errors: dict[int, BaseException] = {}
+        while len(outputs) + len(errors) < len(requests):
+            ev = events.get()
+            if ev.kind == "fatal":
+                raise ev.data
+            i = ev.index
+            if ev.kind == "token":
+                _emit(on_token, i, [ev.data], callback_errors)
+                if i in callback_errors:
+                    sub.cancel(i, callback_errors[i])
+            elif ev.kind == "error":
+                errors[i] = callback_errors.get(i, ev.data)
+            elif ev.kind == "output":
+                outputs[i] = ev.data
+        self.stage_stats = self.collect_stats()
+        self.last_stats = RunStats.merged(self.stage_stats, len(requests), time.perf_counter() - t0)
         return collect_outputs(requests, outputs, errors)
+
+    def collect_stats(self) -> list[RunStats]:
+        """Each stage's stats since the previous collection (the stages start counting again); also added
+        to `totals`."""
+        stats = self._ask("stats")
+        with self._lock:
+            self.totals = RunStats.merged([self.totals, *stats], self.totals.requests, self.totals.wall_s)
+        return stats
+
+    def usage(self) -> list[dict[str, Any]]:
+        """Each stage's KV cache use and queue right now (`used_blocks`, `total_blocks`, `running`,
+        `waiting`, ...)."""
+        return self._ask("usage")
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:
         if self._closed is not None:
             raise EngineShutDownError(f"engine is shut down ({self._closed}); create a new Omni to serve again")
 
+    def _ask(self, kind: str) -> list[Any]:
+        n = self._transport.num_stages
+        ask = _Ask(n)
+        with self._lock:
+            self._check_open()
+            self._batch += 1
+            key = (kind, self._batch)
+            self._asks[key] = ask
+            self._ensure_loop()
+        with self._send_lock:
+            for s in range(n):
+                self._transport.send(s, (kind, None, key, None))
+        ask.done.wait()
+        if ask.error is not None:
+            raise ask.error
+        return [ask.replies[s] for s in range(n)]
+
+    def _ensure_loop(self) -> None:
+        """Start the loop thread if it is not running (called with the lock held)."""
+        if self._thread is None:
+            # The workers' heartbeats were not read while idle: silence counts from now.
+            self._heard = [time.monotonic()] * self._transport.num_stages
+            self._thread = threading.Thread(target=self._loop, name="bagel-serve-engine", daemon=True)
+            self._thread.start()
+            self._threads[0] = self._thread
+
+    def _loop(self) -> None:
+        """Receive, route and deliver until nothing is in flight; a worker's death fails everything pending."""
+        next_check = time.monotonic() + POLL_S
+        while True:
+            with self._lock:
+                if not self._subs and not self._asks:
+                    self._thread = None
+                    return
+            try:
+                msg = self._receive(POLL_S)
+                now = time.monotonic()
+                if msg is None or now >= next_check:
+                    self._expire(now)
+                    awaiting = self._awaiting()
+                    if awaiting:
+                        self._check_workers(awaiting)
+                    next_check = now + POLL_S
+                if msg is not None:
+                    self._dispatch(msg)
+            except WorkerDiedError as e:
+                self._fail_all(e)
+            except BaseException as e:  # a bug of ours: never leave a caller waiting forever
+                self._fail_all(self._fatal(f"the engine loop failed: {describe(e)}", traceback.format_exc()))
+
+    def _awaiting(self) -> str | None:
+        """What the loop waits on, in words, for the error that says a worker died meanwhile."""
+        with self._lock:
+            if self._inflight:
+                return f"{self._inflight} request(s) were in flight"
+            missing = sum(a.num_stages - len(a.replies) for a in self._asks.values())
+        return f"the stats of {missing} stage(s) were awaited" if missing else None
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            late = [s for s in self._subs.values() if s.deadline is not None and now >= s.deadline]
+        for sub in late:
+            waited = now - (sub.deadline or now)
+            sub.cancel(None, RequestTimeoutError(f"request ran past its timeout (by {waited:.1f} s) and was cancelled"))
+
+    def _end(self, sub: Submission, i: int) -> None:
+        """Request i of `sub` has ended (called with the lock held)."""
+        sub.pending.discard(i)
+        self._inflight -= 1
+        if not sub.pending:
+            self._subs.pop(sub.batch, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """End every pending request and question with `error` (the engine cannot serve them)."""
+        with self._lock:
+            subs, asks = list(self._subs.values()), list(self._asks.values())
+            self._subs.clear()
+            self._asks.clear()
+            for sub in subs:
+                self._inflight -= len(sub.pending)
+                sub.pending.clear()
+        for sub in subs:
+            _deliver(sub, Event("fatal", -1, error))
+        for ask in asks:
+            ask.error = error
+            ask.done.set()
+
+    def _dispatch(self, msg: tuple) -> None:
+        kind, stage, key, data = msg
+        if kind == "fatal":
+            raise self._fatal(f"{self._transport.name(stage)} failed while {self._awaiting() or 'idle'}", data)
+        if kind in ("stats", "usage"):
+            with self._lock:
+                ask = self._asks.get(key)
+                if ask is None:
+                    return
+                ask.replies[stage] = self._transport.codec.loads(data) if kind == "stats" else data
+                if len(ask.replies) == ask.num_stages:
+                    del self._asks[key]
+                    ask.done.set()
+            return
+        if kind not in ("token", "progress", "output", "error"):
+            return  # "ready"
+        with self._lock:
+            sub = self._subs.get(key[0])
+            if sub is None or key[1] not in sub.pending:
+                return  # a late message of a request that ended (cancelled, timed out)
+            i = key[1]
+            if kind in ("output", "error"):
+                self._end(sub, i)
+        if kind == "token":
+            sub.streamed[i] += 1
+            _deliver(sub, Event("token", i, data))
+        elif kind == "progress":
+            _deliver(sub, Event("progress", i, data))
+        elif kind == "error":
+            _deliver(sub, Event("error", i, self._rebuild_error(*data)))
+        else:
+            try:
+                out: RequestOutput = self._transport.codec.loads(data)
+            except Exception as e:
+                _deliver(sub, Event("error", i, WorkerRequestError(
+                    f"request {i}: its output from stage {stage} could not be received ({describe(e)})")))
+                return
+            # Tokens travel ahead of the output, but a stage-1 output may overtake stage 0's last tokens:
+            # send what has not arrived yet from the output itself.
+            if sub.stream:
+                for tok in out.token_ids[sub.streamed[i]:]:
+                    _deliver(sub, Event("token", i, tok))
+            _deliver(sub, Event("output", i, out))
+
     def _fatal(self, message: str, details: str | None = None) -> WorkerDiedError:
-        """Stop the remaining workers and make the error that fails this batch and closes the engine. The
-        worker's own last error line goes into the message, its whole traceback into a note."""
+        """Stop the remaining workers and make the error that fails what is pending and closes the engine.
+        The worker's own last error line goes into the message, its whole traceback into a note."""
         last = _last_line(details)
         self._closed = message
         self._finalizer.detach()
@@ -164,16 +419,21 @@ class Orchestrator:
             if stage is not None:
                 self._heard[stage] = time.monotonic()
             if kind in _TRANSPORT_ONLY:
-                t.send(stage + 1 if kind == "handoff" else stage - 1, msg)
+                to = stage + 1 if kind == "handoff" else stage - 1
+                with self._send_lock:
+                    t.send(to, msg)
+                    if kind == "handoff" and msg[2] in self._cancelled:  # cancelled on its way: end it there too
+                        del self._cancelled[msg[2]]
+                        t.send(to, ("cancel", None, msg[2], None))
             elif kind != "alive":
                 return msg
             if time.monotonic() >= deadline:
                 return None
 
     def _check_workers(self, awaiting: str) -> None:
-        """Fail the batch when a worker died, or (with heartbeats) sent nothing for `request_timeout` while
-        the parent waits on the workers for `awaiting` ("2 request(s) were in flight"): the parent only ever
-        waits on them, so silence always means a stopped or hung worker, never a caller's hang."""
+        """Fail what is pending when a worker died, or (with heartbeats) sent nothing for `request_timeout`
+        while the parent waits on the workers for `awaiting` ("2 request(s) were in flight"): the loop only
+        runs while it waits on them, so silence always means a stopped or hung worker, never a caller's hang."""
         t = self._transport
         for s in range(t.num_stages):
             how = t.exited(s)
@@ -217,70 +477,6 @@ class Orchestrator:
                 raise TimeoutError(f"{late} did not become ready within init_timeout={timeout:g} s "
                                    f"(raise init_timeout if loading is slow)")
 
-    def _collect(self, batch: int, n: int, on_token: Callable[[int, int], None] | None
-                 ) -> tuple[dict[int, RequestOutput], dict[int, BaseException]]:
-        codec = self._transport.codec
-        pending = set(range(n))
-        outputs: dict[int, RequestOutput] = {}
-        errors: dict[int, BaseException] = {}
-        streamed = [0] * n
-        callback_errors: dict[int, BaseException] = {}
-        next_check = time.monotonic() + POLL_S
-        while pending:
-            msg = self._receive(POLL_S)
-            if msg is None or time.monotonic() >= next_check:
-                self._check_workers(f"{len(pending)} request(s) were in flight")
-                next_check = time.monotonic() + POLL_S
-            if msg is None:
-                continue
-            kind, stage, key, data = msg
-            if kind == "fatal":
-                raise self._fatal(f"{self._transport.name(stage)} failed while {len(pending)} request(s) were "
-                                  f"in flight", data)
-            if kind not in ("token", "output", "error") or key[0] != batch or key[1] not in pending:
-                continue  # ready/stats, or a late message of an abandoned batch
-            i = key[1]
-            if kind == "token":
-                streamed[i] += 1
-                _emit(on_token, i, [data], callback_errors)
-                continue
-            pending.discard(i)
-            if kind == "error":
-                errors[i] = self._rebuild_error(*data)
-                continue
-            try:
-                out: RequestOutput = codec.loads(data)
-            except Exception as e:
-                errors[i] = WorkerRequestError(f"request {i}: its output from stage {stage} could not be received "
-                                               f"({describe(e)})")
-                continue
-            # Tokens travel ahead of the output, but a stage-1 output may overtake stage 0's last tokens:
-            # send what has not arrived yet from the output itself.
-            if on_token is not None and len(out.token_ids) > streamed[i]:
-                _emit(on_token, i, out.token_ids[streamed[i]:], callback_errors)
-            if i in callback_errors:
-                errors[i] = callback_errors[i]
-            else:
-                outputs[i] = out
-        return outputs, errors
-
-    def _collect_stats(self, batch: int) -> list[RunStats]:
-        t = self._transport
-        for s in range(t.num_stages):
-            t.send(s, ("stats", None, batch, None))
-        stats: dict[int, RunStats] = {}
-        while len(stats) < t.num_stages:
-            msg = self._receive(POLL_S)
-            if msg is None:
-                self._check_workers(f"the stats of {t.num_stages - len(stats)} stage(s) were awaited")
-                continue
-            kind, stage, key, data = msg
-            if kind == "fatal":
-                raise self._fatal(f"{t.name(stage)} failed", data)
-            if kind == "stats" and key == batch:
-                stats[stage] = t.codec.loads(data)
-        return [stats[s] for s in range(t.num_stages)]
-
     def _rebuild_error(self, text: str, blob: Any, tb: str) -> BaseException:
         err: BaseException | None = None
         if blob is not None:
@@ -293,6 +489,23 @@ class Orchestrator:
         if self._transport.codec is not Codec:
             err.add_note(f"raised in a worker:\n{tb}")
         return err
+
+
+def _stop(transport: Transport, threads: list[threading.Thread | None]) -> None:
+    """Let the loop thread end (within a poll once nothing is pending: a thread still ending when the
+    interpreter exits can abort it), then stop the workers."""
+    thread = threads[0]
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=5.0)
+    transport.stop()
+
+
+def _deliver(sub: Submission, event: Event) -> None:
+    """Hand an event to its caller's sink; a sink that fails (its event loop closed) loses only its events."""
+    try:
+        sub.sink(event)
+    except Exception:
+        pass
 
 
 def _emit(on_token: Callable[[int, int], None] | None, i: int, tokens: list[int],

@@ -10,11 +10,14 @@ request. Stages never talk to each other directly: the parent routes hand-offs a
   parent  -> stage 0  ("request", -, key, blob(Request, Prepared, Flags))
   stage 0 -> stage 1  ("handoff", 0, key, blob(HandoffPayload or Handoff, Flags))       via the parent
   stage 1 -> stage 0  ("release", 1, key, None)     stage 1 is done with the contexts stage 0 lent it
-  parent  -> stage s  ("stats", -, batch, None)     ("stop", -, None, None)
+  parent  -> stage s  ("stats", -, ask, None)       ("stop", -, None, None)
+                      ("usage", -, ask, None)       ("cancel", -, key, None)   end that request now, if held
   stage s -> parent   ("ready", s, pid, None)       ("token", s, key, token id)
+                      ("progress", s, key, (denoising steps done, of how many))
+                      ("usage", s, ask, {used_blocks, total_blocks, running, waiting, ...})
                       ("output", s, key, blob(RequestOutput))
                       ("error", s, key, ("TypeName: message", blob(exception) or None, traceback))
-                      ("stats", s, batch, blob(RunStats))       ("fatal", s, None, traceback)
+                      ("stats", s, ask, blob(RunStats))         ("fatal", s, None, traceback)
                       ("alive", s, None, None)      a heartbeat, while the process lives
 
 Hand-offs. With `lend` (one process per stage on one host) stage 0 lends an image request's contexts in place
@@ -48,6 +51,8 @@ class Flags:
 
     timed: bool = False
     stream: bool = False
+    progress: bool = False
+    """Send a "progress" message after each denoising step."""
 
 
 class Codec:
@@ -86,6 +91,10 @@ class ValueCodec(Codec):
         return pickle.loads(blob)
 
 
+class RequestCancelledError(RuntimeError):
+    """The request was cancelled (its caller went away, gave up, or it ran past its deadline)."""
+
+
 def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -99,9 +108,11 @@ class StageWorker:
         self.stage_id = setup.stage
         self.stage = stage
         self.engine = Engine(stage, setup.scheduler, progress=progress)
+        self.engine.on_denoise_step = self._denoised
         self._send = send
         self.codec = codec
         self.keys: dict[int, tuple[tuple[int, int], Flags]] = {}  # engine rid -> (key, flags)
+        self.steps: dict[int, list[int]] = {}  # engine rid -> [denoising steps done, total] (progress)
         self.lent: dict[tuple[int, int], Handoff] = {}  # stage 0: contexts lent to stage 1, by key
         self.owed: set[tuple[int, int]] = set()  # stage 1: keys whose lender awaits a "release"
         self.lender: KVCache | None = None  # stage 1: the lender's cache, mapped once (see import_handoff)
@@ -133,6 +144,13 @@ class StageWorker:
             return
         if kind == "release":
             self._take_back(key)
+            return
+        if kind == "usage":
+            self.send("usage", key, {**self.stage.cache.manager.usage(), "running": len(self.engine.running),
+                                     "waiting": len(self.engine.waiting)})
+            return
+        if kind == "cancel":
+            self.cancel(key)
             return
         try:
             obj = self.codec.loads(data)
@@ -171,7 +189,26 @@ class StageWorker:
             self._send_error(key, e)
             return
         self.engine.timed = flags.timed
-        self.keys[self.engine.add_program(program, req, blocks, reserved=reserved)] = (key, flags)
+        rid = self.engine.add_program(program, req, blocks, reserved=reserved)
+        self.keys[rid] = (key, flags)
+        if flags.progress and req.outputs_image:
+            self.steps[rid] = [0, req.steps - 1]
+
+    def cancel(self, key: tuple[int, int]) -> None:
+        """End the request `key` here now, if this stage holds it (waiting or running): its KV blocks and
+        anything it borrowed go back at once. A request this stage does not hold is ignored (it finished, or
+        never got here)."""
+        for rid, (k, _) in list(self.keys.items()):
+            if k == key:
+                self.engine.cancel(rid, RequestCancelledError(f"request {key[1]} was cancelled"))
+        for rid, result, error in self.engine.pop_finished():
+            self._finished(rid, result, error)
+
+    def _denoised(self, rid: int) -> None:
+        done = self.steps.get(rid)
+        if done is not None:
+            done[0] += 1
+            self.send("progress", self.keys[rid][0], (done[0], done[1]))
 
     def _copy_here(self, h: Handoff) -> Handoff:
         """A hand-off of this process's other stage, its contexts copied into our cache (theirs freed)."""
@@ -216,6 +253,7 @@ class StageWorker:
 
     def _finished(self, rid: int, result: Any, error: BaseException | None) -> None:
         key, flags = self.keys.pop(rid)
+        self.steps.pop(rid, None)
         self._settle(key)
         if error is not None:
             self._send_error(key, error)
