@@ -278,8 +278,7 @@ def _check_inputs(r: Request, where: str) -> None:
         raise _bad(where, "inputs", "must hold at least one item (a text segment or an image)")
     images = sum(not isinstance(x, str) for x in r.inputs)
     if r.needs_image and images == 0:
-        raise _bad(where, "inputs", f"must hold at least one image for {r.modality} (a PIL image or a "
-                                    f"pathlib.Path path; a str is a text segment)")
+        raise _bad(where, "inputs", f"must hold at least one image for {r.modality} (a str item is text)")
     if not r.needs_image and images:
         raise _bad(where, "inputs", f"holds {images} image(s), which {r.modality} does not use; use img2text "
                                     f"or img2img for image inputs")
