@@ -23,7 +23,7 @@ from bagel_serve.engine.tokenizer import GEN_THINK_SYSTEM_PROMPT
 from bagel_serve.entrypoints.cli import main
 from bagel_serve.entrypoints.outputs import read_parameters
 from bagel_serve.imaging import resize_size
-from bagel_serve.model.layout import LatentPiece, VitPiece
+from bagel_serve.model.layout import LatentPiece, TextPiece, VitPiece
 
 INPUTS = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs"
 SMALL = INPUTS / "edit_rgb_80x64.png"  # VAE-resized: 80x64 (W x H)
@@ -183,6 +183,18 @@ class Fed:
 
     def __exit__(self, *exc) -> None:
         del self.runner.execute
+
+
+def test_image_dropped_context_only_when_its_guidance_is_on(omni: Omni) -> None:
+    """cfg_img_scale <= 1 (or no text guidance): no image-dropped context, so its texts are never prefilled."""
+    for extra in ({"cfg_img_scale": 1.0}, {"cfg_text_scale": 1.0}):
+        with Fed(omni) as fed:
+            h = handoff(omni, {**EDIT, **extra, "inputs": ["a", SMALL, "b"]})
+        try:
+            assert h.cfg_img is None and (h.cfg_text is None) == ("cfg_text_scale" in extra)
+            assert sum(isinstance(p, TextPiece) for p in fed.pieces) == 2  # each text once, into the full context
+        finally:
+            release_contexts(h)
 
 
 def test_understanding_takes_images_as_vit_blocks_in_order(omni: Omni) -> None:

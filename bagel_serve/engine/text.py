@@ -75,7 +75,11 @@ class TextPrograms:
                 out.think_text = _think_part(out.text)
             return out
 
-        cfg_text, cfg_img = yield from self._cfg_contexts(full, prep, rng, out)
+        guided = req.cfg_text_scale > 1.0
+        # Without images or think the image-dropped context *is* the full one: never compute it twice.
+        img_is_full = not prep.images and not req.think
+        want_img = guided and req.cfg_img_scale > 1.0 and not img_is_full
+        cfg_text, cfg_img = yield from self._cfg_contexts(full, prep, rng, out, want_img)
         if prep.negative_ids:
             yield from self._prefill((cfg_text, prep.negative_ids))
         if req.think:
@@ -84,12 +88,6 @@ class TextPrograms:
             out.token_ids = ids
             out.think_text = self.tok.decode_generation(ids)
             yield from self._prefill((full, self.tok.segment(out.think_text)))
-        # Without images or think the image-dropped context *is* the full one: never compute it twice.
-        img_is_full = not prep.images and not req.think
-        guided = req.cfg_text_scale > 1.0
-        if not guided or req.cfg_img_scale <= 1.0 or img_is_full:
-            cfg_img.release()
-            cfg_img = None
         if not guided:
             cfg_text.release()
             cfg_text = None
@@ -98,13 +96,15 @@ class TextPrograms:
             cfg_text=cfg_text, cfg_img=cfg_img, img_is_full=img_is_full,
         )
 
-    def _cfg_contexts(self, full: Context, prep: Prepared, rng: torch.Generator, out: RequestOutput):
-        """Lay the input list into `full` and build the two CFG contexts beside it, as the reference's
+    def _cfg_contexts(self, full: Context, prep: Prepared, rng: torch.Generator, out: RequestOutput,
+                      want_img: bool):
+        """Lay the input list into `full` and build the CFG contexts beside it, as the reference's
         `interleave_inference` does: every text and image goes into the full context; the text-dropped context
         is the full one as it was before the latest text (or after the latest image) — a fork sharing its
-        blocks —; the image-dropped context receives the texts only. Until the first image the image-dropped
-        context equals the full one, so it is forked from it only then (or at the end), never prefilled twice.
-        Images are VAE-encoded in order (each draws its posterior sample from `rng`, as the reference does)."""
+        blocks —; the image-dropped context (only when `want_img`: its guidance is on) receives the texts only.
+        Until the first image the image-dropped context equals the full one, so it is forked from it only then
+        (or at the end), never prefilled twice. Images are VAE-encoded in order (each draws its posterior
+        sample from `rng`, as the reference does). Returns (text-dropped, image-dropped or None)."""
         cfg_text: Context | None = None
         cfg_img: Context | None = None
         for item in prep.items:
@@ -114,7 +114,7 @@ class TextPrograms:
                 cfg_text = self._fork(full)
                 yield from self._prefill((full, item), *([(cfg_img, item)] if cfg_img is not None else []))
                 continue
-            if cfg_img is None:
+            if cfg_img is None and want_img:
                 cfg_img = self._fork(full)
             t0 = self.now()
             encoded = encode_image(self.vae, item, rng, self.cfg)
@@ -122,7 +122,9 @@ class TextPrograms:
             yield [Work(full, latent_piece(encoded, 0.0, item.height, item.width, self.cfg))]
             yield [Work(full, vit_piece(item, self.cfg))]
             cfg_text = full.fork()
-        return cfg_text, cfg_img if cfg_img is not None else full.fork()
+        if cfg_img is None and want_img:
+            cfg_img = full.fork()
+        return cfg_text, cfg_img
 
     def empty(self) -> Context:
         return Context(self.cache)
