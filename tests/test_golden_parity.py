@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bagel_serve import Omni
-from bagel_serve.model.layout import LatentPiece, TextPiece, flattened_position_ids, patchify
+from bagel_serve.model.layout import (LatentPiece, TextPiece, VitPiece, flattened_position_ids, pack_latent,
+                                     patchify)
 from bagel_serve.imaging import load_image, resize, to_tensor
 from bagel_serve.model.embeddings import sincos_2d_table, timestep_frequencies
 from bagel_serve.layers.rotary import inv_frequencies, rope_tables
@@ -85,10 +86,18 @@ class Recorder:
 
 
 def kwargs_to_request(c: dict) -> dict:
+    """The request of a case: `inputs` (the ordered list, as given to interleave_inference) for the
+    interleave cases, prompt and image for the others (their one-text, one-image special case)."""
     kw = c["interleave_inference_kwargs"]
     texts = [i["text"] for i in c["inputs"] if "text" in i]
     images = [GOLDEN / "inputs" / i["image"] for i in c["inputs"] if "image" in i]
-    req: dict = {"prompt": texts[0], "seed": c["torch_manual_seed"], "think": kw.get("think", False)}
+    req: dict = {"seed": c["torch_manual_seed"], "think": kw.get("think", False)}
+    if c["name"].startswith("interleave_"):
+        req["inputs"] = [GOLDEN / "inputs" / i["image"] if "image" in i else i["text"] for i in c["inputs"]]
+    else:
+        req["prompt"] = texts[0]
+        if images:
+            req["image"] = images[0]
     if kw.get("understanding_output"):
         # The reference's max_think_token_n counts the start token it feeds; our max_tokens counts generated ones.
         req.update(modality="img2text" if images else "text2text", max_tokens=kw["max_think_token_n"] - 1,
@@ -100,12 +109,11 @@ def kwargs_to_request(c: dict) -> dict:
                    cfg_renorm_min=kw["cfg_renorm_min"], cfg_renorm_type=kw["cfg_renorm_type"], return_latents=True)
         if "image_shapes" in kw:
             req["height"], req["width"] = kw["image_shapes"]
-    if images:
-        req["image"] = images[0]
     return req
 
 
-@pytest.mark.parametrize("name", ["t2t_greedy_0", "t2t_greedy_1", "t2t_greedy_2", "t2t_think", "img2text_rgb"])
+@pytest.mark.parametrize("name", ["t2t_greedy_0", "t2t_greedy_1", "t2t_greedy_2", "t2t_think", "img2text_rgb",
+                                  "interleave_und_2img"])
 def test_text_cases(omni: Omni, name: str) -> None:
     c, g = case(name)
     (plain,) = omni.generate([kwargs_to_request(c)])  # as served: on a GPU, greedy steps run in bursts
@@ -161,7 +169,7 @@ def image_diff(img: Image.Image, ref: torch.Tensor) -> int:
     return int(np.abs(a - b).max())
 
 
-@pytest.mark.parametrize("name", ["t2i_64x64", "t2i_64x64_cfgimg1.5", "img2img"])
+@pytest.mark.parametrize("name", ["t2i_64x64", "t2i_64x64_cfgimg1.5", "img2img", "interleave_edit_2img"])
 def test_image_cases(omni: Omni, name: str) -> None:
     c, g = case(name)
     (plain,) = omni.generate([kwargs_to_request(c)])  # as served: on a GPU, greedy steps run in bursts
@@ -179,9 +187,35 @@ def test_image_cases(omni: Omni, name: str) -> None:
             assert rel(vs[1], g[f"step{i}_v_text_uncond"]) < TOL, f"v_text_uncond step {i}"
         if "img_uncond" in spec["branches"]:
             # text2img's image-dropped context is the full one: computed once, reused.
-            expected_branches = 3 if name == "img2img" else 2
+            expected_branches = 3 if any("image" in i for i in c["inputs"]) else 2
             assert len(vs) == expected_branches
             v_i = vs[2] if len(vs) == 3 else vs[0]
             assert rel(v_i, g[f"step{i}_v_img_uncond"]) < TOL, f"v_img_uncond step {i}"
     assert rel(out.latents, g["final_latent_packed"]) < TOL
+    assert list(out.images[0].size[::-1]) == c["outputs"][0]["size_hw"]
     assert image_diff(out.images[0], g["image_uint8"]) <= 1
+
+
+@pytest.mark.parametrize("name", ["img2text_rgb", "img2img", "interleave_und_2img", "interleave_edit_2img"])
+def test_image_blocks_in_order(omni: Omni, name: str) -> None:
+    """Each input image's blocks reach the full context in input order, with the reference's content: the
+    ViT patches of image k, and (image outputs) its VAE latents, sampled from the seed's RNG in order."""
+    c, g = case(name)
+    with Recorder(omni) as rec:
+        omni.generate([kwargs_to_request(c)])
+    fed = [w.piece for works, _ in rec.calls for w in works if not w.want_output]
+    vits = [p for p in fed if isinstance(p, VitPiece)]
+    latents = [p for p in fed if isinstance(p, LatentPiece)]
+    n = sum("image" in i for i in c["inputs"])
+    assert len(vits) == n and len(latents) == (n if "vae_0_encoded" in g else 0)
+    for k, piece in enumerate(vits):
+        assert rel(piece.patches, g[f"vit_{k}_pixel_patches"]) < 1e-6, f"ViT patches of image {k}"
+        assert torch.equal(piece.position_ids.cpu(), g[f"vit_{k}_vit_position_ids"])
+    for k, piece in enumerate(latents):
+        ref = pack_latent(g[f"vae_{k}_encoded"][0], omni.config.latent_patch_size)
+        assert rel(piece.latents, ref) < TOL, f"VAE latents of image {k}"
+    # Every case puts its images first: each image's VAE block (image outputs) then its ViT block, then the text.
+    kinds = [type(p).__name__ for p in fed]
+    per_image = ["LatentPiece", "VitPiece"] if latents else ["VitPiece"]
+    assert kinds[: len(per_image) * n] == per_image * n
+    assert set(kinds[len(per_image) * n:]) == {"TextPiece"}

@@ -1,11 +1,11 @@
-"""Turning a validated request into what its programs need, before any work: the input image loaded and
-resized, the output size, the prompt's token ids — and the checks that need them (image and output sizes,
-prompt + output against the model's context), so that a bad request costs no forward. Also the upper bound
-of KV blocks a request can hold, which admission reserves."""
+"""Turning a validated request into what its programs need, before any work: its input list prepared (each
+image loaded and resized, each text tokenized), the output size — and the checks that need them (image and
+output sizes, prompt + output against the model's context), so that a bad request costs no forward. Also the
+upper bound of KV blocks a request can hold, which admission reserves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -16,14 +16,28 @@ from bagel_serve.imaging import ImageInputError, load_image, resize, resize_size
 from bagel_serve.model.layout import LatentPiece, VitPiece, flattened_position_ids, latent_grid, patchify
 
 
+Item = list[int] | Image.Image
+"""A prepared input item: a text segment's token ids (`<|im_start|> … <|im_end|>`), or an image loaded and
+resized by the VAE transform (what both its VAE and its ViT block are made from, as in the reference)."""
+
+
 @dataclass
 class Prepared:
-    image: Image.Image | None
-    height: int
-    width: int
-    prompt_ids: list[int] = field(default_factory=list)
-    """The prompt's text segment (`<|im_start|> … <|im_end|>`)."""
+    items: list[Item]
+    """The request's input list (`Request.items`), prepared, in order."""
+    height: int = 0
+    width: int = 0
+    """The output image's size (image outputs)."""
     negative_ids: list[int] | None = None
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [x for x in self.items if isinstance(x, Image.Image)]
+
+    @property
+    def text_ids(self) -> list[int]:
+        """Every text segment's ids, in order (the tokens a repetition penalty counts as seen)."""
+        return [t for x in self.items if not isinstance(x, Image.Image) for t in x]
 
 
 def think_prompt(req: Request) -> str:
@@ -31,28 +45,35 @@ def think_prompt(req: Request) -> str:
 
 
 def prepare(index: int, req: Request, cfg: BagelConfig, tok: BagelTokenizer, max_model_len: int) -> Prepared:
-    """Load the input image, settle the output size and tokenize, checking everything that can fail."""
-    image = None
-    if req.needs_image:
+    """Load and resize the input images, tokenize the texts, settle the output size, checking everything
+    that can fail."""
+    items: list[Item] = []
+    for k, x in enumerate(req.items):
+        if isinstance(x, str):
+            items.append(tok.segment(x))
+            continue
+        what = f"request {index}: " + (f"inputs[{k}]" if req.inputs is not None else "image")
         try:
-            image = resize(load_image(req.image, what=f"request {index}: image"), cfg.vae_transform)
+            items.append(resize(load_image(x, what=what), cfg.vae_transform))
         except ImageInputError as e:
             raise RequestError(str(e)) from None
-    prep = Prepared(image, 0, 0, tok.segment(req.prompt),
-                    tok.segment(req.negative_prompt) if req.negative_prompt else None)
+    prep = Prepared(items, negative_ids=tok.segment(req.negative_prompt) if req.negative_prompt else None)
     if req.outputs_image:
-        prep.height, prep.width = _output_size(index, req, cfg, image)
+        prep.height, prep.width = _output_size(index, req, cfg, prep.images)
     _check_length(index, req, prep, cfg, tok, max_model_len)
     return prep
 
 
-def _output_size(index: int, req: Request, cfg: BagelConfig, image: Image.Image | None) -> tuple[int, int]:
+def _output_size(index: int, req: Request, cfg: BagelConfig, images: list[Image.Image]) -> tuple[int, int]:
     max_side = cfg.max_image_side
-    if image is not None and max(image.size) > max_side:
-        raise RequestError(f"request {index}: image resizes to {image.width}x{image.height}, above this model's "
-                           f"{max_side} px maximum")
-    # text2img defaults to 1024 (capped at the model's maximum); img2img keeps the resized input's size.
-    default_h, default_w = (image.height, image.width) if image is not None else (min(1024, max_side),) * 2
+    for k, image in enumerate(images):  # each is VAE-encoded: its latent grid must fit the position table
+        if max(image.size) > max_side:
+            which = f"image {k} of inputs" if req.inputs is not None else "image"
+            raise RequestError(f"request {index}: {which} resizes to {image.width}x{image.height}, above this "
+                               f"model's {max_side} px maximum")
+    # text2img defaults to 1024 (capped at the model's maximum); img2img keeps the last resized input's size,
+    # as the reference's `image_shapes` does.
+    default_h, default_w = (images[-1].height, images[-1].width) if images else (min(1024, max_side),) * 2
     height, width = req.height or default_h, req.width or default_w
     for name, v in (("height", height), ("width", width)):
         if v > max_side:
@@ -67,22 +88,20 @@ def _output_size(index: int, req: Request, cfg: BagelConfig, image: Image.Image 
     return height, width
 
 
-def _image_rows(req: Request, prep: Prepared, cfg: BagelConfig) -> int:
-    """Rows the input image adds to a context: its ViT block, and for img2img its VAE block too."""
-    if prep.image is None:
-        return 0
+def _image_rows(req: Request, image: Image.Image, cfg: BagelConfig) -> int:
+    """Rows an input image adds to a context: its ViT block, and for image outputs its VAE block too."""
     p = cfg.vit.patch_size
-    w, h = resize_size(prep.image.width, prep.image.height, cfg.vit_transform)
+    w, h = resize_size(image.width, image.height, cfg.vit_transform)
     rows = (h // p) * (w // p) + 2
     if req.outputs_image:
-        gh, gw = latent_grid(prep.image.height, prep.image.width, cfg.latent_downsample)
+        gh, gw = latent_grid(image.height, image.width, cfg.latent_downsample)
         rows += gh * gw + 2
     return rows
 
 
 def context_rows(req: Request, prep: Prepared, cfg: BagelConfig, tok: BagelTokenizer) -> tuple[int, int]:
     """(rows of the longest context before decoding, most rows decoding can add to it)."""
-    rows = len(prep.prompt_ids) + _image_rows(req, prep, cfg)
+    rows = sum(_image_rows(req, x, cfg) if isinstance(x, Image.Image) else len(x) for x in prep.items)
     if req.think:
         rows += len(tok.segment(think_prompt(req)))
     if not req.outputs_image:
@@ -98,9 +117,10 @@ def _check_length(index: int, req: Request, prep: Prepared, cfg: BagelConfig, to
                   max_model_len: int) -> None:
     prompt, more = context_rows(req, prep, cfg, tok)
     if prompt > max_model_len:
-        raise RequestError(f"request {index}: the prompt takes {prompt} positions, more than the model's context "
-                           f"of {max_model_len} (max_model_len)", field="prompt",
-                           reason=f"takes {prompt} positions, more than the model's context of {max_model_len}")
+        what, verb = ("inputs", "take") if req.inputs is not None else ("prompt", "takes")
+        raise RequestError(f"request {index}: the {what} {verb} {prompt} positions, more than the model's context "
+                           f"of {max_model_len} (max_model_len)", field=what,
+                           reason=f"{verb} {prompt} positions, more than the model's context of {max_model_len}")
     if prompt + more > max_model_len:
         name = "max_tokens" if not req.outputs_image else ("max_think_tokens" if req.think else "height")
         what = {"max_tokens": f"max_tokens {req.max_tokens}", "max_think_tokens": f"max_think_tokens {req.max_think_tokens}",

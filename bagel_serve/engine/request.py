@@ -11,6 +11,12 @@ official inferencer). `text_temperature=0` means greedy (as in vLLM): it turns `
 Token counts follow the OpenAI convention: `max_tokens` and `max_think_tokens` are the most *generated*
 tokens (the official `max_think_token_n=n` is our `n - 1`).
 
+Inputs. A request holds either `prompt` (+ `image`) or `inputs`, an ordered list of text segments (`str`) and
+images (a PIL image or an `os.PathLike` path: a `str` is always text), laid out in that order as the official
+`interleave_inference` lays out its input list. `prompt` and `image` are the one-text (one-image) special case:
+`Request.items` is the ordered list either way (`[image, prompt]`, as the reference's cases order them), and
+it is all that the engine reads.
+
 Fields given for a modality that does not use them (`steps` for a text output, `max_tokens` for an image
 output, `text_temperature` while decoding greedily, ...) are warned about (`RequestWarning`), never
 silently dropped.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +63,10 @@ class RequestWarning(UserWarning):
         self.reason = reason
 
 
+InputItem = typing.Union[str, Image.Image, os.PathLike]
+"""One item of a request's input list: a text segment (str) or an image (PIL image or path)."""
+
+
 @dataclass
 class Request:
     """One generation request. Built-in defaults follow the official inferencer's `gen_image` / app; a field
@@ -65,6 +76,8 @@ class Request:
     prompt: str = ""
     image: Image.Image | str | os.PathLike | None = None
     """A PIL image or a path (img2text, img2img)."""
+    inputs: list[InputItem] | None = None
+    """Instead of prompt/image: text segments (str) and images (PIL image or os.PathLike path), in order."""
     think: bool | None = opt(None, builtin=False)
     max_think_tokens: int | None = opt(None, builtin=1000, ge=1, le=MAX_TOKENS_LIMIT)
     """Most generated tokens of the think plan (image outputs); the text budget when max_tokens is not given."""
@@ -100,6 +113,21 @@ class Request:
     @property
     def needs_image(self) -> bool:
         return self.modality in ("img2text", "img2img")
+
+    @property
+    def items(self) -> list[InputItem]:
+        """The ordered input list the context is built from: `inputs`, else `[image, prompt]` / `[prompt]`
+        (an `image` given as a str is a path: here it becomes a `pathlib.Path`, since a str item is text)."""
+        if self.inputs is not None:
+            return list(self.inputs)
+        if self.image is None:
+            return [self.prompt]
+        return [pathlib.Path(self.image) if isinstance(self.image, str) else self.image, self.prompt]
+
+    @property
+    def texts(self) -> list[str]:
+        """The text segments of `items`, in order."""
+        return [x for x in self.items if isinstance(x, str)]
 
 
 @dataclass
@@ -194,7 +222,9 @@ def make_request(obj: Request | dict[str, Any], index: int = 0, defaults: Mappin
 
 
 _REASONS = {"cfg_interval": "must be two finite numbers [low, high]", "image": "must be a PIL image or a path",
-            "noise": "must be a torch.Tensor of shape (tokens, latent dim)"}
+            "noise": "must be a torch.Tensor of shape (tokens, latent dim)",
+            "inputs": "must be a list of text segments (str) and images (PIL images or pathlib.Path paths)"}
+_ITEM_REASON = "must be a text segment (str) or an image (a PIL image or a pathlib.Path path)"
 
 
 def _check(name: str, value: Any, where: str, what: str = "") -> Any:
@@ -202,6 +232,11 @@ def _check(name: str, value: Any, where: str, what: str = "") -> Any:
         out = check_field(_SPECS[name], _HINTS[name], value, name, style="python", given=True)
     except ValidationError as e:
         reason = e.reason if e.path == name else f"{e.path[len(name):]} {e.reason}"
+        if name == "inputs" and e.path != name:  # one item is wrong: name it by its index
+            item = e.path[len(name):]
+            reason = f"{item} {_ITEM_REASON}, got {short(value[int(item[1:-1])])}"
+            raise RequestError(f"{where}: {name}{item}{what} {reason[len(item) + 1:]}", field=name,
+                               reason=reason) from None
         if name in _REASONS:  # a plainer word for what these fields take than their type hints give
             reason = f"{_REASONS[name]}, got {short(value)}"
         raise RequestError(f"{where}: {name}{what} {reason}", field=name, reason=reason) from None
@@ -214,9 +249,11 @@ def _bad(where: str, name: str, reason: str) -> RequestError:
 
 def _check_request(r: Request, where: str) -> None:
     """Rules across fields (each field's type and range are already checked)."""
-    if r.needs_image and r.image is None:
+    if r.inputs is not None:
+        _check_inputs(r, where)
+    elif r.needs_image and r.image is None:
         raise _bad(where, "image", f"is required for {r.modality} (a PIL image or a path)")
-    if not r.needs_image and r.image is not None:
+    elif not r.needs_image and r.image is not None:
         raise _bad(where, "image", f"is not used by {r.modality}; use img2text or img2img for an image input")
     lo, hi = r.cfg_interval
     if not (0.0 <= lo <= hi <= 1.0):
@@ -228,6 +265,23 @@ def _check_request(r: Request, where: str) -> None:
                                        f"got {n.dim()}-D {str(n.dtype).replace('torch.', '')}")
         if n.device.type != "meta" and not bool(torch.isfinite(n).all()):  # a meta tensor has no values to check
             raise _bad(where, "noise", "must be finite (it holds NaN or inf values)")
+
+
+def _check_inputs(r: Request, where: str) -> None:
+    """`inputs` replaces prompt and image; it holds at least one item, and images exactly where the
+    modality reads them (an image-input modality at least one; the others none)."""
+    given = [name for name, v in (("prompt", r.prompt != ""), ("image", r.image is not None)) if v]
+    if given:
+        raise _bad(where, "inputs", f"replaces prompt and image; give either inputs or {' and '.join(given)}, "
+                                    f"not both")
+    if not r.inputs:
+        raise _bad(where, "inputs", "must hold at least one item (a text segment or an image)")
+    images = sum(not isinstance(x, str) for x in r.inputs)
+    if r.needs_image and images == 0:
+        raise _bad(where, "inputs", f"must hold at least one image for {r.modality} (a str item is text)")
+    if not r.needs_image and images:
+        raise _bad(where, "inputs", f"holds {images} image(s), which {r.modality} does not use; use img2text "
+                                    f"or img2img for image inputs")
 
 
 def _recheck(obj: Request, where: str) -> Request:

@@ -18,6 +18,7 @@ import weakref
 from typing import Callable, Generator
 
 import torch
+from PIL import Image
 
 from bagel_serve.config.model_config import BagelConfig
 from bagel_serve.engine.diffusion import Handoff, encode_image
@@ -56,16 +57,17 @@ class TextPrograms:
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         rng = torch.Generator().manual_seed(seed)
         out = RequestOutput(request_index=index, modality=req.modality, seed=seed)
-        image, height, width = prep.image, prep.height, prep.width
         think_ids = self.tok.segment(think_prompt(req)) if req.think else None
+        full = self.empty()
+        if think_ids:
+            yield from self._prefill((full, think_ids))
         if not req.outputs_image:
-            ctx = self.empty()
-            if think_ids:
-                yield from self._prefill((ctx, think_ids))
-            if image is not None:
-                yield [Work(ctx, vit_piece(image, self.cfg))]
-            yield from self._prefill((ctx, prep.prompt_ids))
-            ids = yield from self._decode(ctx, req, req.max_tokens, self._sampler(req, seed, think_ids, prep),
+            for item in prep.items:  # understanding: images as ViT blocks only; no CFG contexts
+                if isinstance(item, Image.Image):
+                    yield [Work(full, vit_piece(item, self.cfg))]
+                else:
+                    yield from self._prefill((full, item))
+            ids = yield from self._decode(full, req, req.max_tokens, self._sampler(req, seed, think_ids, prep),
                                           "decode", on_token)
             out.token_ids = ids
             out.text = self.tok.decode_generation(ids)
@@ -73,22 +75,11 @@ class TextPrograms:
                 out.think_text = _think_part(out.text)
             return out
 
-        base = self.empty()
-        if think_ids:
-            yield from self._prefill((base, think_ids))
-        if image is None:
-            full, cfg_text = self._fork(base), self._fork(base)
-            yield from self._prefill((full, prep.prompt_ids))
-            cfg_img = full.fork()
-        else:
-            full = base.fork()
-            t0 = self.now()
-            encoded = encode_image(self.vae, image, rng, self.cfg)
-            out.timings["vae_encode"] = self.now() - t0
-            yield [Work(full, latent_piece(encoded, 0.0, image.height, image.width, self.cfg))]
-            yield [Work(full, vit_piece(image, self.cfg))]
-            cfg_text, cfg_img = full.fork(), self._fork(base)
-            yield from self._prefill((full, prep.prompt_ids), (cfg_img, prep.prompt_ids))
+        guided = req.cfg_text_scale > 1.0
+        # Without images or think the image-dropped context *is* the full one: never compute it twice.
+        img_is_full = not prep.images and not req.think
+        want_img = guided and req.cfg_img_scale > 1.0 and not img_is_full
+        cfg_text, cfg_img = yield from self._cfg_contexts(full, prep, rng, out, want_img)
         if prep.negative_ids:
             yield from self._prefill((cfg_text, prep.negative_ids))
         if req.think:
@@ -97,22 +88,50 @@ class TextPrograms:
             out.token_ids = ids
             out.think_text = self.tok.decode_generation(ids)
             yield from self._prefill((full, self.tok.segment(out.think_text)))
-        # For text2img without think the image-dropped context *is* the full one: never compute it twice.
-        img_is_full = image is None and not req.think
-        guided = req.cfg_text_scale > 1.0
+        if not guided:
+            cfg_text.release()
+            cfg_text = None
         return Handoff(
-            request=req, output=out, height=height, width=width, rng_state=rng.get_state(), full=full,
-            cfg_text=cfg_text if guided else None,
-            cfg_img=cfg_img if guided and req.cfg_img_scale > 1.0 and not img_is_full else None,
-            img_is_full=img_is_full,
+            request=req, output=out, height=prep.height, width=prep.width, rng_state=rng.get_state(), full=full,
+            cfg_text=cfg_text, cfg_img=cfg_img, img_is_full=img_is_full,
         )
+
+    def _cfg_contexts(self, full: Context, prep: Prepared, rng: torch.Generator, out: RequestOutput,
+                      want_img: bool):
+        """Lay the input list into `full` and build the CFG contexts beside it, as the reference's
+        `interleave_inference` does: every text and image goes into the full context; the text-dropped context
+        is the full one as it was before the latest text (or after the latest image) — a fork sharing its
+        blocks —; the image-dropped context (only when `want_img`: its guidance is on) receives the texts only.
+        Until the first image the image-dropped context equals the full one, so it is forked from it only then
+        (or at the end), never prefilled twice. Images are VAE-encoded in order (each draws its posterior
+        sample from `rng`, as the reference does). Returns (text-dropped, image-dropped or None)."""
+        cfg_text: Context | None = None
+        cfg_img: Context | None = None
+        for item in prep.items:
+            if cfg_text is not None:
+                cfg_text.release()
+            if not isinstance(item, Image.Image):
+                cfg_text = self._fork(full)
+                yield from self._prefill((full, item), *([(cfg_img, item)] if cfg_img is not None else []))
+                continue
+            if cfg_img is None and want_img:
+                cfg_img = self._fork(full)
+            t0 = self.now()
+            encoded = encode_image(self.vae, item, rng, self.cfg)
+            out.timings["vae_encode"] = out.timings.get("vae_encode", 0.0) + self.now() - t0
+            yield [Work(full, latent_piece(encoded, 0.0, item.height, item.width, self.cfg))]
+            yield [Work(full, vit_piece(item, self.cfg))]
+            cfg_text = full.fork()
+        if cfg_img is None and want_img:
+            cfg_img = full.fork()
+        return cfg_text, cfg_img
 
     def empty(self) -> Context:
         return Context(self.cache)
 
     def _sampler(self, req: Request, seed: int, think_ids: list[int] | None, prep: Prepared) -> Sampler:
         penalty = req.repetition_penalty
-        prompt = [*(think_ids or []), *prep.prompt_ids] if penalty != 1.0 else ()
+        prompt = [*(think_ids or []), *prep.text_ids] if penalty != 1.0 else ()
         # Its own generator (seed + 1), so that sampling the plan never shifts the image noise.
         return Sampler(do_sample=req.do_sample, temperature=req.text_temperature, top_k=req.top_k, top_p=req.top_p,
                        seed=seed + 1, device=self.cache.device, repetition_penalty=penalty, prompt_ids=prompt)

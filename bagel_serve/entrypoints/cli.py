@@ -33,7 +33,18 @@ DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
 DEFAULT_PROMPT = "A cute cat"
 MODALITIES = ("text2img", "img2img", "img2text", "text2text")
 # Request fields whose errors and warnings the CLI reports under another flag name.
-FIELD_FLAGS = {"image": "--image-path"}
+FIELD_FLAGS = {"image": "--image-path", "inputs": "--input-text/--input-image"}
+
+
+class _InputItem(argparse.Action):
+    """`--input-text` / `--input-image`: append (kind, value) to one shared list, so that the command line's
+    order of the two flags is the order of the request's `inputs`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((self.const, values))
+        setattr(namespace, self.dest, items)
 
 
 class CLIError(Exception):
@@ -140,6 +151,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-type", default="text", choices=["text"], help="the only prompt type (default: text)")
     g.add_argument("--image-path", nargs="+", default=None,
                    help="input image(s) for img2img / img2text: one for all prompts, or one per prompt (default: none)")
+    g.add_argument("--input-text", dest="inputs", action=_InputItem, const="text", default=None, metavar="TEXT",
+                   help="a text segment of one interleaved request; repeat it and --input-image in the order the "
+                        "context takes them (instead of --prompts / --image-path) (default: none)")
+    g.add_argument("--input-image", dest="inputs", action=_InputItem, const="image", default=None, metavar="PATH",
+                   help="an image of one interleaved request, in command-line order with --input-text; img2img "
+                        "outputs take the last image's size (default: none)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--steps", type=int, default=None, help="denoising timesteps, 2..1000 (steps - 1 model evaluations) (default: 50)")
@@ -234,12 +251,32 @@ def image_paths(args: argparse.Namespace, n: int) -> list[str | None]:
     return [None] * n
 
 
-def build_requests(args: argparse.Namespace, prompts: list[str], images: list[Any] | None = None) -> list[dict[str, Any]]:
-    """One request dict per prompt, holding the flags that were given (the rest stay "not given")."""
-    images = images if images is not None else image_paths(args, len(prompts))
+def check_inputs_flags(args: argparse.Namespace) -> None:
+    """`--input-text` / `--input-image` make one request of their own items: not with the per-prompt flags."""
+    clash = [flag for flag, given in (("--prompts", args.prompts), ("--txt-prompts", args.txt_prompts),
+                                      ("--image-path", args.image_path)) if given]
+    if clash:
+        raise CLIError(f"--input-text/--input-image build one interleaved request from their own items; "
+                       f"do not combine them with {', '.join(clash)}")
+
+
+def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
     given = {name: getattr(args, name) for name in REQUEST_FLAGS if getattr(args, name, None) is not None}
     if "cfg_interval" in given:
         given["cfg_interval"] = tuple(given["cfg_interval"])
+    return given
+
+
+def build_inputs_request(args: argparse.Namespace, items: list[Any]) -> dict[str, Any]:
+    """The one request of `--input-text` / `--input-image`: `inputs` in command-line order, plus the flags
+    that were given. `items` are its texts and (decoded) images."""
+    return {"modality": args.modality, "inputs": items, **_given_flags(args)}
+
+
+def build_requests(args: argparse.Namespace, prompts: list[str], images: list[Any] | None = None) -> list[dict[str, Any]]:
+    """One request dict per prompt, holding the flags that were given (the rest stay "not given")."""
+    images = images if images is not None else image_paths(args, len(prompts))
+    given = _given_flags(args)
     reqs = []
     for prompt, image in zip(prompts, images):
         r: dict[str, Any] = {"modality": args.modality, "prompt": prompt, **given}
@@ -273,7 +310,7 @@ def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
                   file=sys.stderr)
 
 
-def _load_images(paths: list[str | None]) -> list[Any]:
+def _load_images(paths: list[str | None], flag: str = "--image-path") -> list[Any]:
     """Decode each distinct input image once; requests share the decoded image."""
     from bagel_serve.imaging import ImageInputError, load_image
 
@@ -281,10 +318,26 @@ def _load_images(paths: list[str | None]) -> list[Any]:
     for path in paths:
         if path is not None and path not in decoded:
             try:
-                decoded[path] = load_image(path, what="--image-path")
+                decoded[path] = load_image(path, what=flag)
             except ImageInputError as e:
                 raise CLIError(str(e)) from None
     return [decoded[p] if p is not None else None for p in paths]
+
+
+def _load_input_items(pairs: list[tuple[str, str]]) -> tuple[list[Any], list[str | None]]:
+    """`--input-text` / `--input-image` pairs as request items (each distinct image decoded once), and the
+    source of each item (an image's path, None for a text) for the outputs' parameters."""
+    paths = [value for kind, value in pairs if kind == "image"]
+    decoded = iter(_load_images(paths, flag="--input-image"))
+    items = [next(decoded) if kind == "image" else value for kind, value in pairs]
+    return items, [value if kind == "image" else None for kind, value in pairs]
+
+
+def _describe(req: Any) -> str:
+    """A request's prompt for the report lines: the prompt, or its input list with images as <image>."""
+    if req.inputs is None:
+        return repr(req.prompt)
+    return "[" + ", ".join(repr(x) if isinstance(x, str) else "<image>" for x in req.inputs) + "]"
 
 
 def _resolve_deploy(args: argparse.Namespace) -> Any:
@@ -332,22 +385,28 @@ def run_generate(args: argparse.Namespace) -> int:
     from bagel_serve.testing.demo import DEMO_MODEL, DEMO_NOTICE
 
     # Everything checkable without the model, before it loads.
-    prompts = read_prompts(args)
-    paths = image_paths(args, len(prompts))
+    if args.inputs is not None:
+        check_inputs_flags(args)
+    else:
+        prompts = read_prompts(args)
+        paths = image_paths(args, len(prompts))
     deploy = _resolve_deploy(args)
     # Each input image is decoded once, here; the requests carry the decoded image (the path is kept for
     # the outputs' parameters).
-    images = _load_images(paths)
+    if args.inputs is not None:
+        items, sources = _load_input_items(args.inputs)
+        dicts, paths, input_sources = [build_inputs_request(args, items)], [None], [sources]
+    else:
+        dicts, input_sources = build_requests(args, prompts, _load_images(paths)), []
     # Each request is resolved once, with stage 0's defaults, as it will run: its warnings are the run's.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RequestWarning)
         try:
-            reqs = [make_request(d, i, deploy.request_defaults)
-                    for i, d in enumerate(build_requests(args, prompts, images))]
+            reqs = [make_request(d, i, deploy.request_defaults) for i, d in enumerate(dicts)]
         except RequestError as e:
             raise CLIError(_field_message(e)) from None
     _print_warnings(caught)
-    plan = OutputPlan(Path(args.output), reqs, image_sources=paths)
+    plan = OutputPlan(Path(args.output), reqs, image_sources=paths, input_sources=input_sources)
     try:
         plan.check(args.overwrite)
     except (OutputExistsError, OutputDirError) as e:
@@ -394,9 +453,9 @@ def _generate(args: argparse.Namespace, omni: Any, reqs: list[Any], plan: Any, l
     for i, (req, out, entry) in enumerate(zip(reqs, outputs, entries)):
         if not out.ok:
             failed.append((i, req, out))
-            print(f"[{i}] {req.modality} FAILED: {req.prompt!r}: {type(out.error).__name__}: {out.error}")
+            print(f"[{i}] {req.modality} FAILED: {_describe(req)}: {type(out.error).__name__}: {out.error}")
             continue
-        print(f"[{i}] {req.modality} seed={out.seed}: {req.prompt!r}")
+        print(f"[{i}] {req.modality} seed={out.seed}: {_describe(req)}")
         if out.think_text is not None:
             print(f"    think: {out.think_text}")
         if not req.outputs_image:
@@ -424,7 +483,7 @@ def _generate(args: argparse.Namespace, omni: Any, reqs: list[Any], plan: Any, l
         raise RunError(str(write_error))
     if failed:
         lines = [f"{len(failed)} of {len(reqs)} request(s) failed (the others were saved):"]
-        lines += [f"  [{i}] {req.prompt!r}: {type(out.error).__name__}: {out.error}" for i, req, out in failed]
+        lines += [f"  [{i}] {_describe(req)}: {type(out.error).__name__}: {out.error}" for i, req, out in failed]
         raise RunError("\n".join(lines))
     return 0
 

@@ -56,11 +56,14 @@ class OutputWriteError(OSError):
 @dataclass
 class OutputPlan:
     """The file names one run will write, decided before it starts. `image_sources[i]` is the path request
-    i's input image was read from (recorded in its parameters; the request itself holds the decoded image)."""
+    i's input image was read from (recorded in its parameters; the request itself holds the decoded image);
+    `input_sources[i]`, for a request with `inputs`, the path of each of its items that is an image read from a
+    file (None for the others)."""
 
     directory: Path
     requests: list[Request]
     image_sources: list[str | None] = field(default_factory=list)
+    input_sources: list[list[str | None]] = field(default_factory=list)
 
     def image_path(self, index: int, image_index: int = 0) -> Path:
         return self.directory / f"output_{index}_{image_index}.png"
@@ -92,6 +95,9 @@ class OutputPlan:
     def source(self, index: int) -> str | None:
         return self.image_sources[index] if index < len(self.image_sources) else None
 
+    def input_source(self, index: int) -> list[str | None] | None:
+        return self.input_sources[index] if index < len(self.input_sources) else None
+
 
 def check_output_dir(directory: Path) -> None:
     """The directory exists and takes a new file, or can be created; else OutputDirError saying why.
@@ -116,17 +122,32 @@ def check_output_dir(directory: Path) -> None:
         raise OutputDirError(f"output directory {d} cannot be created: {parent} is not writable")
 
 
+def recorded_inputs(req: Request, sources: list[str | None] | None = None) -> list[dict[str, str | None]]:
+    """A request's `inputs` as the parameters record them, in order (the golden cases' own form): `{"text": t}`
+    per text, `{"image": path}` per image — its source path (`sources`, else the item itself when it is a
+    path), None for an image given in memory."""
+    out: list[dict[str, str | None]] = []
+    for k, item in enumerate(req.inputs or []):
+        if isinstance(item, str):
+            out.append({"text": item})
+            continue
+        source = sources[k] if sources is not None and k < len(sources) else None
+        if source is None and isinstance(item, os.PathLike):
+            source = os.fspath(item)
+        out.append({"image": source})
+    return out
+
+
 def generation_parameters(req: Request, out: RequestOutput, model: str, version: str,
-                          image_source: str | None = None) -> dict[str, Any]:
+                          image_source: str | None = None,
+                          input_sources: list[str | None] | None = None) -> dict[str, Any]:
     """What is needed to make the same output again."""
-    params: dict[str, Any] = {
-        "modality": req.modality,
-        "prompt": req.prompt,
-        "seed": out.seed,
-        "think": req.think,
-        "model": model,
-        "engine": f"bagel-serve {version}",
-    }
+    params: dict[str, Any] = {"modality": req.modality}
+    if req.inputs is not None:
+        params["inputs"] = recorded_inputs(req, input_sources)
+    else:
+        params["prompt"] = req.prompt
+    params.update(seed=out.seed, think=req.think, model=model, engine=f"bagel-serve {version}")
     if req.outputs_image:
         width, height = out.images[0].size if out.images else (req.width, req.height)
         params.update(
@@ -210,7 +231,7 @@ def save_outputs(plan: OutputPlan, outputs: list[RequestOutput], model: str, ver
 
     entries = []
     for i, (req, out) in enumerate(zip(plan.requests, outputs)):
-        params = generation_parameters(req, out, model, version, plan.source(i))
+        params = generation_parameters(req, out, model, version, plan.source(i), plan.input_source(i))
         entry: dict[str, Any] = {"index": i, "parameters": params, "files": []}
         entries.append(entry)
         if not out.ok:
