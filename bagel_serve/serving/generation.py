@@ -51,7 +51,7 @@ class Generation:
         self._stopped: set[int] = set()
 
     def prompt_tokens(self, index: int) -> int:
-        return len(self.stream.submission.prepared[index].prompt_ids)
+        return len(self.stream.submission.prepared[index].text_ids)
 
     def final_text(self, index: int, out: RequestOutput) -> tuple[str, str]:
         """(think text, answer text) of a finished request, as its stream delivered them (stop strings cut)."""
