@@ -133,6 +133,24 @@ def test_chat_image_input_and_image_output(server: ServerThread, client: openai.
     assert img.size == (32, 32)
 
 
+def test_chat_messages_are_the_ordered_inputs(client: openai.OpenAI, omni: Omni) -> None:
+    """Every text part and image of every message, in order, is one segment of the context: the answer is
+    `Omni.generate`'s for that `inputs` list, and not the one of the same parts in another order."""
+    red, blue = png(32, 32, (200, 30, 30)), png(40, 24, (20, 40, 220))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(red)}},
+                                             {"type": "text", "text": "and this one"},
+                                             {"type": "image_url", "image_url": {"url": data_uri(blue)}}]},
+                {"role": "user", "content": "What differs between them?"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in (red, blue)]
+    want = omni.generate([{"modality": "img2text", "max_tokens": 8,
+                           "inputs": [images[0], "and this one", images[1], "What differs between them?"]}])[0]
+    assert r.choices[0].message.content == want.text
+    other = omni.generate([{"modality": "img2text", "max_tokens": 8,
+                            "inputs": [images[1], "and this one", images[0], "What differs between them?"]}])[0]
+    assert other.token_ids != want.token_ids
+
+
 def test_chat_stop_string(client: openai.OpenAI) -> None:
     msgs = [{"role": "user", "content": "Hello there"}]
     full = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8).choices[0].message.content

@@ -2,8 +2,8 @@
 `modalities: ["image"]` (the image comes back as an image_url content part, vllm-omni's convention), think
 mode (`think: true`; its text in `reasoning_content`), streaming as server-sent events.
 
-Messages map onto one engine request: the text parts of every message, in order, joined by newlines, and at
-most one image (several images and turns as an interleaved context are the `inputs` field's work).
+Messages map onto one engine request's ordered input list (`inputs`): every text part and every image of
+every message, in order, each its own segment of the context (the edit's output takes the last image's size).
 """
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ ENDPOINT = "chat"
 ROLES = ("system", "user", "assistant", "developer")
 
 
-async def _inputs(body: ChatCompletionRequest, settings: Any) -> tuple[str, Any]:
-    """(prompt, image or None) of the messages."""
+MAX_IMAGES = 8
+"""Images one chat request may carry (each one becomes a ViT block of the context; a bound on the work one
+request can ask for)."""
+
+
+async def _inputs(body: ChatCompletionRequest, settings: Any) -> list[Any]:
+    """The messages' parts as the engine's ordered input list (`inputs`): every text part and every image, in
+    message order, each its own segment, as the official interleaved inferencer takes them."""
     if not body.messages:
         raise APIError(400, "messages must hold at least one message", param="messages", code="invalid_value")
-    texts: list[str] = []
-    images: list[tuple[str, str]] = []
+    parts: list[tuple[str, str]] = []  # ("text", text) or (where, url)
     for m, msg in enumerate(body.messages):
         where = f"messages[{m}]"
         if msg.get("role") not in ROLES:
@@ -41,7 +46,7 @@ async def _inputs(body: ChatCompletionRequest, settings: Any) -> tuple[str, Any]
                            param="messages", code="invalid_value")
         content = msg.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            parts.append(("text", content))
             continue
         if not isinstance(content, list):
             raise APIError(400, f"{where}.content must be a string or a list of parts", param="messages",
@@ -49,37 +54,41 @@ async def _inputs(body: ChatCompletionRequest, settings: Any) -> tuple[str, Any]
         for p, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                parts.append(("text", part["text"]))
             elif kind == "image_url" and isinstance(part.get("image_url"), (dict, str)):
                 url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-                images.append((f"{where}.content[{p}].image_url.url", url))
+                parts.append((f"{where}.content[{p}].image_url.url", url))
             else:
                 raise APIError(400, f"{where}.content[{p}] must be a text or image_url part", param="messages",
                                code="invalid_value")
-    if len(images) > 1:
-        raise APIError(400, f"at most one image per request is taken for now, got {len(images)}", param="messages",
+    images = sum(kind != "text" for kind, _ in parts)
+    if images > MAX_IMAGES:
+        raise APIError(400, f"at most {MAX_IMAGES} images per request are taken, got {images}", param="messages",
                        code="too_many_images")
-    prompt = "\n".join(t for t in texts if t)
-    check_prompt(prompt, "messages")
-    image = None
-    if images:
-        where, url = images[0]
-        image = await asyncio.to_thread(image_from_url, url, where, settings)
-    return prompt, image
+    check_prompt("\n".join(t for kind, t in parts if kind == "text" and t), "messages")
+    items: list[Any] = []
+    for kind, value in parts:
+        if kind == "text":
+            if value:
+                items.append(value)
+        else:
+            items.append(await asyncio.to_thread(image_from_url, value, kind, settings))
+    return items
 
 
-def _engine_requests(body: ChatCompletionRequest, prompt: str, image: Any, settings: Any) -> list[dict[str, Any]]:
+def _engine_requests(body: ChatCompletionRequest, items: list[Any], settings: Any) -> list[dict[str, Any]]:
     wants_image = "image" in (body.modalities or [])
+    has_image = any(not isinstance(x, str) for x in items)
     if body.modalities is not None and not set(body.modalities) <= {"text", "image"}:
         raise APIError(400, f"modalities must hold 'text' and/or 'image', got {body.modalities}", param="modalities",
                        code="invalid_value")
     if wants_image:
-        req: dict[str, Any] = {"modality": "img2img" if image is not None else "text2img", "prompt": prompt,
+        req: dict[str, Any] = {"modality": "img2img" if has_image else "text2img", "inputs": items,
                                **image_fields(body, settings.max_pixels)}
         if body.temperature is not None and body.think:
             req.update(do_sample=body.temperature > 0, text_temperature=body.temperature)
     else:
-        req = {"modality": "img2text" if image is not None else "text2text", "prompt": prompt}
+        req = {"modality": "img2text" if has_image else "text2text", "inputs": items}
         for name, value in (("max_tokens", body.max_completion_tokens or body.max_tokens), ("top_p", body.top_p),
                             ("top_k", body.top_k), ("seed", body.seed), ("think", body.think),
                             ("repetition_penalty", body.repetition_penalty), ("max_think_tokens", body.max_think_tokens)):
@@ -87,8 +96,6 @@ def _engine_requests(body: ChatCompletionRequest, prompt: str, image: Any, setti
                 req[name] = value
         if body.temperature is not None:
             req.update(do_sample=body.temperature > 0, text_temperature=body.temperature)
-    if image is not None:
-        req["image"] = image
     reqs = []
     for i in range(body.n):
         r = dict(req)
@@ -108,9 +115,9 @@ async def chat_completions(request: Request) -> Any:
     state = request.app.state.bagel
     body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(body.model)
-    prompt, image = await _inputs(body, state.settings)
+    items = await _inputs(body, state.settings)
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    gen = Generation(state, ENDPOINT, _engine_requests(body, prompt, image, state.settings), CHAT_FIELDS, stop=stops)
+    gen = Generation(state, ENDPOINT, _engine_requests(body, items, state.settings), CHAT_FIELDS, stop=stops)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
