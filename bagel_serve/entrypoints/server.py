@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Sequence
 
-from bagel_serve.entrypoints.cli import (DEFAULT_MODEL, MODEL_HELP, CLIError, add_engine_arguments,
-                                         add_reporting_arguments)
+from bagel_serve.entrypoints.cli_args import (DEFAULT_MODEL, MODEL_HELP, CLIError, add_engine_arguments,
+                                              add_reporting_arguments, load_omni)
 
 API_KEY_ENV = "BAGEL_SERVE_API_KEY"
 
@@ -84,9 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, cors_origins=list(args.allowed_origins))
     if args.model == DEMO_MODEL:
         print(f"WARNING: {DEMO_NOTICE}", file=sys.stderr)
-    from bagel_serve.entrypoints.cli import _load_omni
-
-    omni = _load_omni(args, args.deploy_config)
+    omni = load_omni(args, args.deploy_config)
     return serve(omni, settings, args.model, log_level=args.uvicorn_log_level)
 
 
