@@ -32,11 +32,12 @@ from bagel_serve.config.pipelines import PipelineSpec
 from bagel_serve.engine.preprocess import Prepared
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.stats import RunStats
-from bagel_serve.pipeline.stage_worker import Codec, Flags, describe
+from bagel_serve.pipeline.stage_worker import Codec, Flags, PeerLostError, describe
 from bagel_serve.pipeline.submission import (Event, QueueFullError, RequestCancelledError, RequestTimeoutError, Sink,
                                              Submission)
 
 POLL_S = 0.05  # how often the parent looks at its workers while it waits for results
+PEER_EXIT_WAIT_S = 1.0  # how long a lost hand-off waits for its sender's exit to show
 FATAL_GRACE_S = 1.0  # how long the other workers get to leave once one has died
 _TRANSPORT_ONLY = ("handoff", "release")  # messages between stages, which the parent only routes
 
@@ -367,6 +368,9 @@ class Orchestrator:
             return
         if kind not in ("token", "progress", "output", "error"):
             return  # "ready"
+        error = self._rebuild_error(*data) if kind == "error" else None
+        if isinstance(error, PeerLostError):
+            self._await_dead_peer()
         with self._lock:
             sub = self._subs.get(key[0])
             if sub is None or key[1] not in sub.pending:
@@ -380,7 +384,7 @@ class Orchestrator:
         elif kind == "progress":
             _deliver(sub, Event("progress", i, data))
         elif kind == "error":
-            _deliver(sub, Event("error", i, self._rebuild_error(*data)))
+            _deliver(sub, Event("error", i, error))
         else:
             try:
                 out: RequestOutput = self._transport.codec.loads(data)
@@ -394,6 +398,17 @@ class Orchestrator:
                 for tok in out.token_ids[sub.streamed[i]:]:
                     _deliver(sub, Event("token", i, tok))
             _deliver(sub, Event("output", i, out))
+
+    def _await_dead_peer(self) -> None:
+        """A stage could not receive another's message: if that sender died, say so for every request in
+        flight (WorkerDiedError, the server's 503) rather than fail this one request on its own. Its exit may
+        show a moment after the broken connection did."""
+        end = time.monotonic() + PEER_EXIT_WAIT_S
+        while True:
+            self._check_workers(self._awaiting() or "a hand-off was in flight")
+            if time.monotonic() >= end:
+                return
+            time.sleep(POLL_S / 5)
 
     def _fatal(self, message: str, details: str | None = None) -> WorkerDiedError:
         """Stop the remaining workers and make the error that fails what is pending and closes the engine.

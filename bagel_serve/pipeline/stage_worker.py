@@ -45,6 +45,11 @@ from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.pipeline.transfer import HandoffPayload, blocks_needed, borrow_cache, borrows, export_handoff, import_handoff
 
 
+class PeerLostError(RuntimeError):
+    """A request's message from another process could not be received: most often its sender (another
+    stage's worker) has just died, which the parent then reports for every request in flight."""
+
+
 @dataclass(frozen=True)
 class Flags:
     """Per-request switches that travel with the request."""
@@ -157,7 +162,7 @@ class StageWorker:
         except Exception as e:
             if kind == "handoff":
                 self._settle(key, lent=True)
-            self._send_error(key, RuntimeError(f"stage {self.stage_id} could not receive request {key[1]}: {describe(e)}"))
+            self._send_error(key, PeerLostError(f"stage {self.stage_id} could not receive request {key[1]}: {describe(e)}"))
             return
         try:
             if kind == "request":
