@@ -1,23 +1,101 @@
-"""Who this process is among the ranks that shard one model (tensor parallelism).
+"""Who this process is among the ranks of its stage, and the process groups they share.
 
-The layers ask here for their rank and world size instead of assuming one GPU. Nothing starts process
-groups yet (a deploy config with `tensor_parallel_size > 1` is refused as not built), so today the answer is
-rank 0 of 1 and every collective is the identity; `set_tensor_parallel_group` is the seam where a
-tensor-parallel stage will install its group.
+A stage that spreads over several GPUs (tensor parallelism, CFG parallelism, HSDP) runs one process per
+rank. Rank r of a stage with TP size T is TP rank `r % T` of CFG rank `r // T`: the ranks of one TP group
+are neighbours (adjacent GPUs, the fastest links). Every rank runs the same engine on the same messages
+(`pipeline.lockstep`), so each collective below is reached by every rank of its group in the same order.
+
+The layers ask here for their TP rank and world size; the runner asks for the CFG ones. With no groups
+installed (one rank) every answer is rank 0 of 1 and every collective the identity.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How one stage's ranks divide the work; `rank` is this process's place among them."""
+
+    rank: int
+    world: int
+    tp: int = 1
+    cfg: int = 1
+    hsdp_shard: int = 1
+    hsdp_replicate: int = 1
+    use_hsdp: bool = False
+    vae_patch_parallel: int = 1
+    init_method: str = ""
+    """Where the ranks meet (`tcp://host:port`), chosen by the parent that starts them."""
+    seed: int = 0
+    """Every rank's Python and torch RNGs start from it, so that what a request leaves to chance (an
+    unseeded request's seed) comes out the same on every rank."""
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.tp
+
+
 _TP_GROUP: dist.ProcessGroup | None = None
+_CFG_GROUP: dist.ProcessGroup | None = None
+_STAGE_GROUP: dist.ProcessGroup | None = None
+_CONTROL_GROUP: dist.ProcessGroup | None = None
+_LAYOUT: RankLayout | None = None
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
     """Install the process group the layers shard over (None: no tensor parallelism)."""
     global _TP_GROUP
     _TP_GROUP = group
+
+
+def init_stage_groups(layout: RankLayout, device: torch.device) -> None:
+    """Join the stage's ranks and build its groups: the whole stage (NCCL on CUDA, gloo on the CPU), a gloo
+    group for the control messages of `pipeline.lockstep`, and the TP and CFG groups. Every rank calls this
+    with the same layout (but its own `rank`)."""
+    global _CFG_GROUP, _STAGE_GROUP, _CONTROL_GROUP, _LAYOUT
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=layout.init_method, rank=layout.rank, world_size=layout.world, **kw)
+    _STAGE_GROUP = dist.group.WORLD
+    _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else _STAGE_GROUP
+    tp_groups = [list(range(c * layout.tp, (c + 1) * layout.tp)) for c in range(layout.cfg)]
+    cfg_groups = [list(range(t, layout.world, layout.tp)) for t in range(layout.tp)]
+    # new_group is collective over the whole world: every rank builds every group, in the same order.
+    for ranks in tp_groups:
+        g = dist.new_group(ranks) if layout.tp > 1 else None
+        if layout.rank in ranks:
+            set_tensor_parallel_group(g)
+    for ranks in cfg_groups:
+        g = dist.new_group(ranks) if layout.cfg > 1 else None
+        if layout.rank in ranks:
+            _CFG_GROUP = g
+    _LAYOUT = layout
+
+
+def layout() -> RankLayout | None:
+    """This process's place in its stage (None: a stage of one rank)."""
+    return _LAYOUT
+
+
+def stage_group() -> dist.ProcessGroup | None:
+    return _STAGE_GROUP
+
+
+def control_group() -> dist.ProcessGroup | None:
+    return _CONTROL_GROUP
+
+
+def tp_group() -> dist.ProcessGroup | None:
+    return _TP_GROUP
 
 
 def tp_world_size() -> int:
@@ -42,3 +120,18 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(_TP_GROUP))]
     dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=dim)
+
+
+def cfg_world_size() -> int:
+    return 1 if _CFG_GROUP is None else dist.get_world_size(_CFG_GROUP)
+
+
+def cfg_rank() -> int:
+    return 0 if _CFG_GROUP is None else dist.get_rank(_CFG_GROUP)
+
+
+def cfg_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the CFG-parallel ranks, in place (the identity without CFG parallelism)."""
+    if _CFG_GROUP is not None:
+        dist.all_reduce(x, group=_CFG_GROUP)
+    return x

@@ -97,6 +97,8 @@ class HandoffError(RuntimeError):
 
 COND, TEXT_DROPPED, IMAGE_DROPPED = "cond", "text_dropped", "image_dropped"
 """The CFG branches of a denoising step, by name (each has its own step-cache state)."""
+BRANCH_INDEX = {COND: 0, TEXT_DROPPED: 1, IMAGE_DROPPED: 2}
+"""A branch's place, which picks its rank under CFG parallelism (`Work.cfg_branch`)."""
 
 
 class ImagePrograms:
@@ -177,7 +179,7 @@ class ImagePrograms:
         the predicted ones through the velocity head from their cached expansion."""
         full = [b for b, c in branches.items() if c is not None and (cache is None or cache.is_full(b))]
         works = [Work(branches[b], piece, commit=False, want_output=True, want_hidden=cache is not None,
-                      phase="denoise") for b in full]
+                      phase="denoise", cfg_branch=BRANCH_INDEX[b]) for b in full]
         results = (yield works) if works else []
         vs: dict[str, torch.Tensor] = {}
         for b, r in zip(full, results):

@@ -75,7 +75,8 @@ def profile_activation_bytes(model: Bagel, vae: AutoEncoder, special: SpecialTok
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     llm = cfg.llm
-    cache = KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 2, dtype=model.dtype, device=dev)
+    attn = model.language_model.model.layers[0].self_attn  # this rank's heads, under TP
+    cache = KVCache(llm.num_hidden_layers, attn.num_kv_heads, llm.head_dim, 2, dtype=model.dtype, device=dev)
     runner = ModelRunner(model, cache, special, enforce_eager=True)
     ctx = Context(cache)
     runner.execute([Work(ctx, TextPiece(torch.zeros(max_rows, dtype=torch.long)), commit=False)])

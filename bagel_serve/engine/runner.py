@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bagel_serve.distributed import parallel_state as ps
 from bagel_serve.engine.kv_cache import KVCache, slot_of
 from bagel_serve.engine.sampling import sample
 from bagel_serve.engine.sequence import DECODE_STEPS, Work
@@ -79,6 +80,9 @@ class ModelRunner:
         self.device = model.device
         self.backend: AttentionBackend = select_backend(self.device, attention_backend)
         self.graphs: DecodeGraphs | None = None
+        layout = ps.layout()
+        self.shards_layers = layout is not None and layout.use_hsdp
+        """The decoder layers are sharded over the stage's ranks (HSDP), so every rank runs every forward."""
         self.warmup_s = 0.0
         """Seconds `warm_up` took (the attention kernels' one-time set-up)."""
         # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
@@ -91,7 +95,8 @@ class ModelRunner:
         """Run the attention backend's one-time set-up now (once per process, at start)."""
         llm = self.model.config.llm
         t0 = time.perf_counter()
-        self.backend.warm_up(self.device, self.model.dtype, llm.num_attention_heads, llm.num_key_value_heads,
+        attn = self.model.language_model.model.layers[0].self_attn  # this rank's heads, under TP
+        self.backend.warm_up(self.device, self.model.dtype, attn.num_heads, attn.num_kv_heads,
                              llm.head_dim)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -100,6 +105,46 @@ class ModelRunner:
     # ------------------------------------------------------------------ forwards
     @torch.inference_mode()
     def execute(self, works: list[Work]) -> list[Any]:
+        """Run one forward over the works (see `_forward`). Under CFG parallelism this rank runs only the
+        denoising works of its CFG branches (and every work of no branch); the branch works' results are
+        then summed over the CFG ranks, each computed on exactly one and zero on the others, so every rank
+        returns every result, bit for bit what one rank computing all of them returns."""
+        size = ps.cfg_world_size()
+        if size == 1 or all(w.cfg_branch is None for w in works):
+            return self._forward(works)
+        rank = ps.cfg_rank()
+        mine = [i for i, w in enumerate(works) if w.cfg_branch is None or w.cfg_branch % size == rank]
+        # With HSDP every rank must run every forward (they gather each layer's weights together): an idle
+        # rank computes a branch it does not own, and drops the result.
+        run = mine if mine or not self.shards_layers else [0]
+        local = self._forward([works[i] for i in run]) if run else []
+        results: list[Any] = [None] * len(works)
+        for i, r in zip(run, local):
+            if i in mine:
+                results[i] = r
+        branch = [i for i, w in enumerate(works) if w.cfg_branch is not None]
+        sizes = [works[i].piece.latents.shape[0] for i in branch]
+        bounds = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
+        velocity = torch.zeros(bounds[-1], self.model.config.patch_latent_dim, device=self.device)
+        hidden = None
+        if any(works[i].want_hidden for i in branch):
+            hidden = torch.zeros(bounds[-1], self.model.config.llm.hidden_size, dtype=self.model.dtype,
+                                 device=self.device)
+        for j, i in enumerate(branch):
+            if results[i] is not None:
+                v, h = results[i] if works[i].want_hidden else (results[i], None)
+                velocity[bounds[j] : bounds[j + 1]] = v
+                if h is not None:
+                    hidden[bounds[j] : bounds[j + 1]] = h
+        ps.cfg_all_reduce(velocity)
+        if hidden is not None:
+            ps.cfg_all_reduce(hidden)
+        for j, i in enumerate(branch):
+            v = velocity[bounds[j] : bounds[j + 1]]
+            results[i] = (v, hidden[bounds[j] : bounds[j + 1]]) if works[i].want_hidden else v
+        return results
+
+    def _forward(self, works: list[Work]) -> list[Any]:
         """Run one forward over the works (their blocks reserved: `reserve_blocks`); one result per work:
         the tokens sampled for works with a sampler (a list: one, or a burst of DECODE_STEPS when a greedy
         decode batch runs that many steps in one graph replay), the last row's logits for other text works

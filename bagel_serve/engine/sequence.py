@@ -39,6 +39,9 @@ class Work:
     """Decode steps the runner may take for this work in one go (rows reserved for each)."""
     want_hidden: bool = False
     """A latent work with `want_output`: also return its latents' final hidden rows (before the norm)."""
+    cfg_branch: int | None = None
+    """For a denoising work, its CFG branch (0 conditional, 1 text-dropped, 2 image-dropped): under CFG
+    parallelism the rank `cfg_branch % cfg_parallel_size` computes it and the others receive its result."""
 
     @property
     def rows(self) -> int:

@@ -11,7 +11,7 @@ import torch
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError
 from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
-from bagel_serve.config.engine_options import EngineOptions, parse_dtype
+from bagel_serve.config.engine_options import EngineOptionError, EngineOptions, parse_dtype
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
@@ -25,7 +25,7 @@ from bagel_serve.pipeline.backends.ray import RayTransport
 from bagel_serve.pipeline.async_stream import AsyncStream
 from bagel_serve.pipeline.orchestrator import Orchestrator, collect_outputs
 from bagel_serve.pipeline.submission import Sink, Submission
-from bagel_serve.pipeline.placement import stage_devices, stage_setups
+from bagel_serve.pipeline.placement import WeightSource, stage_devices, stage_setups
 from bagel_serve.testing.demo import DEMO_MODEL, ensure_demo_model
 
 
@@ -79,12 +79,18 @@ class Omni:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         backend = self.options.worker_backend
-        in_process = not self.options.uses_ray and (self.pipeline.single_stage or backend == "inline")
+        ranks = [deploy.stage(s).parallel_config.num_ranks for s in range(self.pipeline.num_stages)]
+        if max(ranks) > 1 and (self.options.uses_ray or backend == "inline"):
+            raise EngineOptionError(
+                f"worker_backend={'ray' if self.options.uses_ray else backend}: a stage of several ranks "
+                f"(tensor/CFG parallelism or HSDP; ranks per stage {ranks}) runs one worker process per rank on "
+                f"this host; use worker_backend process (the default)")
+        in_process = not self.options.uses_ray and max(ranks) == 1 and (self.pipeline.single_stage or backend == "inline")
         if in_process:
             _apply_env(deploy, self.pipeline)
         self.tokenizer = BagelTokenizer(model_dir)  # a broken tokenizer.json fails before the weights load
-        if self.options.uses_ray:
-            # The actors load the weights where they run; here a skeleton validates the requests.
+        if self.options.uses_ray or min(ranks) > 1:
+            # The actors (the ranks) load the weights where they run; here a skeleton validates the requests.
             loaded = load_skeleton(model_dir, dtype=dtype or default_dtype(self._device))
         else:
             loaded = load_model(model_dir, device=self._device, dtype=dtype, progress=progress,
@@ -94,8 +100,9 @@ class Omni:
         self.model = loaded.model
         self.progress = progress
         self._backend = "ray" if self.options.uses_ray else ("inline" if in_process else "process")
-        device = self._device if self.options.uses_ray else loaded.model.device
-        setups = stage_setups(self.pipeline, deploy, self.options, device, backend=self._backend)
+        device = self._device if self.options.uses_ray or min(ranks) > 1 else loaded.model.device
+        weights = WeightSource(str(model_dir), dtype or default_dtype(self._device), deploy.quantization_config())
+        setups = stage_setups(self.pipeline, deploy, self.options, device, backend=self._backend, weights=weights)
         max_model_len = deploy.stage(0).max_model_len or loaded.config.llm.max_position_embeddings
         cfg, tok = loaded.config, self.tokenizer
         if self._backend == "ray":

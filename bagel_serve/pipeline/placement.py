@@ -12,14 +12,18 @@ GPU, or a Ray actor) allocates its own cache from its own share.
 from __future__ import annotations
 
 import dataclasses
+import random
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from bagel_serve.config.deploy import DeployConfig
+from bagel_serve.config.deploy import DeployConfig, StageConfig
 from bagel_serve.config.pipelines import PipelineSpec
 from bagel_serve.config.engine_options import EngineOptions
+from bagel_serve.config.quantization import QuantizationConfig
+from bagel_serve.distributed.parallel_state import RankLayout
 from bagel_serve.engine.kv_budget import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     cpu_blocks,
@@ -31,6 +35,7 @@ from bagel_serve.engine.kv_cache import BLOCK_SIZE, KVCache
 from bagel_serve.engine.scheduler import SchedulerConfig
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.tokenizer import BagelTokenizer
+from bagel_serve.pipeline.lockstep import agree_blocks
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,16 @@ class Numerics:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         torch.set_float32_matmul_precision(self.matmul_precision)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the ranks of a multi-rank stage read their weights: each loads its own (its tensor-parallel
+    slices, or the whole model to shard or replicate) instead of mapping the parent's copy."""
+
+    model_dir: str
+    dtype: torch.dtype
+    quantization: QuantizationConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,25 @@ class StageSetup:
     """The stage's deploy `env`: a worker process or Ray actor is started with it (so that what torch and CUDA
     read at import, like OMP_NUM_THREADS or PYTORCH_CUDA_ALLOC_CONF, takes effect); `Omni` sets it in
     os.environ for the stages that run in its own process."""
+    ranks: RankLayout | None = None
+    """A stage of several ranks (one process each): the layout, with this process's rank; None: one rank."""
+    rank_devices: tuple[str, ...] = ()
+    """The device of each rank of a multi-rank stage."""
+    weights: WeightSource | None = None
+    """Where a multi-rank stage's ranks load their weights."""
+
+    @property
+    def num_ranks(self) -> int:
+        return 1 if self.ranks is None else self.ranks.world
+
+    def for_rank(self, rank: int) -> "StageSetup":
+        """This setup as rank `rank` of the stage sees it (its own device)."""
+        if self.ranks is None:
+            if rank:
+                raise ValueError(f"stage {self.stage} has one rank, not {rank + 1}")
+            return self
+        return dataclasses.replace(self, ranks=dataclasses.replace(self.ranks, rank=rank),
+                                   device=self.rank_devices[rank])
 
 
 def stage_devices(model_device: torch.device, deploy: DeployConfig, num_stages: int) -> list[torch.device]:
@@ -98,17 +132,60 @@ def stage_devices(model_device: torch.device, deploy: DeployConfig, num_stages: 
     return out
 
 
+def rank_layout(st: StageConfig, model_device: torch.device) -> tuple[RankLayout, tuple[str, ...]] | None:
+    """The layout of a stage of several ranks and each rank's device (None for a stage of one rank). On CUDA
+    rank r runs on the stage's r-th listed GPU; on the CPU every rank is a process on the CPU."""
+    pc = st.parallel_config
+    world = pc.num_ranks
+    if world == 1:
+        return None
+    shard = pc.hsdp_shard_size if pc.hsdp_shard_size > 0 else world // pc.hsdp_replicate_size
+    layout = RankLayout(rank=0, world=world, tp=pc.tensor_parallel_size, cfg=pc.cfg_parallel_size,
+                        hsdp_shard=shard if pc.use_hsdp else 1,
+                        hsdp_replicate=pc.hsdp_replicate_size if pc.use_hsdp else 1, use_hsdp=pc.use_hsdp,
+                        vae_patch_parallel=pc.vae_patch_parallel_size,
+                        init_method=f"tcp://127.0.0.1:{free_port()}", seed=random.randrange(2**31))
+    if model_device.type == "cuda":
+        return layout, tuple(f"cuda:{i}" for i in st.device_ids)
+    return layout, tuple(str(model_device) for _ in range(world))
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the ranks of a stage to meet on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOptions, model_device: torch.device,
-                 *, backend: str) -> list[StageSetup]:
-    """One setup per stage for `backend` ("inline": one process; "process": one process per stage mapping the
-    parent's weights; "ray": one actor per stage, each with its own weights)."""
+                 *, backend: str, weights: WeightSource | None = None) -> list[StageSetup]:
+    """One setup per stage for `backend` ("inline": one process; "process": one process per stage (one per
+    rank for a stage of several) mapping the parent's weights; "ray": one actor per stage, each with its own
+    weights). `weights`: where multi-rank stages load theirs."""
     n = pipeline.num_stages
     devices = stage_devices(model_device, deploy, n)
+    layouts = [rank_layout(deploy.stage(s), model_device) for s in range(n)]
+    if any(layouts) and (backend != "process" or weights is None):
+        raise ValueError("stages of several ranks run as worker processes (worker_backend process) that load "
+                         "their own weights")
     numerics = Numerics.here()
     setups = []
     for s, dev in enumerate(devices):
         st = deploy.stage(s)
-        peers = [t for t in range(n) if devices[t] == dev]
+        if layouts[s] is not None:
+            # A stage of several ranks keeps its own cache on each rank and copies hand-offs both ways.
+            layout, rank_devices = layouts[s]
+            setups.append(StageSetup(
+                stage=s, num_stages=n, device=rank_devices[0], numerics=numerics,
+                batch_timeout=float(options.batch_timeout),
+                scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens), kv_blocks=st.kv_cache_blocks,
+                utilization=st.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+                decodes=pipeline.stages[s].kind == "ar" or n == 1, denoises=pipeline.stages[s].kind == "diffusion",
+                enable_prefix_caching=deploy.prefix_caching_enabled(s), enforce_eager=st.enforce_eager or layout.use_hsdp,
+                max_model_len=st.max_model_len, env=dict(st.env), ranks=layout, rank_devices=rank_devices,
+                weights=weights, to_cpu=True))
+            continue
+        peers = [t for t in range(n) if devices[t] == dev and layouts[t] is None]
         shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
         pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers) for x in shares))
         own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers)
@@ -126,7 +203,8 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
             setups.append(StageSetup(**common, utilization=own, to_cpu=True))
         elif backend == "process":
             first = peers[0] == s
-            setups.append(StageSetup(**common, utilization=pooled, borrows_cache=not first, lend=True,
+            lend = not any(layouts)  # a stage of several ranks takes (and gives) copies
+            setups.append(StageSetup(**common, utilization=pooled, borrows_cache=not first, lend=lend, to_cpu=not lend,
                                      counts_weights=first, other_processes=len(peers) - 1 if first else 0))
         else:
             setups.append(StageSetup(**common, utilization=pooled, borrows_cache=peers[0] != s))
@@ -152,7 +230,8 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
 
 def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> KVCache:
     llm, device = model.config.llm, model.device
-    block_bytes = KVCache.bytes_per_block_of((llm.num_hidden_layers, 2, 0, llm.num_key_value_heads, llm.head_dim),
+    kv_heads = model.language_model.model.layers[0].self_attn.num_kv_heads  # this rank's, under TP
+    block_bytes = KVCache.bytes_per_block_of((llm.num_hidden_layers, 2, 0, kv_heads, llm.head_dim),
                                              model.dtype, BLOCK_SIZE)
     if setup.borrows_cache:
         blocks = 2
@@ -172,7 +251,9 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
         blocks = min(blocks, 3 * setup.scheduler.max_num_seqs * -(-max_len // BLOCK_SIZE) + 1)
     else:
         blocks = cpu_blocks(block_bytes)
-    return KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, blocks, dtype=model.dtype,
+    if setup.ranks is not None:
+        blocks = agree_blocks(blocks, device)
+    return KVCache(llm.num_hidden_layers, kv_heads, llm.head_dim, blocks, dtype=model.dtype,
                    device=device, enable_prefix_caching=setup.enable_prefix_caching, shared=setup.lend)
 
 

@@ -108,8 +108,11 @@ class StageWorker:
     """One stage's engine and its side of the message protocol. `send(message)` reaches the parent."""
 
     def __init__(self, setup: StageSetup, stage: Stage, send: Callable[[tuple], None], codec: type[Codec] = Codec,
-                 *, progress: bool = False) -> None:
+                 *, progress: bool = False, leads: bool = True) -> None:
         self.setup = setup
+        self.leads = leads
+        """Rank 0 of its stage (or its only rank): the one that talks to the parent. The other ranks run the
+        same engine on the same messages and send nothing."""
         self.stage_id = setup.stage
         self.stage = stage
         self.engine = Engine(stage, setup.scheduler, progress=progress)
@@ -127,7 +130,8 @@ class StageWorker:
         return self.engine.has_work()
 
     def send(self, kind: str, key: Any, data: Any) -> None:
-        self._send((kind, self.stage_id, key, data))
+        if self.leads:
+            self._send((kind, self.stage_id, key, data))
 
     def step(self) -> None:
         self.engine.step()
@@ -142,7 +146,23 @@ class StageWorker:
 
     # ------------------------------------------------------------------ messages
     def handle(self, msg: tuple) -> None:
+        self.apply(self.receive(msg))
+
+    def receive(self, msg: tuple) -> tuple:
+        """A message as `apply` takes it, `(kind, key, data, error)`: a request's or hand-off's blob opened
+        (`error` holds why it could not be). The ranks of a multi-rank stage open each blob once, on rank 0,
+        and all apply what it gives (`pipeline.lockstep`)."""
         kind, _, key, data = msg
+        if kind not in ("request", "handoff"):
+            return kind, key, data, None
+        try:
+            return kind, key, self.codec.loads(data), None
+        except Exception as e:
+            return kind, key, None, PeerLostError(f"stage {self.stage_id} could not receive request {key[1]}: "
+                                                  f"{describe(e)}")
+
+    def apply(self, item: tuple) -> None:
+        kind, key, obj, error = item
         if kind == "stats":
             self.send("stats", key, self.codec.dumps(self.engine.stats))
             self.engine.stats = RunStats()
@@ -157,12 +177,10 @@ class StageWorker:
         if kind == "cancel":
             self.cancel(key)
             return
-        try:
-            obj = self.codec.loads(data)
-        except Exception as e:
+        if error is not None:
             if kind == "handoff":
                 self._settle(key, lent=True)
-            self._send_error(key, PeerLostError(f"stage {self.stage_id} could not receive request {key[1]}: {describe(e)}"))
+            self._send_error(key, error)
             return
         try:
             if kind == "request":
@@ -286,7 +304,9 @@ class StageWorker:
                 raise
         else:
             try:
-                blob = self.codec.dumps((export_handoff(h, to_cpu=self.setup.to_cpu), flags))
+                payload = export_handoff(h, to_cpu=self.setup.to_cpu)  # every TP rank: it gathers their heads
+                blob = self.codec.dumps((payload, flags)) if self.leads else None
+                del payload
             finally:
                 release_contexts(h)
                 self.stage.cache.manager.unadmit(h.reserved_blocks)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bagel_serve.distributed.parallel_state import tp_all_gather, tp_rank, tp_world_size
 from bagel_serve.engine.diffusion import Handoff, HandoffError
 from bagel_serve.engine.kv_cache import Context, KVCache
 
@@ -80,7 +81,7 @@ def export_context(ctx: Context, to_cpu: bool = False) -> ContextPayload:
     pickling through `torch.multiprocessing` sends a handle)."""
     cache = ctx.cache
     slots = ctx.slots(0, ctx.length).to(cache.device)
-    kv = cache.tensor.index_select(2, slots)
+    kv = tp_all_gather(cache.tensor.index_select(2, slots), dim=3)  # every KV head, from all TP ranks
     if to_cpu:
         kv = kv.cpu()
     if kv.device.type == "cpu":
@@ -90,8 +91,14 @@ def export_context(ctx: Context, to_cpu: bool = False) -> ContextPayload:
 
 @torch.no_grad()
 def import_rows(kv: torch.Tensor, length: int, rope: int, cache: KVCache) -> Context:
-    """A new context of `cache` holding `length` rows given as [layers, 2, length, heads, dim] (any device)."""
+    """A new context of `cache` holding `length` rows given as [layers, 2, length, heads, dim] (any device).
+
+    The rows may hold every KV head while this rank holds a tensor-parallel slice of them: it takes its
+    slice (a hand-off between stages of different TP sizes is re-sharded by head)."""
     want = (cache.num_layers, 2, length, cache.num_kv_heads, cache.head_dim)
+    world = tp_world_size()
+    if world > 1 and kv.dim() == 5 and kv.shape[3] == cache.num_kv_heads * world:
+        kv = kv.narrow(3, tp_rank() * cache.num_kv_heads, cache.num_kv_heads)
     if tuple(kv.shape) != want:
         raise HandoffError(f"context payload has shape {tuple(kv.shape)}, this model's contexts need {want} "
                            f"(layers, k/v, rows, kv heads, head dim)")

@@ -1,8 +1,12 @@
-"""Entry point of a stage worker process: `python -m bagel_serve.pipeline.worker_main ADDRESS STAGE`.
+"""Entry point of a stage worker process: `python -m bagel_serve.pipeline.worker_main ADDRESS STAGE [RANK]`.
 
 Reads the parent's authentication key from standard input, connects back to the parent's listener, receives
 its setup and the (shared) model, builds its stage and serves messages until told to stop or until the
 parent goes away. Started by `backends.process`; never imports the parent's `__main__`.
+
+A rank of a multi-rank stage gets no model: it joins its peers and loads its own weights
+(`pipeline.ranks`). Rank 0 serves the parent's messages and passes them on to the others
+(`pipeline.lockstep`); only rank 0 reports ready and sends results.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from bagel_serve.engine.stage_engine import Stage
 from bagel_serve.engine.tokenizer import BagelTokenizer
+from bagel_serve.pipeline.lockstep import broadcast_items
 from bagel_serve.pipeline.placement import StageSetup, build_stage
 from bagel_serve.pipeline.stage_worker import IpcCodec, StageWorker
 
@@ -98,13 +103,46 @@ def serve(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
             worker.step()
 
 
+STOP = ("stop", None, None, None)
+
+
+def serve_ranks(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
+    """`serve` for the ranks of a multi-rank stage: rank 0 reads the parent's messages, every rank applies
+    rank 0's batch of them, then every rank steps (the same step)."""
+    conn, parent = link.conn, os.getppid()
+    while True:
+        items = None
+        if worker.leads:
+            items = []
+            wait = 0.0 if worker.busy else setup.batch_timeout
+            try:
+                while conn.poll(wait):
+                    msg = conn.recv()
+                    if msg[0] == "stop":
+                        items.append(STOP)
+                        break
+                    items.append(worker.receive(msg))
+                    wait = 0.0
+            except (EOFError, OSError):
+                items.append(STOP)  # the parent closed the connection
+            if os.getppid() != parent:
+                items.append(STOP)  # orphaned
+        for item in broadcast_items(items):
+            if item[0] == "stop":
+                return
+            worker.apply(item)
+        if worker.busy:
+            worker.step()
+
+
 def main() -> None:
     address, stage = sys.argv[1], int(sys.argv[2])
+    rank = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     key = bytes.fromhex(sys.stdin.readline().strip())
     multiprocessing.current_process().authkey = key  # to fetch the parent's shared-memory tensors
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     conn = Client(address, authkey=key)
-    conn.send(("hello", stage))
+    conn.send(("hello", stage, rank))
     link = _Link(conn, stage)
     try:
         setup, model, vae, tokenizer_dir = conn.recv()
@@ -113,14 +151,23 @@ def main() -> None:
             time.sleep(delay)
         setup.numerics.apply()  # the stage's env was this process's from its start (backends.process)
         tok = BagelTokenizer(tokenizer_dir)
+        if setup.ranks is not None:
+            from bagel_serve.pipeline.ranks import join_stage
+
+            model, vae = join_stage(setup)
         stage_obj = build_stage(setup, model, vae, tok)
         del model, vae
-        worker = StageWorker(setup, stage_obj, link.send, IpcCodec)
-        link.send(("ready", stage, os.getpid(), None))
+        worker = StageWorker(setup, stage_obj, link.send, IpcCodec, leads=rank == 0)
+        if rank == 0:
+            link.send(("ready", stage, os.getpid(), None))
         threading.Thread(target=link.heartbeat, name="heartbeat", daemon=True).start()
-        serve(link, setup, worker)
+        if setup.ranks is None:
+            serve(link, setup, worker)
+        else:
+            serve_ranks(link, setup, worker)
         worker.close()
-        _unmap(stage_obj)
+        if setup.ranks is None:
+            _unmap(stage_obj)
     except BaseException:
         try:
             link.send(("fatal", stage, None, traceback.format_exc()))

@@ -48,28 +48,40 @@ class ProcessTransport:
         self._key = bytes(multiprocessing.current_process().authkey)
         self._listener = Listener(authkey=self._key)
         self._conns: list[Connection | None] = [None] * self.num_stages
+        self._rank_conns: list[Connection] = []
         self._send_locks = [threading.Lock() for _ in setups]
         self._results: queue.Queue[tuple] = queue.Queue()
-        self._stderr: list[deque[str]] = [deque(maxlen=20) for _ in setups]
+        self._stderr: dict[tuple[int, int], deque[str]] = {}
         self.stopped = False
         self._threads: list[threading.Thread] = []
-        if model.device.type == "cpu":
+        if model.device.type == "cpu" and any(s.ranks is None for s in setups):
             _ensure_fd_limit([model, vae])
             model.share_memory()
             vae.share_memory()
         self.procs: list[subprocess.Popen] = []
+        """Rank 0 of each stage, by stage (the process the stage's messages go to)."""
+        self.rank_procs: list[list[subprocess.Popen]] = []
+        """Every rank's process, by stage."""
+        payloads: dict[tuple[int, int], tuple] = {}
         for s in range(self.num_stages):
             # The stage's deploy `env` is the worker's from its start, before torch is imported.
             env = {**os.environ, **setups[s].env}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bagel_serve.pipeline.worker_main", self._listener.address, str(s)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-            proc.stdin.write(self._key.hex() + "\n")
-            proc.stdin.close()
-            self._thread(self._drain_stderr, s, proc)
-            self.procs.append(proc)
-        payloads = [(setup, model, vae, tokenizer_dir) for setup in setups]
+            procs = []
+            for r in range(setups[s].num_ranks):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bagel_serve.pipeline.worker_main", self._listener.address, str(s), str(r)],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+                proc.stdin.write(self._key.hex() + "\n")
+                proc.stdin.close()
+                self._stderr[(s, r)] = deque(maxlen=20)
+                self._thread(self._drain_stderr, (s, r), proc)
+                procs.append(proc)
+                # A rank of a multi-rank stage loads its own weights: it gets no model.
+                shared = (model, vae) if setups[s].ranks is None else (None, None)
+                payloads[(s, r)] = (setups[s].for_rank(r), *shared, tokenizer_dir)
+            self.procs.append(procs[0])
+            self.rank_procs.append(procs)
         threading.Thread(target=self._accept, args=(payloads,), name="bagel-serve-accept", daemon=True).start()
 
     def _thread(self, target: Any, *args: Any) -> None:
@@ -82,23 +94,27 @@ class ProcessTransport:
         t.start()
 
     # ------------------------------------------------------------------ start-up
-    def _accept(self, payloads: list[tuple]) -> None:
-        for _ in range(self.num_stages):
+    def _accept(self, payloads: dict[tuple[int, int], tuple]) -> None:
+        for _ in range(len(payloads)):
             try:
                 conn = self._listener.accept()
-                kind, stage = conn.recv()
-            except (OSError, EOFError):
+                kind, stage, rank = conn.recv()
+            except (OSError, EOFError, ValueError):
                 return  # stopped (the listener closed) or a worker died while connecting
-            if kind != "hello" or not 0 <= stage < self.num_stages:
+            if kind != "hello" or (stage, rank) not in payloads:
                 conn.close()
                 continue
-            self._conns[stage] = conn
-            self._thread(self._serve, stage, conn, payloads[stage])
+            if rank == 0:
+                self._conns[stage] = conn
+            else:
+                self._rank_conns.append(conn)
+            self._thread(self._serve, stage, conn, payloads.pop((stage, rank)))
 
     def _serve(self, stage: int, conn: Connection, payload: tuple) -> None:
-        """Send a worker its setup and model, then forward what it sends until it closes."""
+        """Send a worker its setup and model, then forward what it sends until it closes (the other ranks of
+        a multi-rank stage send only a fatal error, and heartbeats)."""
         try:
-            with self._send_locks[stage]:
+            with self._send_locks[stage] if conn is self._conns[stage] else threading.Lock():
                 conn.send(payload)
         except (OSError, EOFError, ValueError):
             return  # it died; `exited` says how
@@ -110,10 +126,10 @@ class ProcessTransport:
                 return
             self._results.put(msg)
 
-    def _drain_stderr(self, stage: int, proc: subprocess.Popen) -> None:
+    def _drain_stderr(self, who: tuple[int, int], proc: subprocess.Popen) -> None:
         for line in proc.stderr:
             if line.strip():
-                self._stderr[stage].append(line.rstrip())
+                self._stderr[who].append(line.rstrip())
 
     # ------------------------------------------------------------------ transport
     def send(self, stage: int, msg: tuple) -> None:
@@ -133,18 +149,22 @@ class ProcessTransport:
         return f"stage {stage} worker (pid {self.procs[stage].pid})"
 
     def exited(self, stage: int) -> str | None:
-        code = self.procs[stage].poll()
-        if code is None:
-            return None
-        last = self._stderr[stage][-1] if self._stderr[stage] else None
-        return f"exited with code {code}" + (f" (its last words: {last})" if last else "")
+        """How the stage's worker ended (for a multi-rank stage: the first of its ranks found ended)."""
+        for r, proc in enumerate(self.rank_procs[stage]):
+            code = proc.poll()
+            if code is None:
+                continue
+            last = self._stderr[(stage, r)][-1] if self._stderr[(stage, r)] else None
+            who = f"(its rank {r}, pid {proc.pid}) " if r else ""
+            return f"{who}exited with code {code}" + (f" (its last words: {last})" if last else "")
+        return None
 
     def heartbeats(self) -> bool:
         return True
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [p.pid for procs in self.rank_procs for p in procs]
 
     def stop(self, grace: float = 5.0) -> None:
         if self.stopped:
@@ -156,7 +176,7 @@ class ProcessTransport:
                     self.send(s, ("stop", None, None, None))
                 except Exception:
                     pass
-        for p in self.procs:
+        for p in [p for procs in self.rank_procs for p in procs]:
             try:
                 p.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -166,7 +186,7 @@ class ProcessTransport:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(timeout=2.0)
-        for conn in self._conns:
+        for conn in [*self._conns, *self._rank_conns]:
             if conn is not None:
                 conn.close()
         self._listener.close()
