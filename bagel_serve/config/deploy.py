@@ -88,6 +88,14 @@ class ParallelConfig:
                 * self.effective_sequence_parallel_size * self.cfg_parallel_size)
 
     @property
+    def num_ranks(self) -> int:
+        """Processes one replica of the stage runs (TEMPORARY: the config branch defines it)."""
+        world = self.world_size
+        if world == 1 and self.use_hsdp:
+            return self.hsdp_shard_size * self.hsdp_replicate_size
+        return world
+
+    @property
     def is_neutral(self) -> bool:
         """True when every key has its default (what the engine runs)."""
         return self == ParallelConfig()
@@ -128,8 +136,10 @@ class ParallelConfig:
             "data_parallel_size": "data parallel", "enable_expert_parallel": "expert parallel",
         }
         default = ParallelConfig()
+        built = {"tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "use_hsdp", "hsdp_shard_size",
+                 "hsdp_replicate_size"}  # TEMPORARY: the config branch decides
         return [f"{features[f.name]} ({where}.parallel_config.{f.name}={getattr(self, f.name)!r}) is not built yet"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name) and f.name not in built]
 
 
 # Diffusion parallel keys that may also be written flat in a stage; they are folded into parallel_config.

@@ -123,14 +123,16 @@ class LinearBase(nn.Module):
         _copy(param.data, loaded)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy(dst: torch.Tensor, src: Any) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"expected a tensor of shape {tuple(dst.shape)}, got {tuple(src.shape)}")
-    dst.copy_(src)
+    dst.copy_(src if isinstance(src, torch.Tensor) else src.narrow(0, 0, src.shape[0]))
 
 
-def _rank_slice(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """This rank's `size` entries of `t` along `dim`."""
+def _rank_slice(t: Any, dim: int, size: int) -> torch.Tensor:
+    """This rank's `size` entries of `t` along `dim`. `t` is a tensor or a checkpoint tensor not read yet
+    (anything with `shape` and a `narrow` that reads only that part, `model.loader`): under tensor
+    parallelism each rank reads only its slices from the file."""
     return t.narrow(dim, tp_rank() * size, size)
 
 
@@ -172,7 +174,7 @@ class RowParallelLinear(LinearBase):
         return self.bias is not None and tp_rank() == 0
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if loaded.dim() == 2:
+        if len(loaded.shape) == 2:
             loaded = _rank_slice(loaded, 1, self.input_size_per_partition)
         _copy(param.data, loaded)
 

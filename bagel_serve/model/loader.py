@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -184,16 +185,43 @@ def _load_into(module: nn.Module, files: dict[str, Path], manifest: dict[str, Ta
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for k in keys:
-                t = f.get_tensor(k)
                 target = manifest[k]
                 param = state[target.name]
                 weight_loader = getattr(target.owner, "weight_loader", None)
                 if weight_loader is None:
+                    t = f.get_tensor(k)
                     param.data.copy_(t)
                 else:
+                    t = _Unread(f.get_slice(k))
                     weight_loader(param, t, target.shard)
                 if bar is not None:
                     bar.update(t.numel() * t.element_size())
+
+
+class _Unread:
+    """A checkpoint tensor not read yet: a layer's `weight_loader` narrows it to the part it keeps (its
+    tensor-parallel slice), and only that part is read from the file."""
+
+    def __init__(self, part: Any) -> None:
+        self._part = part
+        self.shape = torch.Size(part.get_shape())
+        self._dtype = _SAFETENSORS_DTYPES[part.get_dtype()]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = tuple([slice(None)] * dim + [slice(start, start + length)])
+        return self._part[index]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self._dtype.itemsize
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
 
 
 def read_config(model_dir: Path) -> BagelConfig:
