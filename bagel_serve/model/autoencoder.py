@@ -218,6 +218,17 @@ class AutoEncoder(nn.Module):
         and the RNG stream lines up with the reference's `randn_like` on CPU.
         """
         mean, logvar = self.encode_moments(x)
+        return self.latent_from_moments(mean, logvar, generator, sample)
+
+    def latent_from_moments(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+    ) -> torch.Tensor:
+        """`encode`'s second half, on its own so that a tiled encoder (`vae_tiling`) draws the posterior
+        noise exactly as the untiled one does: one CPU draw of the whole latent's shape."""
         if sample:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
