@@ -243,8 +243,8 @@ def test_missing_gpus_refused_before_loading(tiny_checkpoint: Path, tmp_path: Pa
     with pytest.raises(DeviceError, match=r"device \(--device\) 'cuda:1': this machine has 1 CUDA GPU\(s\)"):
         Omni(tiny_checkpoint, device="cuda:1")
     yaml = tmp_path / "gpu1.yaml"
-    yaml.write_text("base_config: bagel.yaml\nstages:\n  - stage_id: 1\n    devices: '0,1'\n")
-    with pytest.raises(DeviceError, match=r"stages\[1\]\.devices: '0,1' names GPU 1, but this machine has 1 CUDA GPU"):
+    yaml.write_text("base_config: bagel.yaml\nstages:\n  - stage_id: 1\n    devices: '1'\n")
+    with pytest.raises(DeviceError, match=r"stages\[1\]\.devices: '1' names GPU 1, but this machine has 1 CUDA GPU"):
         Omni(tiny_checkpoint, device="cuda", deploy_config=yaml)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def test_flat_parallel_keys_fold_into_parallel_config(tmp_path: Path) -> None:
     cfg = load_deploy_config(write(tmp_path, """\
         stages:
           - stage_id: 0
+            devices: "0,1,2,3,4,5"
             tensor_parallel_size: 2
             cfg_parallel_size: 3
             use_hsdp: false
@@ -115,7 +117,7 @@ def test_flat_parallel_keys_fold_into_parallel_config(tmp_path: Path) -> None:
     """))
     pc = cfg.stages[0].parallel_config
     assert (pc.tensor_parallel_size, pc.cfg_parallel_size, pc.vae_patch_parallel_size) == (2, 3, 2)
-    assert cfg.stages[0].tensor_parallel_size == 2 and pc.world_size == 6
+    assert cfg.stages[0].tensor_parallel_size == 2 and pc.world_size == 6 and cfg.stages[0].num_ranks == 6
 
 
 def test_flat_and_nested_conflict(tmp_path: Path) -> None:
@@ -137,8 +139,8 @@ def test_devices_normalised(tmp_path: Path) -> None:
     cfg = load_deploy_config(write(tmp_path, """\
         stages:
           - {stage_id: 0, devices: 1}
-          - {stage_id: 1, devices: "0, 1"}
-          - {stage_id: 2, devices: [2, 3]}
+          - {stage_id: 1, devices: "0, 1", tensor_parallel_size: 2}
+          - {stage_id: 2, devices: [2, 3], tensor_parallel_size: 2}
     """))
     assert [s.devices for s in cfg.stages] == ["1", "0,1", "2,3"]
     assert cfg.stages[2].device_ids == [2, 3]
@@ -401,16 +403,31 @@ def test_require_runnable_two_stage(name: str) -> None:
     load_deploy_config(bundled_deploy_config(name)).require_runnable()
 
 
-@pytest.mark.parametrize("snippet, expected", [
-    ("tensor_parallel_size: 2", "tensor parallel"),
-    ("cfg_parallel_size: 2", "CFG parallel"),
-    ("vae_patch_parallel_size: 2", "VAE patch parallel"),
-    ("parallel_config: {use_hsdp: true, hsdp_shard_size: 2}", "HSDP"),
-    ("ulysses_degree: 2", "sequence parallel"),
+@pytest.mark.parametrize("snippet", [
+    "tensor_parallel_size: 2", "cfg_parallel_size: 2",
+    "{tensor_parallel_size: 2, vae_patch_parallel_size: 2}",
+    "parallel_config: {use_hsdp: true, hsdp_shard_size: 2}",
 ])
-def test_require_runnable_parallel(tmp_path: Path, snippet: str, expected: str) -> None:
+def test_require_runnable_parallel(tmp_path: Path, snippet: str) -> None:
+    """Tensor, CFG and VAE patch parallel and HSDP run (their rules: tests/test_parallel_config.py)."""
+    keys = f"parallel_config: {snippet}" if snippet.startswith("{") else snippet
+    cfg = load_deploy_config(write(tmp_path, f"stages:\n  - stage_id: 0\n    devices: '0,1'\n    {keys}\n"))
+    assert cfg.stages[0].num_ranks == 2
+    cfg.require_runnable()
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ("ulysses_degree: 2", "sequence parallel (stages[0].parallel_config.ulysses_degree=2) is not built yet"),
+    ("allgather_degree: 4", "sequence parallel (stages[0].parallel_config.allgather_degree=4) is not built yet"),
+    ("parallel_config: {pipeline_parallel_size: 2}", "pipeline parallel"),
+    ("parallel_config: {data_parallel_size: 2}", "data parallel"),
+    ("parallel_config: {enable_expert_parallel: true}", "expert parallel"),
+])
+def test_require_runnable_refuses_unbuilt_parallelism(tmp_path: Path, snippet: str, expected: str) -> None:
+    """Sequence, pipeline, data and expert parallelism load (devices are not counted for them) and are
+    refused by name at start."""
     cfg = load_deploy_config(write(tmp_path, f"stages:\n  - stage_id: 0\n    {snippet}\n"))
-    with pytest.raises(NotImplementedError, match=f"{expected} .*is not built yet"):
+    with pytest.raises(NotImplementedError, match=re.escape(expected)):
         cfg.require_runnable()
 
 
@@ -425,13 +442,13 @@ def test_quantization_runs(tmp_path: Path) -> None:
 
 def test_apply_overrides() -> None:
     cfg = load_deploy_config(bundled_deploy_config("bagel"))
-    out = apply_overrides(cfg, {"cfg_parallel_size": 3, "quantization": None, "stage_1_devices": "1",
+    out = apply_overrides(cfg, {"tensor_parallel_size": 2, "quantization": None, "stage_1_devices": "2,3",
                                 "gpu_memory_utilization": 0.5},
-                          stage_overrides={"0": {"gpu_memory_utilization": 0.4}})
-    assert [s.cfg_parallel_size for s in out.stages] == [3, 3]
-    assert out.quantization is None and out.stages[1].devices == "1"
+                          stage_overrides={"0": {"gpu_memory_utilization": 0.4, "devices": "0,1"}})
+    assert [s.tensor_parallel_size for s in out.stages] == [2, 2]
+    assert out.quantization is None and [s.devices for s in out.stages] == ["0,1", "2,3"]
     assert [s.gpu_memory_utilization for s in out.stages] == [0.4, 0.5]
-    assert cfg.stages[0].cfg_parallel_size == 1  # the original is untouched
+    assert cfg.stages[0].tensor_parallel_size == 1  # the original is untouched
     with pytest.raises(DeployConfigError, match="must be one of 1, 2, 3"):
         apply_overrides(cfg, {"cfg_parallel_size": 4})
     with pytest.raises(DeployConfigError, match="unknown key"):
@@ -533,10 +550,10 @@ def test_sampling_params_refused_by_name(tmp_path: Path, snippet: str, expected:
     (SINGLE + "data_parallel_size: 2\n", "data parallel (data_parallel_size=2) is not built yet"),
     ("stages:\n  - {stage_id: 0, enable_chunked_prefill: false}\n", "stages[0].enable_chunked_prefill=false"),
     ("stages:\n  - {stage_id: 0, num_replicas: 2}\n", "stage replicas (stages[0].num_replicas=2)"),
-    ("stages:\n  - {stage_id: 0, vae_use_tiling: true}\n", "VAE tiling"),
     ("stages:\n  - {stage_id: 0, vae_parallel_mode: spatial_shard_height}\n",
      "VAE patch parallel (stages[0].parallel_config.vae_parallel_mode='spatial_shard_height')"),
-    ("stages:\n  - {stage_id: 0, hsdp_replicate_size: 2}\n", "HSDP (stages[0].parallel_config.hsdp_replicate_size=2)"),
+    ("stages:\n  - {stage_id: 0, parallel_config: {ulysses_mode: advanced_uaa}}\n",
+     "sequence parallel (stages[0].parallel_config.ulysses_mode='advanced_uaa')"),
     ("stages:\n  - stage_id: 0\n  - {stage_id: 1, default_sampling_params: {seed: 52}}\n",
      "stages[1].default_sampling_params (seed) cannot be honoured: requests take their defaults from stage 0"),
     ("connectors: {rdma: {name: MooncakeTransferEngineConnector}}\n"

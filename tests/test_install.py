@@ -44,7 +44,8 @@ def test_wheel_install_runs_from_any_directory(tmp_path: Path, demo_env: dict[st
     site = tmp_path / "site"
     _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], tmp_path, dict(os.environ))
     assert sorted(p.name for p in (site / "bagel_serve" / "deploy").glob("*.yaml")) == [
-        "bagel.yaml", "bagel_single_stage.yaml", "bagel_think.yaml"]
+        "bagel.yaml", "bagel_cfg3.yaml", "bagel_hsdp4.yaml", "bagel_single_stage.yaml", "bagel_think.yaml",
+        "bagel_thinker_tp2.yaml", "bagel_tp2_vae_pp2.yaml"]
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -50,11 +50,11 @@ def test_cpu_cache_is_small_by_default_or_as_asked() -> None:
 
 
 def test_stage_placement_from_deploy_devices() -> None:
-    """Stages with stage 0's devices share the model's GPU; another stage runs on its first device; Ray
+    """Stages with stage 0's devices share the model's GPU; another stage runs on its own device; Ray
     bundles give each GPU stage a whole GPU or an equal share of one."""
     assert stage_devices(GPU0, BAGEL, 2) == [GPU0, GPU0]
     assert stage_devices(torch.device("cpu"), BAGEL, 2) == [torch.device("cpu")] * 2
-    split = apply_overrides(BAGEL, {}, {"1": {"devices": "1,2"}})
+    split = apply_overrides(BAGEL, {}, {"1": {"devices": "1"}})
     assert stage_devices(GPU0, split, 2) == [GPU0, GPU1]
     assert ray_bundles([GPU0, GPU0]) == ([{"CPU": 1.0, "GPU": 0.5}] * 2, [0.5, 0.5])
     assert ray_bundles([GPU0, GPU1]) == ([{"CPU": 1.0, "GPU": 1.0}] * 2, [1.0, 1.0])

@@ -280,7 +280,7 @@ def test_engine_options_types() -> None:
     opts = EngineOptions.from_kwargs({"max_num_seqs": np.int64(4), "init_timeout": 2, "enforce_eager": True,
                                       "kv_cache_blocks": 64, "request_timeout": 1.5})
     assert (opts.max_num_seqs, opts.init_timeout, opts.request_timeout) == (4, 2.0, 1.5)
-    assert opts.deploy_overrides()["kv_cache_blocks"] == 64 and opts.deploy_overrides()["enforce_eager"] is True
+    assert opts.deploy_overrides(())["kv_cache_blocks"] == 64 and opts.deploy_overrides(())["enforce_eager"] is True
     assert EngineOptions().request_timeout == 60.0
     for kwargs, message in [
         ({"log_stats": "yes"}, "log_stats (--log-stats) must be True or False, got 'yes'"),

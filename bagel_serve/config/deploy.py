@@ -7,18 +7,21 @@ the feature does not exist here, is refused by name by `DeployConfig.require_run
 loads and validates, so a vllm-omni file says everything it needs at once).
 
 Reading files, `base_config` and overrides: `config.deploy_loader`. The pipeline registry (topologies, the
-default config of a model): `config.pipelines`.
+default config of a model): `config.pipelines`. A stage's parallel layout (`parallel_config`, its rank count
+and rules): `config.parallel`; a stage's `devices` must name one device per rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.parallel import CFG_PARALLEL_SIZES, FLAT_PARALLEL_KEYS, ParallelConfig, plural
 from bagel_serve.config.quantization import FP8_UND_NEEDS_FP8, QUANTIZATIONS, QuantizationConfig
 from bagel_serve.config.sampling import SamplingParams
 from bagel_serve.config.validate import ValidationError, build, check_field, opt
@@ -32,7 +35,10 @@ __all__ = [
     "SUPPORTED_CONNECTORS",
     "DISTRIBUTED_EXECUTOR_BACKENDS",
     "CFG_PARALLEL_SIZES",
+    "FLAT_PARALLEL_KEYS",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class DeployConfigError(ValueError):
@@ -43,117 +49,15 @@ SUPPORTED_CONNECTORS = ("SharedMemoryConnector",)
 """Connectors a stage may bind: the hand-off the worker backends implement (in place / CUDA IPC between
 processes, by reference inline, the object store with Ray)."""
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
-CFG_PARALLEL_SIZES = (1, 2, 3)
-"""`cfg_parallel_size`: 1 (off), 2 (the text CFG branch on a GPU of its own), 3 (both CFG branches)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parallel layout.
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How one stage spreads over GPUs (vllm-omni `DiffusionParallelConfig`). All neutral by default; no
-    parallelism is built yet, so `require_runnable()` refuses every key set to anything else."""
-
-    pipeline_parallel_size: int = opt(1, ge=1)
-    data_parallel_size: int = opt(1, ge=1)
-    tensor_parallel_size: int = opt(1, ge=1)
-    enable_expert_parallel: bool = False
-    sequence_parallel_size: int = opt(1, ge=1)
-    ulysses_degree: int = opt(1, ge=1)
-    ring_degree: int = opt(1, ge=1)
-    allgather_degree: int = opt(1, ge=1)
-    ulysses_mode: str = opt("strict", choices=("strict", "advanced_uaa"))
-    cfg_parallel_size: int = opt(1, choices=CFG_PARALLEL_SIZES)
-    vae_patch_parallel_size: int = opt(1, ge=1)
-    vae_parallel_mode: str = opt("tile", choices=("tile", "spatial_shard_height", "spatial_shard_width"))
-    use_hsdp: bool = False
-    hsdp_shard_size: int = opt(-1, ge=-1)  # -1 = auto
-    hsdp_replicate_size: int = opt(1, ge=1)
-
-    @property
-    def derived_sequence_parallel_size(self) -> int:
-        """SP size implied by the degrees: allgather_degree if > 1, else ulysses_degree * ring_degree."""
-        return self.allgather_degree if self.allgather_degree > 1 else self.ulysses_degree * self.ring_degree
-
-    @property
-    def effective_sequence_parallel_size(self) -> int:
-        return max(self.sequence_parallel_size, self.derived_sequence_parallel_size)
-
-    @property
-    def world_size(self) -> int:
-        """GPUs one replica of the stage uses: PP * DP * TP * SP * CFG."""
-        return (self.pipeline_parallel_size * self.data_parallel_size * self.tensor_parallel_size
-                * self.effective_sequence_parallel_size * self.cfg_parallel_size)
-
-    @property
-    def num_ranks(self) -> int:
-        """Processes one replica of the stage runs (TEMPORARY: the config branch defines it)."""
-        world = self.world_size
-        if world == 1 and self.use_hsdp:
-            return self.hsdp_shard_size * self.hsdp_replicate_size
-        return world
-
-    @property
-    def is_neutral(self) -> bool:
-        """True when every key has its default (what the engine runs)."""
-        return self == ParallelConfig()
-
-    def _check(self, path: str) -> None:
-        p = f"{path}." if path else ""
-        if self.allgather_degree > 1 and (self.ulysses_degree > 1 or self.ring_degree > 1):
-            raise ValidationError(f"{p}allgather_degree",
-                                  "AllGather-KV is exclusive with Ulysses/Ring (ulysses_degree and ring_degree must be 1)")
-        derived = self.derived_sequence_parallel_size
-        if self.sequence_parallel_size > 1 and derived > 1 and self.sequence_parallel_size != derived:
-            raise ValidationError(f"{p}sequence_parallel_size",
-                                  f"{self.sequence_parallel_size} does not match the degrees (allgather_degree if > 1, "
-                                  f"else ulysses_degree * ring_degree = {derived})")
-        if self.hsdp_shard_size == 0:
-            raise ValidationError(f"{p}hsdp_shard_size", "must be -1 (auto) or >= 1, got 0")
-        if self.use_hsdp:
-            if self.tensor_parallel_size > 1 or self.data_parallel_size > 1:
-                raise ValidationError(f"{p}use_hsdp", "HSDP cannot be combined with tensor or data parallelism")
-            world = self.world_size
-            if world == 1 and self.hsdp_shard_size == -1:
-                raise ValidationError(f"{p}hsdp_shard_size",
-                                      "standalone HSDP (no other parallelism) needs an explicit hsdp_shard_size")
-            if world > 1 and self.hsdp_shard_size != -1 and self.hsdp_shard_size * self.hsdp_replicate_size != world:
-                raise ValidationError(f"{p}hsdp_shard_size",
-                                      f"hsdp_replicate_size * hsdp_shard_size = "
-                                      f"{self.hsdp_replicate_size * self.hsdp_shard_size} must equal the world size {world}")
-
-    def unsupported(self, where: str) -> list[str]:
-        """One line per key that is not at its default: none of these features is built yet."""
-        features = {
-            "tensor_parallel_size": "tensor parallel", "cfg_parallel_size": "CFG parallel",
-            "vae_patch_parallel_size": "VAE patch parallel", "vae_parallel_mode": "VAE patch parallel",
-            "use_hsdp": "HSDP", "hsdp_shard_size": "HSDP", "hsdp_replicate_size": "HSDP",
-            "sequence_parallel_size": "sequence parallel", "ulysses_degree": "sequence parallel",
-            "ring_degree": "sequence parallel", "allgather_degree": "sequence parallel",
-            "ulysses_mode": "sequence parallel", "pipeline_parallel_size": "pipeline parallel",
-            "data_parallel_size": "data parallel", "enable_expert_parallel": "expert parallel",
-        }
-        default = ParallelConfig()
-        built = {"tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "use_hsdp", "hsdp_shard_size",
-                 "hsdp_replicate_size"}  # TEMPORARY: the config branch decides
-        return [f"{features[f.name]} ({where}.parallel_config.{f.name}={getattr(self, f.name)!r}) is not built yet"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name) and f.name not in built]
-
-
-# Diffusion parallel keys that may also be written flat in a stage; they are folded into parallel_config.
-FLAT_PARALLEL_KEYS: tuple[str, ...] = (
-    "tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_parallel_mode",
-    "use_hsdp", "hsdp_shard_size", "hsdp_replicate_size",
-    "sequence_parallel_size", "ulysses_degree", "ring_degree", "allgather_degree",
-)
 
 _EDGE_RE = re.compile(r"^(from|to)_stage_(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stages.
+
+_TILING_NOTED: set[int] = set()
+"""The vae_patch_parallel_size values whose "enabling tiling" note was logged (once each per process)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +66,7 @@ class StageConfig:
 
     stage_id: int = opt(ge=0)
     devices: str = "0"
+    """One device index per rank of the stage (`parallel_config.num_ranks`), as a comma list."""
     num_replicas: int = opt(1, ge=1)
     max_num_seqs: int = opt(1, ge=1)
     max_num_batched_tokens: int = opt(32768, ge=1)
@@ -180,6 +85,7 @@ class StageConfig:
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
     vae_use_tiling: bool = False
+    """Tiled VAE encode/decode; `vae_patch_parallel_size` above 1 turns it on (`vae_tiling_enabled`)."""
     parallel_config: ParallelConfig = opt(factory=ParallelConfig)
     default_sampling_params: dict[str, Any] = opt(factory=dict)
     env: dict[str, str] = opt(factory=dict)
@@ -211,6 +117,25 @@ class StageConfig:
     @property
     def use_hsdp(self) -> bool:
         return self.parallel_config.use_hsdp
+
+    @property
+    def num_ranks(self) -> int:
+        """The rank processes one replica of this stage runs (`ParallelConfig.num_ranks`)."""
+        return self.parallel_config.num_ranks
+
+    @property
+    def vae_tiling_enabled(self) -> bool:
+        """Whether the VAE runs tiled: `vae_use_tiling`, or VAE patch parallel (its tiles are the unit of work
+        spread over the ranks, so it needs tiling and turns it on, saying so once, as the seed does)."""
+        if self.vae_use_tiling:
+            return True
+        size = self.vae_patch_parallel_size
+        if size > 1:
+            if size not in _TILING_NOTED:
+                _TILING_NOTED.add(size)
+                log.info("vae_patch_parallel_size=%d requires vae_use_tiling; enabling it", size)
+            return True
+        return False
 
     @classmethod
     def _extra_keys(cls) -> tuple[str, ...]:
@@ -252,6 +177,21 @@ class StageConfig:
 
     def _check(self, path: str) -> None:
         p = f"{path}." if path else ""
+        ids = self.device_ids
+        dup = next((d for i, d in enumerate(ids) if d in ids[:i]), None)
+        if dup is not None:
+            raise ValidationError(f"{p}devices", f"{self.devices!r} names device {dup} twice: each rank needs a "
+                                                 f"device of its own")
+        ranks = self.parallel_config.num_ranks
+        # A layout with a feature that is not built is refused by name at start (`unsupported`); counting
+        # its devices first would ask for a fix that cannot make it run.
+        if len(ids) != ranks and not self.parallel_config.unsupported(path):
+            want = ",".join(str(ids[0] + k) for k in range(ranks))
+            default = " (a stage without devices gets \"0\")" if self.devices == "0" else ""
+            raise ValidationError(f"{p}devices",
+                                  f"{self.devices!r} names {plural(len(ids), 'device')} but "
+                                  f"{self.parallel_config.describe_ranks()}: list one device per rank, e.g. "
+                                  f"devices: \"{want}\"{default}")
         params = build(SamplingParams, self.default_sampling_params, f"{p}default_sampling_params")
         if params.detokenize is False:
             raise ValidationError(f"{p}default_sampling_params.detokenize",
@@ -266,8 +206,6 @@ class StageConfig:
     def unsupported(self, where: str) -> list[str]:
         """One line per key of this stage the engine cannot honour."""
         out = self.parallel_config.unsupported(where)
-        if self.vae_use_tiling:
-            out.append(f"VAE tiling ({where}.vae_use_tiling=true) is not built yet")
         if self.num_replicas > 1:
             out.append(f"stage replicas ({where}.num_replicas={self.num_replicas}) are not built yet")
         if self.enable_chunked_prefill is False:

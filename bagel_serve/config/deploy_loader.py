@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from bagel_serve.config.deploy import FLAT_PARALLEL_KEYS, DeployConfig, DeployConfigError, StageConfig
+from bagel_serve.config.deploy import DeployConfig, DeployConfigError, StageConfig
+from bagel_serve.config.parallel import FLAT_PARALLEL_KEYS
 from bagel_serve.config.validate import ValidationError, build, known_keys, short, yaml_fields
 
 __all__ = ["load_deploy_config", "parse_deploy_config", "apply_overrides", "resolve_deploy_path",
@@ -209,10 +210,11 @@ def apply_overrides(config: DeployConfig, global_overrides: Mapping[str, Any] | 
 
     Precedence (highest first), as in vllm-omni: `stage_overrides` ({stage_id: {key: value}}) > keys of the
     form `stage_<id>_<key>` in `global_overrides` > other `global_overrides` > the YAML. A global key that is
-    a pipeline-wide field (e.g. `quantization`, `dtype`) sets it; a stage key (e.g. `cfg_parallel_size`,
-    `gpu_memory_utilization`, `kv_cache_blocks`) is applied to every stage. None values are skipped (flag
-    not given); with nothing given `config` itself comes back, not a revalidated copy whose errors would
-    blame overrides nobody gave.
+    a pipeline-wide field (e.g. `quantization`, `dtype`) sets it; a stage key (e.g. `tensor_parallel_size`,
+    `gpu_memory_utilization`, `kv_cache_blocks`) is applied to every stage (`EngineOptions.deploy_overrides`
+    gives the diffusion options as `stage_<id>_<key>`, for the diffusion stages only). None values are
+    skipped (flag not given); with nothing given `config` itself comes back, not a revalidated copy whose
+    errors would blame overrides nobody gave.
     """
     if not stage_overrides and all(v is None for v in (global_overrides or {}).values()):
         return config

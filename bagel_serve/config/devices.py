@@ -36,15 +36,19 @@ def check_device(device: Any) -> Any:
 
 
 def check_stage_devices(deploy: DeployConfig, device: Any) -> None:
-    """On CUDA, every GPU index a stage's `devices` names must exist here (CPU runs ignore `devices`)."""
+    """On CUDA, every GPU index a stage's `devices` names (one per rank) must exist here, counted as torch
+    sees them (after CUDA_VISIBLE_DEVICES). On the CPU the indices are only counted against the ranks (the
+    deploy config's own rule): CPU ranks are processes, not hardware."""
     import torch
 
     if torch.device(device).type != "cuda":
         return
     count = torch.cuda.device_count()
     for i, stage in enumerate(deploy.stages):
-        missing = [d for d in stage.device_ids if d >= count]
+        missing = [str(d) for d in stage.device_ids if d >= count]
         if missing:
             src = f"{deploy.source}: " if deploy.source else ""
-            raise DeviceError(f"{src}stages[{i}].devices: {stage.devices!r} names GPU {missing[0]}, but this machine "
+            names = f"GPU {missing[0]}" if len(missing) == 1 else f"GPUs {', '.join(missing[:-1])} and {missing[-1]}"
+            ranks = f" for {stage.parallel_config.describe_ranks()}" if stage.num_ranks > 1 else ""
+            raise DeviceError(f"{src}stages[{i}].devices: {stage.devices!r} names {names}{ranks}, but this machine "
                               f"has {count} CUDA GPU(s) (indices 0..{count - 1})")

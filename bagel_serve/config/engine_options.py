@@ -3,8 +3,10 @@ the CLI. Validated here once, by the one validator (`config.validate`), so the A
 thing about the same mistake; each message names the keyword and its flag.
 
 Options left at None were not given: the deploy config's value stands. The stage options (`max_num_seqs`,
-`kv_cache_blocks`, `enforce_eager`, ...) override that key in every stage (`deploy_overrides()`);
-`stage_overrides` sets keys of single stages and wins over both.
+`kv_cache_blocks`, `enforce_eager`, `tensor_parallel_size`, ...) override that key in every stage; the
+diffusion options (`cfg_parallel_size`, `vae_patch_parallel_size`, `vae_use_tiling`, `use_hsdp`,
+`hsdp_shard_size`, `hsdp_replicate_size`) in the stages that denoise, the DiT or the single stage
+(`deploy_overrides()`); `stage_overrides` sets keys of single stages and wins over both.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
+from bagel_serve.config.parallel import CFG_PARALLEL_SIZES
 from bagel_serve.config.dtypes import DTYPES
 from bagel_serve.config.quantization import QUANTIZATIONS
 from bagel_serve.config.validate import ValidationError, check_field, opt
@@ -27,9 +29,14 @@ WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
 
 # Options that set the deploy config key of the same name in every stage (None = not given).
 STAGE_OVERRIDE_KEYS = (
-    "tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
-    "hsdp_shard_size", "hsdp_replicate_size", "enforce_eager", "max_model_len", "gpu_memory_utilization",
+    "tensor_parallel_size", "enforce_eager", "max_model_len", "gpu_memory_utilization",
     "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
+)
+# Options that set the deploy config key of the same name in the diffusion stages only (as in the seed,
+# where they are diffusion engine options): the Thinker has no denoising branches and no VAE decode.
+DIFFUSION_OVERRIDE_KEYS = (
+    "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp", "hsdp_shard_size",
+    "hsdp_replicate_size",
 )
 # Options that set a pipeline-wide deploy config key.
 GLOBAL_OVERRIDE_KEYS = ("quantization", "fp8_und")
@@ -62,7 +69,7 @@ class EngineOptions:
     """`Omni`'s keyword arguments besides model, device, dtype and deploy config, and the CLI's engine flags
     (each field's flag is `--` + its name with dashes). None: not given."""
 
-    # Parallel layout (refused by the deploy config's runnable check until built) and quantization.
+    # Parallel layout (`docs/parallelism.md`; checked with the deploy config it overrides) and quantization.
     tensor_parallel_size: int | None = opt(None, ge=1)
     cfg_parallel_size: int | None = opt(None, choices=CFG_PARALLEL_SIZES)
     vae_patch_parallel_size: int | None = opt(None, ge=1)
@@ -131,10 +138,14 @@ class EngineOptions:
         if self.hsdp_shard_size == 0:
             raise EngineOptionError(f"{_name('hsdp_shard_size')} must be -1 (auto) or an integer >= 1, got 0")
 
-    def deploy_overrides(self) -> dict[str, Any]:
-        """Options that override deploy config keys: stage keys in every stage, and pipeline-wide keys
-        (None = not given)."""
-        return {k: getattr(self, k) for k in (*STAGE_OVERRIDE_KEYS, *GLOBAL_OVERRIDE_KEYS)}
+    def deploy_overrides(self, diffusion_stage_ids: Sequence[int]) -> dict[str, Any]:
+        """Options that override deploy config keys, as `deploy_loader.apply_overrides` takes them: stage
+        keys for every stage, diffusion keys as `stage_<id>_<key>` for each of `diffusion_stage_ids` (the
+        pipeline's `PipelineSpec.diffusion_stage_ids`), and pipeline-wide keys (None = not given)."""
+        out = {k: getattr(self, k) for k in (*STAGE_OVERRIDE_KEYS, *GLOBAL_OVERRIDE_KEYS)}
+        for sid in diffusion_stage_ids:
+            out.update({f"stage_{sid}_{k}": getattr(self, k) for k in DIFFUSION_OVERRIDE_KEYS})
+        return out
 
     @property
     def uses_ray(self) -> bool:

@@ -56,6 +56,12 @@ class PipelineSpec:
         return self.num_stages == 1
 
     @property
+    def diffusion_stage_ids(self) -> tuple[int, ...]:
+        """The stages that denoise and decode images: where the diffusion options (CFG parallel, VAE patch
+        parallel, VAE tiling, HSDP) of `Omni(...)` and the CLI apply."""
+        return tuple(r.stage_id for r in self.stages if r.kind == "diffusion")
+
+    @property
     def edges(self) -> list[tuple[int, int]]:
         """The stage graph: (from, to) for every stage fed by another."""
         return [(r.input_from, r.stage_id) for r in self.stages if r.input_from is not None]
@@ -105,7 +111,8 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
     for a one-stage one (and `bagel`, the default, with no deploy config at all). A checkpoint without
     `config.json` (`model_config_json` None: the file is optional, the flat llm/vit configs suffice) counts as
     BAGEL, as in `default_deploy_config`. The deploy config must fit the pipeline: its stage count, its
-    `edges` (if given) and `async_chunk` (false for two stages).
+    `edges` (if given), `async_chunk` (false for two stages) and its stages' parallel layouts (no CFG or VAE
+    patch parallel on an autoregressive stage).
     """
     source = deploy.source if deploy is not None else None
     prefix = f"{source}: " if source else ""
@@ -136,7 +143,28 @@ def resolve_pipeline(deploy: DeployConfig | None, model_config_json: Mapping[str
                 want = ", ".join(f"{{from: {a}, to: {b}}}" for a, b in spec.edges) or "none"
                 raise DeployConfigError(f"{prefix}edges: {given} is not the stage graph of pipeline {spec.name!r} "
                                         f"({want}); its graph is fixed: leave `edges` out")
+        _check_stage_roles(deploy, spec, prefix)
     return spec
+
+
+# Parallel options that split the denoising loop or the VAE decode: meaningless on an autoregressive stage.
+_DIFFUSION_ONLY = {"cfg_parallel_size": "CFG parallel spreads the denoising branches",
+                   "vae_patch_parallel_size": "VAE patch parallel spreads the VAE tiles of the decoded image"}
+
+
+def _check_stage_roles(deploy: DeployConfig, spec: PipelineSpec, prefix: str) -> None:
+    dit = ", ".join(str(i) for i in spec.diffusion_stage_ids)
+    for role in spec.stages:
+        if role.kind == "diffusion":
+            continue
+        pc = deploy.stage(role.stage_id).parallel_config
+        for key, what in _DIFFUSION_ONLY.items():
+            value = getattr(pc, key)
+            if value > 1:
+                raise DeployConfigError(
+                    f"{prefix}stages[{role.stage_id}].parallel_config.{key}: {value} on stage {role.stage_id} "
+                    f"({role.name}, autoregressive) of pipeline {spec.name!r}: {what} over the ranks of the "
+                    f"diffusion stage; set it on stage {dit} ({key} 1 here)")
 
 
 def default_deploy_config(model_config_json: Mapping[str, Any] | None = None, think: bool = False) -> Path:

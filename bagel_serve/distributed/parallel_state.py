@@ -48,6 +48,7 @@ _TP_GROUP: dist.ProcessGroup | None = None
 _CFG_GROUP: dist.ProcessGroup | None = None
 _STAGE_GROUP: dist.ProcessGroup | None = None
 _CONTROL_GROUP: dist.ProcessGroup | None = None
+_VAE_GROUP: dist.ProcessGroup | None = None
 _LAYOUT: RankLayout | None = None
 
 
@@ -61,7 +62,7 @@ def init_stage_groups(layout: RankLayout, device: torch.device) -> None:
     """Join the stage's ranks and build its groups: the whole stage (NCCL on CUDA, gloo on the CPU), a gloo
     group for the control messages of `pipeline.lockstep`, and the TP and CFG groups. Every rank calls this
     with the same layout (but its own `rank`)."""
-    global _CFG_GROUP, _STAGE_GROUP, _CONTROL_GROUP, _LAYOUT
+    global _CFG_GROUP, _STAGE_GROUP, _CONTROL_GROUP, _VAE_GROUP, _LAYOUT
     backend = "nccl" if device.type == "cuda" else "gloo"
     kw = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=layout.init_method, rank=layout.rank, world_size=layout.world, **kw)
@@ -78,12 +79,28 @@ def init_stage_groups(layout: RankLayout, device: torch.device) -> None:
         g = dist.new_group(ranks) if layout.cfg > 1 else None
         if layout.rank in ranks:
             _CFG_GROUP = g
+    if layout.vae_patch_parallel > 1:
+        g = dist.new_group(list(range(layout.vae_patch_parallel)))
+        _VAE_GROUP = g if layout.rank < layout.vae_patch_parallel else None
     _LAYOUT = layout
 
 
 def layout() -> RankLayout | None:
     """This process's place in its stage (None: a stage of one rank)."""
     return _LAYOUT
+
+
+def vae_group() -> dist.ProcessGroup | None:
+    """The ranks a tiled VAE spreads its tiles over (VAE patch parallelism: the stage's first
+    `vae_patch_parallel_size` ranks), if this rank is one of them; None: tiles run here alone."""
+    return _VAE_GROUP
+
+
+def decodes_images() -> bool:
+    """Whether this rank decodes the images its stage makes: the only rank, or one of the VAE patch-parallel
+    ranks (rank 0 alone without patch parallelism). Only rank 0 sends them; the others would wait for
+    nothing."""
+    return _LAYOUT is None or _LAYOUT.rank < max(1, _LAYOUT.vae_patch_parallel)
 
 
 def stage_group() -> dist.ProcessGroup | None:

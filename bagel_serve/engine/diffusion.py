@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from bagel_serve.config.model_config import BagelConfig
+from bagel_serve.distributed import parallel_state as ps
 from bagel_serve.engine.kv_cache import Context
 from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sequence import Work
@@ -23,6 +24,7 @@ from bagel_serve.engine.step_cache import StepCache
 from bagel_serve.imaging import to_tensor
 from bagel_serve.model.layout import LatentPiece, flattened_position_ids, latent_grid, pack_latent, unpack_latent
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
+from bagel_serve.model.vae_tiling import tiled_decode, tiled_encode
 
 
 def flow_schedule(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +110,9 @@ class ImagePrograms:
     with step caching a predicted branch's hidden rows go through it without a transformer forward."""
 
     def __init__(self, cfg: BagelConfig, vae: AutoEncoder, device: torch.device, clock: Callable[[], float],
-                 velocity_head: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 velocity_head: Callable[[torch.Tensor], torch.Tensor], vae_tiling: bool = False) -> None:
         self.cfg = cfg
+        self.vae_tiling = vae_tiling
         self.vae = vae
         self.device = device
         self.now = clock
@@ -124,7 +127,8 @@ class ImagePrograms:
         if req.return_latents:
             out.latents = latent.cpu()
         t0 = self.now()
-        out.images = [decode_image(self.vae, latent, h.height, h.width, self.cfg)]
+        out.images = [decode_image(self.vae, latent, h.height, h.width, self.cfg, self.vae_tiling)
+                      ] if ps.decodes_images() else []
         out.timings["vae_decode"] = self.now() - t0
         return out
 
@@ -199,19 +203,29 @@ class ImagePrograms:
         return vs
 
 
-def encode_image(vae: AutoEncoder, image: Image.Image, rng: torch.Generator, cfg: BagelConfig) -> torch.Tensor:
-    """Packed latent tokens of an input image: the VAE posterior *sampled* (the reference's first draw)."""
+def encode_image(vae: AutoEncoder, image: Image.Image, rng: torch.Generator, cfg: BagelConfig,
+                 tiled: bool = False) -> torch.Tensor:
+    """Packed latent tokens of an input image: the VAE posterior *sampled* (the reference's first draw).
+    `tiled`: encode in tiles (`model.vae_tiling`), spread over the VAE patch-parallel ranks if there are."""
     x = to_tensor(image)[None].to(vae.encoder.conv_in.weight.device, torch.float32)
     with _float32_convs():
-        z = vae.encode(x, generator=rng, sample=True)[0]
+        if tiled:
+            z = tiled_encode(vae, x, generator=rng, sample=True, group=ps.vae_group())[0]
+        else:
+            z = vae.encode(x, generator=rng, sample=True)[0]
     return pack_latent(z, cfg.latent_patch_size)
 
 
-def decode_image(vae: AutoEncoder, latent: torch.Tensor, height: int, width: int, cfg: BagelConfig) -> Image.Image:
+def decode_image(vae: AutoEncoder, latent: torch.Tensor, height: int, width: int, cfg: BagelConfig,
+                 tiled: bool = False) -> Image.Image:
+    """The image of packed latent tokens. `tiled`: decode in tiles with blended seams (`model.vae_tiling`),
+    spread over the VAE patch-parallel ranks if there are."""
     gh, gw = latent_grid(height, width, cfg.latent_downsample)
     z = unpack_latent(latent.float(), gh, gw, cfg.latent_channels, cfg.latent_patch_size)
+    z = z[None].to(vae.encoder.conv_in.weight.dtype)
     with _float32_convs():
-        pixels = decoded_to_uint8(vae.decode(z[None].to(vae.encoder.conv_in.weight.dtype)))[0]
+        decoded = tiled_decode(vae, z, group=ps.vae_group()) if tiled else vae.decode(z)
+        pixels = decoded_to_uint8(decoded)[0]
     return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
 

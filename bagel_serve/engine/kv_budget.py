@@ -11,7 +11,9 @@ allocates. On the CPU the cache is a fixed number of blocks (`kv_cache_blocks`, 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from bagel_serve.distributed.parallel_state import decodes_images
 from bagel_serve.engine.diffusion import decode_image
 from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.runner import ModelRunner
@@ -60,13 +62,18 @@ def cuda_blocks(*, total_bytes: int, utilization: float, weights_bytes: int, act
 
 
 def weights_bytes(*modules: torch.nn.Module) -> int:
-    """Bytes of the modules' parameters and buffers (also for meta-device skeletons)."""
-    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+    """Bytes of the modules' parameters and buffers on this device (also for meta-device skeletons): a
+    parameter sharded over ranks (HSDP) counts its local shard."""
+    return sum(_local(t).numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.inference_mode()
 def profile_activation_bytes(model: Bagel, vae: AutoEncoder, special: SpecialTokens, *, max_rows: int,
-                             denoises: bool) -> int:
+                             denoises: bool, vae_tiling: bool = False) -> int:
     """Peak device memory above the weights while running the largest forwards a stage will run: a prompt of
     `max_rows` tokens and, for a stage that makes images, a denoising step of three CFG branches at the
     largest image and the VAE decode of that image."""
@@ -86,7 +93,8 @@ def profile_activation_bytes(model: Bagel, vae: AutoEncoder, special: SpecialTok
         x = torch.randn(side * side, cfg.patch_latent_dim)
         v = runner.execute([Work(ctx, LatentPiece(x, 1.0, pos), commit=False, want_output=True) for _ in range(3)])
         del v
-        decode_image(vae, x.to(dev), cfg.max_image_side, cfg.max_image_side, cfg)
+        if decodes_images():
+            decode_image(vae, x.to(dev), cfg.max_image_side, cfg.max_image_side, cfg, vae_tiling)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - base
     del runner, ctx, cache

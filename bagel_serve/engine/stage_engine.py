@@ -35,7 +35,7 @@ class Stage:
 
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, cache: KVCache, *,
                  max_num_seqs: int = 256, max_model_len: int | None = None, enforce_eager: bool = False,
-                 attention_backend: str | None = None) -> None:
+                 attention_backend: str | None = None, vae_tiling: bool = False) -> None:
         self.model = model
         self.vae = vae
         self.tok = tokenizer
@@ -46,8 +46,8 @@ class Stage:
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
                                   attention_backend=attention_backend)
         self.timed = False
-        self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now)
-        self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity)
+        self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now, vae_tiling)
+        self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity, vae_tiling)
 
     def now(self) -> float:
         """A clock for phase timings: synchronised with the device when timing was asked for."""

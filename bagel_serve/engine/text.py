@@ -40,8 +40,9 @@ class TextPrograms:
     adopt the blocks already computed for them instead of being prefilled again."""
 
     def __init__(self, cfg: BagelConfig, tok: BagelTokenizer, cache: KVCache, vae: AutoEncoder,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], vae_tiling: bool = False) -> None:
         self.cfg = cfg
+        self.vae_tiling = vae_tiling
         self.tok = tok
         self.cache = cache
         self.vae = vae
@@ -117,7 +118,7 @@ class TextPrograms:
             if cfg_img is None and want_img:
                 cfg_img = self._fork(full)
             t0 = self.now()
-            encoded = encode_image(self.vae, item, rng, self.cfg)
+            encoded = encode_image(self.vae, item, rng, self.cfg, self.vae_tiling)
             out.timings["vae_encode"] = out.timings.get("vae_encode", 0.0) + self.now() - t0
             yield [Work(full, latent_piece(encoded, 0.0, item.height, item.width, self.cfg))]
             yield [Work(full, vit_piece(item, self.cfg))]

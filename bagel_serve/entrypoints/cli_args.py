@@ -54,15 +54,25 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_option: bool = Tru
                    help="join this Ray cluster (auto, ray://host:port); implies --worker-backend ray "
                         "(default: none; ray starts a local cluster)")
     g.add_argument("--tensor-parallel-size", type=int, default=None,
-                   help="tensor parallel GPUs per stage; refused until tensor parallelism is built (default: 1)")
+                   help="tensor parallel ranks of every stage (--stage-overrides sets one stage's); must divide the "
+                        "model's attention and key/value heads (BAGEL-7B: 1, 2, 4); each stage's devices must name "
+                        "one GPU per rank (default: the deploy config's, else 1)")
     g.add_argument("--cfg-parallel-size", type=int, default=None, choices=CFG_PARALLEL_SIZES,
-                   help="GPUs the CFG branches spread over; refused above 1 until CFG parallel is built (default: 1)")
+                   help="ranks the CFG branches of the diffusion stage (the DiT, or the single stage) spread over "
+                        "(default: the deploy config's, else 1)")
     g.add_argument("--vae-patch-parallel-size", type=int, default=None,
-                   help="GPUs the VAE tiles spread over; refused above 1 until built (default: 1)")
+                   help="ranks of the diffusion stage its VAE tiles spread over, at most the stage's ranks; turns "
+                        "on --vae-use-tiling (default: the deploy config's, else 1)")
     g.add_argument("--vae-use-tiling", action="store_true", default=None,
-                   help="tiled VAE encode/decode; refused until built (default: off)")
+                   help="tiled VAE encode/decode in the diffusion stage (default: the deploy config's, else off)")
     g.add_argument("--use-hsdp", action="store_true", default=None,
-                   help="FSDP2 sharding of the decoder layers; refused until built (default: off)")
+                   help="FSDP2 sharding of the diffusion stage's decoder layers; not with --tensor-parallel-size "
+                        "(default: the deploy config's, else off)")
+    g.add_argument("--hsdp-shard-size", type=int, default=None,
+                   help="with --use-hsdp: ranks a layer is sharded over; -1: the stage's world size / "
+                        "--hsdp-replicate-size, only with other parallelism (default: the deploy config's, else -1)")
+    g.add_argument("--hsdp-replicate-size", type=int, default=None,
+                   help="with --use-hsdp: copies of the sharded layers (default: the deploy config's, else 1)")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="fp8: the generation expert's projections (QKV, O, gate-up, down of every layer) in FP8 "
                         "(W8A8 e4m3, per-row activation and per-channel weight scales; needs a GPU of compute "
@@ -110,7 +120,7 @@ def add_reporting_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
-                "quantization", "fp8_und", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
+                "hsdp_shard_size", "hsdp_replicate_size", "quantization", "fp8_und", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
                 "request_timeout", "enable_diffusion_pipeline_profiler", "stage_overrides", "enforce_eager",
                 "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks")
 

@@ -12,6 +12,7 @@ from bagel_serve.config.deploy import DeployConfig, DeployConfigError
 from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
 from bagel_serve.config.engine_options import EngineOptionError, EngineOptions, parse_dtype
+from bagel_serve.config.parallel_checks import check_parallel_against_model
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
@@ -43,7 +44,8 @@ class Omni:
     fails by name rather than being ignored.
 
     Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
-    deploy config, the GPUs it names) is checked before they load.
+    deploy config, its parallel layout against the model's heads, the GPUs it names) is checked before they
+    load (`docs/parallelism.md`).
     """
 
     def __init__(
@@ -61,14 +63,15 @@ class Omni:
         model_dir = ensure_demo_model() if str(model) == DEMO_MODEL else resolve_model_dir(model)
         # A broken checkpoint config is reported as such, before the deploy config; pipeline detection reads
         # the config.json it parsed (None: the checkpoint has none).
-        raw = read_config(model_dir).raw
-        config_json = raw if (model_dir / "config.json").is_file() else None
+        model_cfg = read_config(model_dir)
+        config_json = model_cfg.raw if (model_dir / "config.json").is_file() else None
         plan = resolve_deploy(deploy_config, self.options, config_json)
         deploy = plan.config
         self.deploy_path = plan.path
-        self.pipeline: PipelineSpec = resolve_pipeline(deploy, config_json)
+        self.pipeline: PipelineSpec = plan.pipeline
         self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
+        check_parallel_against_model(deploy, model_cfg.llm)
         if not self.options.uses_ray:  # Ray places the stages on its own cluster's GPUs
             check_stage_devices(deploy, self._device)
         self.deploy_config: DeployConfig = deploy
@@ -232,6 +235,8 @@ class DeployPlan(NamedTuple):
     """Validated, with the engine options' overrides applied."""
     request_defaults: dict[str, Any]
     """Stage 0's `default_sampling_params` as request defaults (a request's own values win)."""
+    pipeline: PipelineSpec
+    """The pipeline it runs; its stages' roles fit the overridden config."""
 
 
 def resolve_deploy(deploy_config: str | os.PathLike | None, options: EngineOptions,
@@ -242,8 +247,13 @@ def resolve_deploy(deploy_config: str | os.PathLike | None, options: EngineOptio
     and warn about them, before it starts an `Omni`, which resolves the same file again."""
     path = resolve_deploy_path(deploy_config if deploy_config is not None
                                else default_deploy_config(model_config, think=think))
-    deploy = apply_overrides(load_deploy_config(path), options.deploy_overrides(), options.stage_overrides)
-    return DeployPlan(path, deploy, request_defaults(deploy.stage(0).sampling_params))
+    loaded = load_deploy_config(path)
+    # The diffusion options apply to the pipeline's diffusion stages; the overrides may then have put
+    # something on a stage whose role refuses it, so the pipeline is checked again on the result.
+    overrides = options.deploy_overrides(resolve_pipeline(loaded, model_config).diffusion_stage_ids)
+    deploy = apply_overrides(loaded, overrides, options.stage_overrides)
+    pipeline = resolve_pipeline(deploy, model_config)
+    return DeployPlan(path, deploy, request_defaults(deploy.stage(0).sampling_params), pipeline)
 
 
 def _apply_env(deploy: DeployConfig, pipeline: PipelineSpec) -> None:

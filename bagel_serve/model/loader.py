@@ -330,14 +330,16 @@ def load_model(
     vae_dtype: torch.dtype = torch.float32,
     progress: bool = False,
     quantization: QuantizationConfig | None = None,
+    fp8_device_checked: bool = False,
 ) -> LoadedModel:
     """Load BAGEL and its autoencoder. bf16 on CUDA and float32 on CPU unless `dtype` says otherwise;
     the autoencoder stays float32 (the reference decodes in float32). `quantization`: FP8 for the
     generation expert's projections (and the understanding expert's with `fp8_und`); a GPU without FP8
-    support is refused before anything is read."""
+    support is refused before anything is read (`fp8_device_checked`: the caller checked the GPU the weights
+    go to after loading here)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    if quantization is not None:
+    if quantization is not None and not fp8_device_checked:
         check_fp8_device(device, dtype)
     sk = _skeletons(model)
     if quantization is not None:

@@ -100,6 +100,8 @@ class StageSetup:
     """The stage's deploy `env`: a worker process or Ray actor is started with it (so that what torch and CUDA
     read at import, like OMP_NUM_THREADS or PYTORCH_CUDA_ALLOC_CONF, takes effect); `Omni` sets it in
     os.environ for the stages that run in its own process."""
+    vae_tiling: bool = False
+    """Run the VAE in tiles (`vae_use_tiling`, or VAE patch parallelism over the stage's ranks)."""
     ranks: RankLayout | None = None
     """A stage of several ranks (one process each): the layout, with this process's rank; None: one rank."""
     rank_devices: tuple[str, ...] = ()
@@ -139,9 +141,8 @@ def rank_layout(st: StageConfig, model_device: torch.device) -> tuple[RankLayout
     world = pc.num_ranks
     if world == 1:
         return None
-    shard = pc.hsdp_shard_size if pc.hsdp_shard_size > 0 else world // pc.hsdp_replicate_size
     layout = RankLayout(rank=0, world=world, tp=pc.tensor_parallel_size, cfg=pc.cfg_parallel_size,
-                        hsdp_shard=shard if pc.use_hsdp else 1,
+                        hsdp_shard=pc.resolved_hsdp_shard_size if pc.use_hsdp else 1,
                         hsdp_replicate=pc.hsdp_replicate_size if pc.use_hsdp else 1, use_hsdp=pc.use_hsdp,
                         vae_patch_parallel=pc.vae_patch_parallel_size,
                         init_method=f"tcp://127.0.0.1:{free_port()}", seed=random.randrange(2**31))
@@ -182,8 +183,8 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                 utilization=st.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
                 decodes=pipeline.stages[s].kind == "ar" or n == 1, denoises=pipeline.stages[s].kind == "diffusion",
                 enable_prefix_caching=deploy.prefix_caching_enabled(s), enforce_eager=st.enforce_eager or layout.use_hsdp,
-                max_model_len=st.max_model_len, env=dict(st.env), ranks=layout, rank_devices=rank_devices,
-                weights=weights, to_cpu=True))
+                max_model_len=st.max_model_len, env=dict(st.env), vae_tiling=st.vae_tiling_enabled, ranks=layout,
+                rank_devices=rank_devices, weights=weights, to_cpu=True))
             continue
         peers = [t for t in range(n) if devices[t] == dev and layouts[t] is None]
         shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
@@ -197,7 +198,7 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                       scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
                       kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
-                      enforce_eager=st.enforce_eager,
+                      enforce_eager=st.enforce_eager, vae_tiling=st.vae_tiling_enabled,
                       max_model_len=st.max_model_len, env=dict(st.env))
         if backend == "ray":
             setups.append(StageSetup(**common, utilization=own, to_cpu=True))
@@ -221,7 +222,7 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
         torch.cuda.set_device(device)
     cache = _make_cache(setup, model, vae, tok)
     stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
-                  enforce_eager=setup.enforce_eager or not setup.decodes)
+                  enforce_eager=setup.enforce_eager or not setup.decodes, vae_tiling=setup.vae_tiling)
     stage.runner.warm_up()
     if stage.runner.graphs is not None:
         stage.runner.graphs.capture()
@@ -239,7 +240,8 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
         blocks = setup.kv_blocks
     elif device.type == "cuda":
         max_rows = min(setup.scheduler.max_num_batched_tokens, setup.max_model_len or llm.max_position_embeddings)
-        activations = profile_activation_bytes(model, vae, tok.special, max_rows=max_rows, denoises=setup.denoises)
+        activations = profile_activation_bytes(model, vae, tok.special, max_rows=max_rows, denoises=setup.denoises,
+                                               vae_tiling=setup.vae_tiling)
         blocks = cuda_blocks(total_bytes=torch.cuda.get_device_properties(device).total_memory,
                              utilization=setup.utilization,
                              weights_bytes=weights_bytes(model, vae) if setup.counts_weights else 0,

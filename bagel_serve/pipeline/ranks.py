@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from bagel_serve.distributed.hsdp import hsdp_mesh, shard_decoder_layers
 from bagel_serve.distributed.parallel_state import init_stage_groups
+from bagel_serve.layers.fp8 import check_fp8_device
 from bagel_serve.model.loader import load_model
 from bagel_serve.pipeline.placement import StageSetup
 
@@ -32,11 +34,13 @@ def join_stage(setup: StageSetup) -> tuple[Any, Any]:
     random.seed(layout.seed)
     torch.manual_seed(layout.seed)
     if layout.use_hsdp:
-        from bagel_serve.distributed.hsdp import hsdp_mesh, shard_decoder_layers
-
-        loaded = load_model(weights.model_dir, device="cpu", dtype=weights.dtype, quantization=weights.quantization)
+        # Loaded whole on the CPU (quantised there), then each decoder layer keeps its shard on the device
+        # and everything else moves there whole.
+        if weights.quantization is not None:
+            check_fp8_device(device, weights.dtype)
+        loaded = load_model(weights.model_dir, device="cpu", dtype=weights.dtype, quantization=weights.quantization,
+                            fp8_device_checked=weights.quantization is not None)
         shard_decoder_layers(loaded.model, hsdp_mesh(layout.hsdp_shard, layout.hsdp_replicate, device.type))
-        model = loaded.model.to(device)
-        return model, loaded.vae.to(device)
+        return loaded.model, loaded.vae.to(device)
     loaded = load_model(weights.model_dir, device=device, dtype=weights.dtype, quantization=weights.quantization)
     return loaded.model, loaded.vae
