@@ -85,6 +85,25 @@ def test_models_health_version(server: ServerThread, client: openai.OpenAI) -> N
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
+def test_defaults_are_what_a_request_without_them_gets(server: ServerThread, guarded: ServerThread) -> None:
+    d = httpx.get(server.url + "/v1/defaults").json()
+    assert d["model"] == NAME and d["notice"] is None  # not the demo model's name
+    assert d["edit"]["size"] == "auto" and d["limits"]["max_n"] == 10 and d["limits"]["max_images"] == 8
+    img = d["image"]
+    assert (img["num_inference_steps"], img["cfg_text_scale"], img["cfg_img_scale"], img["cfg_interval"],
+            img["cfg_renorm_type"], img["timestep_shift"]) == (50, 4.0, 1.5, [0.4, 1.0], "global", 3.0)
+    assert d["text"]["temperature"] == 0.0 and d["text"]["max_tokens"] == 1000  # greedy, max_think_tokens
+    r = httpx.post(server.url + "/v1/images/generations", timeout=60,
+                   json={"prompt": "a cat", "num_inference_steps": 2, "seed": 1})
+    assert r.json()["size"] == img["size"] == f"{d['limits']['max_image_side']}x{d['limits']['max_image_side']}"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    decoding = {k: d["text"][k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+    a = httpx.post(server.url + "/v1/chat/completions", timeout=60, json=chat)
+    b = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={**chat, **decoding})
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+    assert error_of(httpx.get(guarded.url + "/v1/defaults"), 401)["code"] == "invalid_api_key"
+
+
 # ------------------------------------------------------------------------------------------------ chat
 def test_chat_text_and_streaming_agree(client: openai.OpenAI) -> None:
     msgs = [{"role": "user", "content": "Hello there"}]

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bagel_serve import __version__
 from bagel_serve.serving import routes_chat, routes_images, routes_meta
+from bagel_serve.serving.defaults import server_defaults
 from bagel_serve.serving.errors import APIError
 from bagel_serve.serving.media import ImageStore
 from bagel_serve.serving.metrics import Metrics
@@ -33,7 +34,8 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/images/generations": "images_
 
 
 class AppState:
-    """What the routes share: the engine, the settings, metrics, images kept for URL answers."""
+    """What the routes share: the engine, the settings, metrics, images kept for URL answers, the request
+    defaults."""
 
     def __init__(self, omni: Any, settings: ServerSettings, model: str) -> None:
         self.omni = omni
@@ -43,6 +45,8 @@ class AppState:
         self.images = ImageStore()
         self.started = int(time.time())
         self.max_model_len = omni.deploy_config.stage(0).max_model_len or omni.config.llm.max_position_embeddings
+        self.defaults = server_defaults(self)
+        """GET /v1/defaults' body (fixed for the server's life)."""
 
     def check_model(self, name: str | None) -> None:
         """404 for a model this server does not serve (None or the served name are fine)."""

@@ -21,15 +21,11 @@ from bagel_serve.serving.generation import Generation, sse_events, watch_disconn
 from bagel_serve.serving.media import data_uri, encode_image, image_from_url
 from bagel_serve.serving.protocol import (CHAT_FIELDS, ChatCompletionRequest, check_prompt, image_fields, parse,
                                          read_json)
+from bagel_serve.serving.settings import MAX_IMAGES
 
 router = APIRouter()
 ENDPOINT = "chat"
 ROLES = ("system", "user", "assistant", "developer")
-
-
-MAX_IMAGES = 8
-"""Images one chat request may carry (each one becomes a ViT block of the context; a bound on the work one
-request can ask for)."""
 
 
 async def _inputs(body: ChatCompletionRequest, settings: Any) -> list[Any]:
