@@ -45,6 +45,8 @@ def test_wheel_install_runs_from_any_directory(tmp_path: Path, demo_env: dict[st
     _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], tmp_path, dict(os.environ))
     assert sorted(p.name for p in (site / "bagel_serve" / "deploy").glob("*.yaml")) == [
         "bagel.yaml", "bagel_single_stage.yaml", "bagel_think.yaml"]
+    assert sorted(p.name for p in (site / "bagel_serve" / "serving" / "static").iterdir()) == [
+        "app.js", "index.html", "style.css"]  # the playground at /
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
