@@ -393,6 +393,7 @@ async function runImage(form) {
     if (failed) throw failed;
     run.end(`${done} image${done === 1 ? "" : "s"} in ${run.seconds} s.`);
   } catch (e) {
+    $$(".slot", card).filter((s) => !$("img", s)).forEach((s) => s.remove());  // the images that never came
     run.fail(e, form, failed ? null : card);
   }
 }
