@@ -255,3 +255,23 @@ def test_with_a_key_the_page_asks_for_it(browser: Any, keyed: ServerThread) -> N
     form.find_element("css selector", "button.run").click()
     assert shown_image(page, "text2img").size == (32, 32)  # the /v1 calls carried the key
     page.execute_script("sessionStorage.clear()")
+
+
+def cancelled_image_requests(server: ServerThread) -> float:
+    line = 'bagel_serve_requests_total{endpoint="images_generations",modality="text2img",status="499"}'
+    found = [x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_stop_cancels_the_request_in_the_engine(page: Any, server: ServerThread, engine_idle: Any) -> None:
+    before = cancelled_image_requests(server)
+    form = css(page, "#form-text2img")
+    fill(form, size="32x32", num_inference_steps=1000)
+    form.find_element("css selector", "button.run").click()
+    until(page, lambda d: "Denoising: step" in css(d, "#tab-text2img .status").text)
+    css(page, "#tab-text2img button.stop").click()
+    until(page, lambda d: "Stopped after" in css(d, "#tab-text2img .status").text)
+    assert css(page, "#tab-text2img button.run").is_enabled()
+    assert not page.find_elements("css selector", "#tab-text2img .slot")  # no image will come
+    engine_idle.wait()  # its KV blocks are freed
+    assert cancelled_image_requests(server) == before + 1  # it ended as a cancelled stream, not a finished one
