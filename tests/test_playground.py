@@ -135,9 +135,9 @@ def severe_console_errors(browser: Any) -> list[str]:
 def test_page_loads_with_the_servers_defaults(page: Any, server: ServerThread) -> None:
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
-    for asset in ("app.js", "style.css"):
-        text = httpx.get(f"{server.url}/static/{asset}").text
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{asset} refers to another host"
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        text = httpx.get(server.url + path).text
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{path} refers to another host"
     assert css(page, "#model").text == NAME and css(page, "#notice").get_attribute("hidden") is not None
     defaults = httpx.get(server.url + "/v1/defaults").json()
     form = css(page, "#form-text2img")
