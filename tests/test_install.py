@@ -46,6 +46,8 @@ def test_wheel_install_runs_from_any_directory(tmp_path: Path, demo_env: dict[st
     assert sorted(p.name for p in (site / "bagel_serve" / "deploy").glob("*.yaml")) == [
         "bagel.yaml", "bagel_cfg3.yaml", "bagel_hsdp4.yaml", "bagel_single_stage.yaml", "bagel_think.yaml",
         "bagel_thinker_tp2.yaml", "bagel_tp2_vae_pp2.yaml"]
+    assert sorted(p.name for p in (site / "bagel_serve" / "serving" / "static").iterdir()) == [
+        "app.js", "index.html", "style.css"]  # the playground at /
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

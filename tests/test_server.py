@@ -9,7 +9,6 @@ import io
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,12 +21,6 @@ from bagel_serve.serving.settings import ServerSettings
 
 NAME = "bagel-test"
 SMALL = {"size": "32x32", "num_inference_steps": 3, "seed": 1}
-
-
-@pytest.fixture(scope="module")
-def omni(tiny_checkpoint: Path) -> Omni:
-    with Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml") as o:
-        yield o
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +83,25 @@ def test_models_health_version(server: ServerThread, client: openai.OpenAI) -> N
     assert error_of(httpx.get(server.url + "/v1/nothing"), 404)["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_defaults_are_what_a_request_without_them_gets(server: ServerThread, guarded: ServerThread) -> None:
+    d = httpx.get(server.url + "/v1/defaults").json()
+    assert d["model"] == NAME and d["notice"] is None  # not the demo model's name
+    assert d["edit"]["size"] == "auto" and d["limits"]["max_n"] == 10 and d["limits"]["max_images"] == 8
+    img = d["image"]
+    assert (img["num_inference_steps"], img["cfg_text_scale"], img["cfg_img_scale"], img["cfg_interval"],
+            img["cfg_renorm_type"], img["timestep_shift"]) == (50, 4.0, 1.5, [0.4, 1.0], "global", 3.0)
+    assert d["text"]["temperature"] == 0.0 and d["text"]["max_tokens"] == 1000  # greedy, max_think_tokens
+    r = httpx.post(server.url + "/v1/images/generations", timeout=60,
+                   json={"prompt": "a cat", "num_inference_steps": 2, "seed": 1})
+    assert r.json()["size"] == img["size"] == f"{d['limits']['max_image_side']}x{d['limits']['max_image_side']}"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    decoding = {k: d["text"][k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+    a = httpx.post(server.url + "/v1/chat/completions", timeout=60, json=chat)
+    b = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={**chat, **decoding})
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+    assert error_of(httpx.get(guarded.url + "/v1/defaults"), 401)["code"] == "invalid_api_key"
 
 
 # ------------------------------------------------------------------------------------------------ chat
@@ -268,16 +280,7 @@ def test_remote_image_from_an_allowed_domain(guarded: ServerThread) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def _wait(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_full_queue_is_429_at_once(server: ServerThread, omni: Omni) -> None:
+def test_full_queue_is_429_at_once(server: ServerThread, omni: Omni, engine_idle) -> None:
     orch = omni.orchestrator
     orch.max_queue = 1
     long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
@@ -293,20 +296,18 @@ def test_full_queue_is_429_at_once(server: ServerThread, omni: Omni) -> None:
             assert error_of(second, 429)["code"] == "queue_full"
     finally:
         orch.max_queue = 64
-    assert _wait(lambda: orch.in_flight == 0)
+    engine_idle.wait()
 
 
-def test_disconnect_cancels_and_frees_kv_blocks(server: ServerThread, omni: Omni) -> None:
+def test_disconnect_cancels_and_frees_kv_blocks(server: ServerThread, omni: Omni, engine_idle) -> None:
     orch = omni.orchestrator
-    idle = orch.usage()[0]["used_blocks"]
     long = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=long, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
-        assert orch.in_flight == 1 and orch.usage()[0]["used_blocks"] > idle
-    assert _wait(lambda: orch.in_flight == 0), "the request was not cancelled"
-    assert _wait(lambda: orch.usage()[0]["used_blocks"] == idle), orch.usage()
+        assert orch.in_flight == 1 and engine_idle.used_blocks() > engine_idle.blocks
+    engine_idle.wait()  # the request was cancelled and gave its blocks back
 
 
 def test_concurrent_clients_share_forwards(server: ServerThread, omni: Omni) -> None:

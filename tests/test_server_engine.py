@@ -25,12 +25,6 @@ TEXT = {"modality": "text2text", "prompt": "Hello there", "max_tokens": 12}
 IMAGE = {"modality": "text2img", "prompt": "a cat", "steps": 3, "height": 32, "width": 32, "seed": 1}
 
 
-@pytest.fixture(scope="module")
-def omni(tiny_checkpoint: Path) -> Omni:
-    with Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml") as o:
-        yield o
-
-
 def test_threads_join_one_batch(omni: Omni) -> None:
     reqs = [dict(TEXT, prompt=f"Hello #{i}") for i in range(4)] + [IMAGE]
     alone = [omni.generate([r])[0] for r in reqs]
@@ -75,24 +69,23 @@ def test_async_api(omni: Omni) -> None:
     assert tokens == ref.token_ids and kinds["output"] == 2 and kinds["progress"] == 2  # 3 steps: 2 evaluations
 
 
-def test_cancel_timeout_and_queue_bound(omni: Omni) -> None:
+def test_cancel_timeout_and_queue_bound(omni: Omni, wait_until, engine_idle) -> None:
     orch = omni.orchestrator
-    idle = orch.usage()[0]["used_blocks"]
     long = dict(TEXT, max_tokens=3000)
     events: list = []
     sub = omni.submit([long], events.append, stream=True)
-    assert _wait(lambda: any(e.kind == "token" for e in events))
-    assert orch.usage()[0]["used_blocks"] > idle
+    assert wait_until(lambda: any(e.kind == "token" for e in events))
+    assert engine_idle.used_blocks() > engine_idle.blocks
     sub.cancel()
     assert isinstance(events[-1].data, RequestCancelledError) and sub.done
-    assert _wait(lambda: orch.usage()[0]["used_blocks"] == idle)
+    engine_idle.wait()
     (late,) = orch.generate(omni.make_requests([TEXT]))  # the engine goes on
     assert late.ok
     timed: list = []
     omni.submit([long], timed.append, timeout=0.3)
-    assert _wait(lambda: timed and timed[-1].kind == "error")
+    assert wait_until(lambda: timed and timed[-1].kind == "error")
     assert isinstance(timed[-1].data, RequestTimeoutError)
-    assert _wait(lambda: orch.usage()[0]["used_blocks"] == idle and orch.in_flight == 0)
+    engine_idle.wait()
     orch.max_queue = 1
     try:
         sub = omni.submit([long], lambda e: None)
@@ -101,15 +94,6 @@ def test_cancel_timeout_and_queue_bound(omni: Omni) -> None:
         sub.cancel()
     finally:
         orch.max_queue = None
-
-
-def _wait(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_serve_command_starts_and_drains(tmp_path: Path) -> None:

@@ -37,25 +37,10 @@ load_test = _load_test_module()
 
 
 @pytest.fixture(scope="module")
-def omni(tiny_checkpoint: Path) -> Omni:
-    with Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml") as o:
-        yield o
-
-
-@pytest.fixture(scope="module")
 def server(omni: Omni) -> ServerThread:
     s = ServerThread(omni, ServerSettings(port=0, max_queue=256, request_timeout=300.0)).start()
     yield s
     s.stop()
-
-
-def _wait(cond, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_plan_covers_every_kind() -> None:
@@ -78,17 +63,14 @@ def test_a_malformed_answer_fails_the_check() -> None:
     assert load_test.check_body(q, 200, b'{"data": []}')
 
 
-def test_500_mixed_requests_at_concurrency_32(server: ServerThread, omni: Omni) -> None:
-    orch = omni.orchestrator
-    idle = orch.usage()[0]["used_blocks"]
+def test_500_mixed_requests_at_concurrency_32(server: ServerThread, engine_idle) -> None:
     report = load_test.run_load(server.url, requests=500, concurrency=32, seed=0, cancel_fraction=0.1,
                                 max_tokens=8, steps=2, timeout=300.0, deadline=DEADLINE_S)
     print("\n" + report.summary())
     assert report.lost == 0, f"{report.lost} request(s) hung past the {DEADLINE_S:g} s deadline"
     assert len(report.outcomes) == 500 and not report.failures, report.summary()
     assert sum(o.planned.cancel for o in report.outcomes) >= 30
-    assert _wait(lambda: orch.in_flight == 0), f"{orch.in_flight} request(s) still in flight"
-    assert _wait(lambda: orch.usage()[0]["used_blocks"] == idle), orch.usage()
+    engine_idle.wait()
     metrics = httpx.get(server.url + "/metrics").text
     assert 'status="499"' in metrics  # closed connections were seen as cancellations
     assert httpx.get(server.url + "/health").status_code == 200
@@ -104,7 +86,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("stage", [1, 0])
-def test_a_killed_stage_worker_fails_requests_in_flight_with_503(tiny_checkpoint: Path, stage: int) -> None:
+def test_a_killed_stage_worker_fails_requests_in_flight_with_503(tiny_checkpoint: Path, stage: int,
+                                                                  wait_until) -> None:
     """The default two-stage deploy (one process per stage) behind a real server: SIGKILL of a stage worker
     while chat and image requests (streamed and not) are in flight on both stages. Each fails with 503
     `engine_unavailable` (a stream: an error event, then [DONE]) well within the timeouts; the other worker is
@@ -150,7 +133,7 @@ def test_a_killed_stage_worker_fails_requests_in_flight_with_503(tiny_checkpoint
         for t in threads:
             t.start()
         assert started["chat"].wait(120) and started["images"].wait(120), results  # both stages are busy
-        assert _wait(lambda: omni.orchestrator.in_flight == 4), omni.orchestrator.in_flight
+        assert wait_until(lambda: omni.orchestrator.in_flight == 4, 60), omni.orchestrator.in_flight
         assert not results, "a request ended before the kill"
         os.kill(pids[stage], signal.SIGKILL)
         t0 = time.monotonic()
@@ -170,7 +153,7 @@ def test_a_killed_stage_worker_fails_requests_in_flight_with_503(tiny_checkpoint
             assert status == 200 and payloads[-1] == "[DONE]", lines[-3:]
             err = json.loads(payloads[-2])["error"]
             assert err["type"] == "service_unavailable" and err["code"] == "engine_unavailable", err
-        assert _wait(lambda: not any(_alive(p) for p in pids)), "a stage worker was left running"
+        assert wait_until(lambda: not any(_alive(p) for p in pids), 60), "a stage worker was left running"
         health = _error_of(httpx.get(url + "/health"), 503)
         assert f"stage {stage} worker" in health["message"] and health["code"] == "engine_unavailable"
         t1 = time.monotonic()

@@ -64,6 +64,17 @@ def prepare(index: int, req: Request, cfg: BagelConfig, tok: BagelTokenizer, max
     return prep
 
 
+DEFAULT_IMAGE_SIDE = 1024
+"""The side of a text2img output whose size is not given (as the official app's), capped at the model's
+maximum."""
+
+
+def default_text2img_size(cfg: BagelConfig) -> tuple[int, int]:
+    """(height, width) of a text2img output whose size is not given (the server reports it to clients)."""
+    side = min(DEFAULT_IMAGE_SIDE, cfg.max_image_side)
+    return side, side
+
+
 def _output_size(index: int, req: Request, cfg: BagelConfig, images: list[Image.Image]) -> tuple[int, int]:
     max_side = cfg.max_image_side
     for k, image in enumerate(images):  # each is VAE-encoded: its latent grid must fit the position table
@@ -71,9 +82,8 @@ def _output_size(index: int, req: Request, cfg: BagelConfig, images: list[Image.
             which = f"image {k} of inputs" if req.inputs is not None else "image"
             raise RequestError(f"request {index}: {which} resizes to {image.width}x{image.height}, above this "
                                f"model's {max_side} px maximum")
-    # text2img defaults to 1024 (capped at the model's maximum); img2img keeps the last resized input's size,
-    # as the reference's `image_shapes` does.
-    default_h, default_w = (images[-1].height, images[-1].width) if images else (min(1024, max_side),) * 2
+    # img2img keeps the last resized input's size, as the reference's `image_shapes` does.
+    default_h, default_w = (images[-1].height, images[-1].width) if images else default_text2img_size(cfg)
     height, width = req.height or default_h, req.width or default_w
     for name, v in (("height", height), ("width", width)):
         if v > max_side:

@@ -3,8 +3,9 @@
 It needs the `serve` extra (`pip install 'bagel-serve[serve]'`); the rest of the package never imports it.
 Modules: `settings` (the server's limits), `protocol` (request bodies, checked by the one validator),
 `errors` (OpenAI-style error bodies), `media` (image inputs and outputs), `generation` (running requests
-through the engine, cancelling on disconnect), `metrics`, the routes (`routes_chat`, `routes_images`,
-`routes_meta`), `app` (the application) and `run` (uvicorn, the ready line, graceful shutdown).
+through the engine, cancelling on disconnect, the server-sent events of a stream), `defaults` (GET
+/v1/defaults), `metrics`, the routes (`routes_chat`, `routes_images`, `routes_meta`), `app` (the application
+and the playground page, whose files are in `static/`) and `run` (uvicorn, the ready line, graceful shutdown).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The FastAPI application over one `Omni`: routes, the API key, body limits, CORS, error bodies, and the
-static page at `/` (served from `serving/static/` when that directory is there).
+playground page at `/` (served from `serving/static/`, shipped in the package).
 
 `build_app(omni, settings)` does not own the engine: whoever made the `Omni` shuts it down (`run.serve`
 does, after uvicorn has drained the requests in flight).
@@ -16,11 +16,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bagel_serve import __version__
 from bagel_serve.serving import routes_chat, routes_images, routes_meta
+from bagel_serve.serving.defaults import server_defaults
 from bagel_serve.serving.errors import APIError
 from bagel_serve.serving.media import ImageStore
 from bagel_serve.serving.metrics import Metrics
@@ -33,7 +35,8 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/images/generations": "images_
 
 
 class AppState:
-    """What the routes share: the engine, the settings, metrics, images kept for URL answers."""
+    """What the routes share: the engine, the settings, metrics, images kept for URL answers, the request
+    defaults."""
 
     def __init__(self, omni: Any, settings: ServerSettings, model: str) -> None:
         self.omni = omni
@@ -43,6 +46,8 @@ class AppState:
         self.images = ImageStore()
         self.started = int(time.time())
         self.max_model_len = omni.deploy_config.stage(0).max_model_len or omni.config.llm.max_position_embeddings
+        self.defaults = server_defaults(self)
+        """GET /v1/defaults' body (fixed for the server's life)."""
 
     def check_model(self, name: str | None) -> None:
         """404 for a model this server does not serve (None or the served name are fine)."""
@@ -98,18 +103,21 @@ def build_app(omni: Any, settings: ServerSettings, model: str = "") -> FastAPI:
     return app
 
 
-def _static(app: FastAPI) -> None:
-    """The page at `/` and its files at `/static/...`, when `serving/static/index.html` exists."""
-    index = STATIC_DIR / "index.html"
-    if not index.is_file():
-        return
-    from fastapi.staticfiles import StaticFiles
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'")
+"""The playground's Content-Security-Policy: its own scripts, styles and API only (nothing from elsewhere,
+no inline code); images also from data: and blob: URLs (results, previews)."""
 
+
+def _static(app: FastAPI) -> None:
+    """The playground (`serving/static/`): its page at `/`, its files at `/static/...`. Neither needs the
+    API key; every /v1 call the page makes does."""
+    index = STATIC_DIR / "index.html"
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(index)
+        return FileResponse(index, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
 
 async def _send_error(send: Send, e: APIError, headers: list[tuple[bytes, bytes]] | None = None) -> None:

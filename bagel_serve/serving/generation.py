@@ -1,13 +1,16 @@
 """One HTTP request's engine requests (its `n` choices or images), as a stream of updates for the routes:
 text deltas (think and answer apart), denoising progress, each request's end; stop strings applied; the
-requests cancelled when the client goes away (`watch_disconnect`) or the route stops reading."""
+requests cancelled when the client goes away (`watch_disconnect`) or the route stops reading. `sse_events`
+is the end of every streamed answer: the events as server-sent events, errors in the stream, `[DONE]`, and
+the request's status in the metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 from bagel_serve.engine.detokenize import TextDeltas, split_think
 from bagel_serve.engine.request import RequestOutput
@@ -139,3 +142,37 @@ async def watch_disconnect(request: Any, generation: Generation, poll_s: float =
             generation.cancel()
             return
         await asyncio.sleep(poll_s)
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_data(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return "data: " + json.dumps(payload) + "\n\n"
+
+
+async def sse_events(generation: Generation,
+                     events: AsyncGenerator[dict[str, Any] | APIError, None]) -> AsyncIterator[str]:
+    """A route's events as server-sent events, then `[DONE]`. An `APIError` among the events (one request of
+    several failed) is sent as its error body and the stream goes on; one raised ends the stream with its
+    body. Streams answer 200 before they know how they end, so the status recorded in the metrics is the
+    first error's, else 200 when the stream ran to its end, else 499 (the client left first). The engine
+    requests are cancelled, and `events` closed, however the stream ends."""
+    status: int | None = None
+    try:
+        async for ev in events:
+            if isinstance(ev, APIError):
+                status = status or ev.status
+                ev = ev.body()
+            yield sse_data(ev)
+        status = status or 200
+        yield SSE_DONE
+    except APIError as e:
+        status = e.status
+        yield sse_data(e.body())
+        yield SSE_DONE
+    finally:
+        generation.cancel()
+        generation.state.record(generation.endpoint, generation.modality, status or 499, generation.t0)
+        await events.aclose()

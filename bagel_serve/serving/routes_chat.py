@@ -9,28 +9,23 @@ every message, in order, each its own segment of the context (the edit's output 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bagel_serve.serving.errors import APIError
-from bagel_serve.serving.generation import Generation, watch_disconnect
+from bagel_serve.serving.generation import Generation, sse_events, watch_disconnect
 from bagel_serve.serving.media import data_uri, encode_image, image_from_url
 from bagel_serve.serving.protocol import (CHAT_FIELDS, ChatCompletionRequest, check_prompt, image_fields, parse,
                                          read_json)
+from bagel_serve.serving.settings import MAX_IMAGES
 
 router = APIRouter()
 ENDPOINT = "chat"
 ROLES = ("system", "user", "assistant", "developer")
-
-
-MAX_IMAGES = 8
-"""Images one chat request may carry (each one becomes a ViT block of the context; a bound on the work one
-request can ask for)."""
 
 
 async def _inputs(body: ChatCompletionRequest, settings: Any) -> list[Any]:
@@ -121,8 +116,8 @@ async def chat_completions(request: Request) -> Any:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(gen, body, rid, created, state), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse_events(gen, _stream(gen, body, rid, created, state)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     watcher = asyncio.create_task(watch_disconnect(request, gen))
     try:
         choices: dict[int, dict[str, Any]] = {}
@@ -151,46 +146,35 @@ async def chat_completions(request: Request) -> Any:
                          "choices": [choices[i] for i in sorted(choices)], "usage": usage})
 
 
-async def _stream(gen: Generation, body: ChatCompletionRequest, rid: str, created: int, state: Any) -> AsyncIterator[str]:
+async def _stream(gen: Generation, body: ChatCompletionRequest, rid: str, created: int,
+                  state: Any) -> AsyncGenerator[dict[str, Any] | APIError, None]:
     model = state.settings.served_model_name
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                      "choices": choices, **extra}) + "\n\n"
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+                **extra}
 
-    status = 499  # until the stream ends: a client that leaves early cancelled it
     completion = prompt = 0
-    try:
-        for i in range(body.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        async for up in gen.updates():
-            i = up.index
-            if up.kind == "text":
-                delta: dict[str, Any] = {}
-                if up.think:
-                    delta["reasoning_content"] = up.think
-                if up.answer:
-                    delta["content"] = up.answer
-                yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
-            elif up.kind == "failed":
-                status = up.error.status if status in (200, 499) else status
-                yield "data: " + json.dumps(up.error.body()) + "\n\n"
-            elif up.kind == "done":
-                out = up.output
-                if out.images:
-                    yield chunk([{"index": i, "delta": {"content": [_image_part(out, body)]}, "finish_reason": None}])
-                completion += len(out.token_ids)
-                prompt += gen.prompt_tokens(i)
-                yield chunk([{"index": i, "delta": {}, "finish_reason": up.finish_reason}])
-        if (body.stream_options or {}).get("include_usage"):
-            yield chunk([], usage={"prompt_tokens": prompt, "completion_tokens": completion,
-                                   "total_tokens": prompt + completion})
-        status = 200 if status == 499 else status
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        status = e.status
-        yield "data: " + json.dumps(e.body()) + "\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        gen.cancel()
-        state.record(ENDPOINT, gen.modality, status, gen.t0)
+    for i in range(body.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    async for up in gen.updates():
+        i = up.index
+        if up.kind == "text":
+            delta: dict[str, Any] = {}
+            if up.think:
+                delta["reasoning_content"] = up.think
+            if up.answer:
+                delta["content"] = up.answer
+            yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
+        elif up.kind == "failed":
+            yield up.error
+        elif up.kind == "done":
+            out = up.output
+            if out.images:
+                yield chunk([{"index": i, "delta": {"content": [_image_part(out, body)]}, "finish_reason": None}])
+            completion += len(out.token_ids)
+            prompt += gen.prompt_tokens(i)
+            yield chunk([{"index": i, "delta": {}, "finish_reason": up.finish_reason}])
+    if (body.stream_options or {}).get("include_usage"):
+        yield chunk([], usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                               "total_tokens": prompt + completion})

@@ -9,15 +9,14 @@ GET /v1/images/{id} (images answered with `response_format=url`, kept for a whil
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bagel_serve.serving.errors import APIError
-from bagel_serve.serving.generation import Generation, watch_disconnect
+from bagel_serve.serving.generation import Generation, sse_events, watch_disconnect
 from bagel_serve.serving.media import decode_image, encode_image
 from bagel_serve.serving.protocol import IMAGE_FIELDS, ImageRequest, check_prompt, coerce_form, image_fields, parse, read_json
 
@@ -64,8 +63,8 @@ async def _answer(request: Request, body: ImageRequest, image: Any, endpoint: st
     gen = Generation(state, endpoint, _engine_requests(body, image, state.settings), IMAGE_FIELDS)
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(gen, body, created, state, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse_events(gen, _stream(gen, body, created, state, request)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     watcher = asyncio.create_task(watch_disconnect(request, gen))
     data: dict[int, dict[str, Any]] = {}
     try:
@@ -82,33 +81,22 @@ async def _answer(request: Request, body: ImageRequest, image: Any, endpoint: st
                          "output_format": body.output_format, "size": f"{w}x{h}"})
 
 
-async def _stream(gen: Generation, body: ImageRequest, created: int, state: Any, request: Request) -> AsyncIterator[str]:
-    def event(kind: str, **fields: Any) -> str:
-        return "data: " + json.dumps({"type": f"image_generation.{kind}", "created_at": created, **fields}) + "\n\n"
+async def _stream(gen: Generation, body: ImageRequest, created: int, state: Any,
+                  request: Request) -> AsyncGenerator[dict[str, Any] | APIError, None]:
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": f"image_generation.{kind}", "created_at": created, **fields}
 
-    status = 499
-    try:
-        async for up in gen.updates():
-            if up.kind == "text" and up.think:
-                yield event("think_delta", index=up.index, delta=up.think)
-            elif up.kind == "progress":
-                done, total = up.progress
-                yield event("progress", index=up.index, step=done, total_steps=total)
-            elif up.kind == "failed":
-                status = up.error.status if status == 499 else status
-                yield "data: " + json.dumps(up.error.body()) + "\n\n"
-            elif up.kind == "done":
-                yield event("completed", index=up.index, output_format=body.output_format,
-                            **_datum(state, body, up.output, gen.deltas[up.index].text[0], request))
-        status = 200 if status == 499 else status
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        status = e.status
-        yield "data: " + json.dumps(e.body()) + "\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        gen.cancel()
-        state.record(gen.endpoint, gen.modality, status, gen.t0)
+    async for up in gen.updates():
+        if up.kind == "text" and up.think:
+            yield event("think_delta", index=up.index, delta=up.think)
+        elif up.kind == "progress":
+            done, total = up.progress
+            yield event("progress", index=up.index, step=done, total_steps=total)
+        elif up.kind == "failed":
+            yield up.error
+        elif up.kind == "done":
+            yield event("completed", index=up.index, output_format=body.output_format,
+                        **_datum(state, body, up.output, gen.deltas[up.index].text[0], request))
 
 
 @router.post("/v1/images/generations")

@@ -1,4 +1,4 @@
-"""GET /v1/models (and /v1/models/{id}), /health, /version, /metrics."""
+"""GET /v1/models (and /v1/models/{id}), /v1/defaults (`serving.defaults`), /health, /version, /metrics."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     state = request.app.state.bagel
     state.check_model(model_id)
     return _model_card(state)
+
+
+@router.get("/v1/defaults")
+async def defaults(request: Request) -> dict[str, Any]:
+    return request.app.state.bagel.defaults
 
 
 @router.get("/health")

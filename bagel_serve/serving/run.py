@@ -53,7 +53,7 @@ def serve(omni: Any, settings: ServerSettings, model: str, *, log_level: str = "
     """Serve until a signal, then drain and shut the engine down; returns the exit status."""
     app = build_app(omni, settings, model)
     line = (f"bagel-serve ready: {model} as {settings.served_model_name!r} on http://{settings.host}:{{port}} "
-            f"(OpenAI API at /v1; Ctrl-C to stop)")
+            f"(OpenAI API at /v1, playground at /; Ctrl-C to stop)")
     server = _Server(_config(app, settings, log_level), line)
     try:
         server.run()

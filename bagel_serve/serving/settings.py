@@ -12,6 +12,9 @@ DEFAULT_MAX_PIXELS = 1024 * 1024
 MAX_N = 10
 """Most choices / images one HTTP request may ask for (OpenAI's bound)."""
 MAX_PROMPT_CHARS = 65536
+MAX_IMAGES = 8
+"""Images one chat request may carry (each one becomes a ViT block of the context; a bound on the work one
+request can ask for)."""
 MAX_REMOTE_REDIRECTS = 3
 REMOTE_FETCH_TIMEOUT_S = 10.0
 IMAGE_URL_TTL_S = 600.0
