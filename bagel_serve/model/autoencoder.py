@@ -65,8 +65,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One name per step, so each full-size intermediate is freed as soon as the next exists: at the
+        # 1024x1024 levels (512 MB a tensor in float32) at most x, a conv's input and its output are alive.
         h = self.conv1(_swish_(self.norm1(x)))
-        h = self.conv2(_swish_(self.norm2(h)))
+        h = _swish_(self.norm2(h))
+        h = self.conv2(h)
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return h.add_(x)
