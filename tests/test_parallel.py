@@ -7,12 +7,16 @@ rank: the same tokens, latents within float32 rounding (a sharded or split forwa
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from bagel_serve import Omni
+from bagel_serve.pipeline.orchestrator import WorkerDiedError
 from test_golden_parity import GOLDEN, TOL, case, image_diff, kwargs_to_request, rel
 
 TEXT = ["t2t_greedy_0", "img2text_rgb"]
@@ -63,9 +67,10 @@ LAYOUTS: dict[str, tuple[str | list[str], str | None, list[str]]] = {
     "bagel_tp2_vae_pp2.yaml": ("bagel_tp2_vae_pp2.yaml", None, TEXT + IMAGE),
     "bagel_thinker_tp2.yaml": ("bagel_thinker_tp2.yaml", None, ["t2t_greedy_0", "img2img"]),
     "bagel_cfg3.yaml": ("bagel_cfg3.yaml", None, IMAGE),
-    "bagel_hsdp4.yaml": ("bagel_hsdp4.yaml", None, ["img2text_rgb", "t2i_64x64"]),
-    "cfg2": ([_stage("0,1", cfg_parallel_size=2)], "bagel_single_stage", ["t2i_64x64", "img2img"]),
-    "hsdp2": ([_stage("0,1", use_hsdp=True, hsdp_shard_size=2)], "bagel_single_stage", ["t2t_greedy_0", "img2img"]),
+    "bagel_hsdp4.yaml": ("bagel_hsdp4.yaml", None, ["t2i_64x64"]),
+    # CFG parallel 2 (img2img: three branches on two ranks) with HSDP shard 2 over the same two ranks.
+    "cfg2_hsdp2": ([_stage("0,1", cfg_parallel_size=2, use_hsdp=True, hsdp_shard_size=2)], "bagel_single_stage",
+                   ["t2t_greedy_0", "t2i_64x64", "img2img"]),
     "thinker_tp1_dit_tp2": ([_stage("0"), _stage("0,1", tensor_parallel_size=2)], None, ["t2i_64x64"]),
 }
 
@@ -78,29 +83,20 @@ def test_layout_reproduces_the_goldens_and_one_rank(layout: str, single: dict[st
     try:
         assert omni.topology["worker_backend"] == "process"
         _check(omni, names, single)
+        if layout == "thinker_tp1_dit_tp2":
+            _kill_a_rank(omni)
     finally:
         omni.shutdown()
 
-def test_a_killed_rank_fails_the_stage_at_once(tmp_path: Path) -> None:
-    """A rank that dies (here: rank 1 of a TP-2 stage, idle) takes its stage down: the engine's health says
-    which rank, and a request fails with WorkerDiedError instead of waiting on a collective for ever."""
-    import os
-    import signal
-    import time
 
-    from bagel_serve.pipeline.orchestrator import WorkerDiedError
-
-    omni = Omni(GOLDEN / "checkpoint", device="cpu", dtype=torch.float32,
-                deploy_config=_yaml(tmp_path, "tp2", _stage("0,1", tensor_parallel_size=2),
-                                    pipeline="bagel_single_stage"))
-    try:
-        follower = omni.orchestrator.transport.rank_procs[0][1]
-        os.kill(follower.pid, signal.SIGKILL)
-        follower.wait(timeout=10)
-        assert "rank 1" in (omni.orchestrator.health() or "")
-        t0 = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="stage 0 worker"):
-            omni.generate([{"prompt": "hello", "modality": "text2text", "max_tokens": 4}])
-        assert time.monotonic() - t0 < 10
-    finally:
-        omni.shutdown()
+def _kill_a_rank(omni: Omni) -> None:
+    """A rank that dies (rank 1 of the DiT stage, idle) takes its stage down: the engine's health names the
+    rank, and a request fails with WorkerDiedError at once instead of waiting on a collective for ever."""
+    follower = omni.orchestrator.transport.rank_procs[1][1]
+    os.kill(follower.pid, signal.SIGKILL)
+    follower.wait(timeout=10)
+    assert "rank 1" in (omni.orchestrator.health() or "")
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="stage 1 worker"):
+        omni.generate([kwargs_to_request(case("t2i_64x64")[0])])
+    assert time.monotonic() - t0 < 10
