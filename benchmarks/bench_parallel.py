@@ -60,6 +60,7 @@ import json
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -288,7 +289,7 @@ class Bench:
         if not self.wanted(name):
             self.res[name] = "skipped (--only / --skip)"
         elif need > self.gpus:
-            self.res[name] = f"skipped: needs {need} GPUs, {self.gpus} visible"
+            self.res[name] = f"skipped: needs {need} GPUs, this run has {self.gpus}"
         elif self.a.deadline_s and elapsed + estimate > self.a.deadline_s:
             self.res[name] = (f"skipped: at {elapsed:.0f} s its ~{estimate} s would pass the "
                               f"{self.a.deadline_s:.0f} s deadline")
@@ -478,6 +479,16 @@ def machine(b: Bench) -> None:
     got = spawn(allreduce_rank, b.gpus, (_free_port(), b.device, b.sz.allreduce_mib), timeout_s=120)
     res["allreduce_mib"] = b.sz.allreduce_mib
     res.update(got[0])
+
+
+def _commit() -> str:
+    """The checkout's commit (what the numbers are of), or why it is not known."""
+    try:
+        got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return got.stdout.strip() if got.returncode == 0 else "unknown (not a git checkout)"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({_error(e)})"
 
 
 def _free_port() -> int:
@@ -751,12 +762,13 @@ def main() -> None:
     sz = SMOKE if a.smoke else FULL
     if a.deadline_s is None:
         a.deadline_s = 0.0 if a.smoke else 560.0
-    visible = torch.cuda.device_count() if not a.smoke else 2
-    gpus = min(a.gpus, visible) if a.gpus and not a.smoke else (a.gpus or visible)
+    visible = (a.gpus or 2) if a.smoke else torch.cuda.device_count()
+    gpus = min(a.gpus, visible) if a.gpus else visible
     b = Bench(a, sz, gpus)
     b.res.update(header() if not a.smoke else {"device": "cpu (smoke)", "torch": torch.__version__,
                                                "date": time.strftime("%Y-%m-%d")})
-    b.res.update(smoke=a.smoke, gpus=gpus, side=sz.side, steps=sz.steps, reps=sz.reps,
+    b.res.update(command=" ".join(sys.argv), commit=_commit(), smoke=a.smoke, gpus=gpus, visible_gpus=visible,
+                 side=sz.side, steps=sz.steps, reps=sz.reps,
                  memory_sampling=b.mem.error or "nvidia-smi memory.used every 50 ms, every process on the GPU")
     tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
     if a.smoke:
