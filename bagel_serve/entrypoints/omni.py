@@ -199,12 +199,12 @@ class Omni:
                                         progress=progress, timeout=timeout)
 
     def stream(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,
-               progress: bool = True, timeout: float | None = None) -> AsyncStream:
-        """The async API, streaming: `async with omni.stream(req) as s: async for ev in s: ...` yields token,
-        progress, output and error events (`Event.kind`) as they come; leaving the block early cancels
-        what is pending. Call it inside a running event loop."""
+               progress: bool = True, timeout: float | None = None, tokens: bool = True) -> AsyncStream:
+        """The async API, streaming: `async with omni.stream(req) as s: async for ev in s: ...` yields token
+        (with `tokens`), progress, output and error events (`Event.kind`) as they come; leaving the block
+        early cancels what is pending. Call it inside a running event loop."""
         reqs = self.make_requests(requests)
-        return AsyncStream(lambda sink: self.orchestrator.submit(reqs, sink, timed=self._timed, stream=True,
+        return AsyncStream(lambda sink: self.orchestrator.submit(reqs, sink, timed=self._timed, stream=tokens,
                                                                  progress=progress, timeout=timeout))
 
     async def agenerate(self, requests: Request | dict[str, Any] | Iterable[Request | dict[str, Any]], *,

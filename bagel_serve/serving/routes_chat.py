@@ -112,7 +112,8 @@ async def chat_completions(request: Request) -> Any:
     state.check_model(body.model)
     items = await _inputs(body, state.settings)
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    gen = Generation(state, ENDPOINT, _engine_requests(body, items, state.settings), CHAT_FIELDS, stop=stops)
+    gen = Generation(state, ENDPOINT, _engine_requests(body, items, state.settings), CHAT_FIELDS, stop=stops,
+                     tokens=bool(body.stream))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:

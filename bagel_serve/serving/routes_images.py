@@ -60,7 +60,8 @@ def _datum(state: Any, body: ImageRequest, out: Any, think: str, request: Reques
 async def _answer(request: Request, body: ImageRequest, image: Any, endpoint: str) -> Any:
     state = request.app.state.bagel
     state.check_model(body.model)
-    gen = Generation(state, endpoint, _engine_requests(body, image, state.settings), IMAGE_FIELDS)
+    gen = Generation(state, endpoint, _engine_requests(body, image, state.settings), IMAGE_FIELDS,
+                     tokens=bool(body.stream))
     created = int(time.time())
     if body.stream:
         return StreamingResponse(sse_events(gen, _stream(gen, body, created, state, request)),
@@ -72,7 +73,7 @@ async def _answer(request: Request, body: ImageRequest, image: Any, endpoint: st
             if up.kind == "failed":
                 raise up.error
             if up.kind == "done":
-                data[up.index] = _datum(state, body, up.output, gen.deltas[up.index].text[0], request)
+                data[up.index] = _datum(state, body, up.output, gen.final_text(up.index, up.output)[0], request)
                 w, h = up.output.images[0].size
     finally:
         watcher.cancel()
