@@ -14,8 +14,9 @@ Loads (the full-size random checkpoint, bundled `bagel_single_stage.yaml`, decod
 Each load runs through `Omni.generate` (one call holding every request: the engine batches them in one
 submission) and through HTTP: `serving.run.ServerThread`, i.e. `serving.app.build_app(omni, settings)` under
 uvicorn with `bagel-serve serve`'s uvicorn config and its default `ServerSettings` (max_queue 256, max_pixels
-1024², request timeout 600 s), on 127.0.0.1 in a thread of this process, driven by one `httpx.AsyncClient`
-with every request in flight at once, non-streaming (POST /v1/chat/completions, POST /v1/images/generations).
+1024², request timeout 600 s), on 127.0.0.1 in a thread of this process, driven by one `httpx.AsyncClient` in a
+process of its own (as real clients are: a client in the server's process would take the interpreter lock
+from the engine's thread while it reads 64 answers) with every request in flight at once, non-streaming (POST /v1/chat/completions, POST /v1/images/generations).
 The server runs, idle, during the engine's runs too. Every HTTP answer is checked (status 200, one choice or
 image, the assistant message, `usage`, a token count within `max_tokens`, a decodable PNG of the asked size);
 `*_problems` lists what was wrong (empty: all well formed) and `chat_http_tokens_equal_omni` counts the
@@ -48,7 +49,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
+import multiprocessing
 import json
 import statistics
 import tempfile
@@ -196,6 +199,12 @@ async def _post_all(client: Any, url: str, bodies: list[dict[str, Any]]) -> tupl
     return out, wall
 
 
+def in_client_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a fresh process: the HTTP client apart from the server and the engine."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
 def http_runs(url: str, warm: list[dict[str, Any]], measured: list[dict[str, Any]]) -> tuple[list, float]:
     """One warm-up load (answers checked for status only), then the measured one, on one client."""
     async def main() -> tuple[list, float]:
@@ -315,7 +324,7 @@ def chat_http(b: Bench) -> None:
     sz, res = b.sz, b.res
     url = b.server.url + "/v1/chat/completions"
     bodies = [b.chat_body(i) for i in range(sz.chats)]
-    answers, t = http_runs(url, bodies, bodies)
+    answers, t = in_client_process(http_runs, url, bodies, bodies)
     problems, tokens, texts = chat_problems(answers, sz.max_tokens)
     toks = sum(tokens)
     res.update(chat_http_s=t, chat_http_tokens=toks, chat_http_tok_s=toks / t,
@@ -334,7 +343,8 @@ def chat_http(b: Bench) -> None:
 
 def chat_stream(b: Bench) -> None:
     sz, res = b.sz, b.res
-    got, t = stream_run(b.server.url + "/v1/chat/completions", [b.chat_body(i, stream=True) for i in range(sz.chats)])
+    got, t = in_client_process(stream_run, b.server.url + "/v1/chat/completions",
+                               [b.chat_body(i, stream=True) for i in range(sz.chats)])
     ttfts = [g["ttft"] for g in got if g["ttft"] is not None]
     problems = [p for g in got for p in g["problems"]]
     toks = sum(g["tokens"] for g in got)
@@ -363,7 +373,7 @@ def images_http(b: Bench) -> None:
     sz, res = b.sz, b.res
     url = b.server.url + "/v1/images/generations"
     warm = [b.image_body(i, 2) for i in range(sz.images)]
-    answers, t = http_runs(url, warm, [b.image_body(i, b.a.image_steps) for i in range(sz.images)])
+    answers, t = in_client_process(http_runs, url, warm, [b.image_body(i, b.a.image_steps) for i in range(sz.images)])
     problems = image_problems(answers, sz.side)
     res.update(images_http_s=t, images_http_images_s=sz.images / t, images_http_well_formed=not problems,
                images_http_problems=problems[:8])
