@@ -307,11 +307,20 @@ def image_problems(answers: list[tuple[int, Any]], side: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------- sections
+def engine_stats(stats: list, prefix: str) -> dict[str, Any]:
+    """What the engine did for a load: packed forwards, the most requests in one, seconds per phase (the
+    same load should give the same numbers through either path)."""
+    st = stats[0]
+    return {f"{prefix}_forwards": st.forwards, f"{prefix}_max_batch_requests": st.max_batch_requests,
+            **{f"{prefix}_{phase}_s": round(sec, 3) for phase, sec in st.phase_s.items()}}
+
+
 def chat_omni(b: Bench) -> None:
     sz, res = b.sz, b.res
     reqs = [b.chat_engine(i) for i in range(sz.chats)]
     b.generate(reqs)
     outs, t = b.wall(lambda: b.generate(reqs))
+    res.update(engine_stats(b.omni.stage_stats, "chat_omni"))  # this generate call's
     b.omni_tokens = [len(o.token_ids) for o in outs]
     b.omni_texts = [o.text for o in outs]
     toks = sum(b.omni_tokens)
@@ -324,7 +333,24 @@ def chat_http(b: Bench) -> None:
     sz, res = b.sz, b.res
     url = b.server.url + "/v1/chat/completions"
     bodies = [b.chat_body(i) for i in range(sz.chats)]
-    answers, t = in_client_process(http_runs, url, bodies, bodies)
+    in_client_process(http_runs, url, bodies, [])
+    b.omni.orchestrator.collect_stats()  # counting starts again
+    orch = b.omni.orchestrator
+    submits: list[float] = []
+    submit = orch.submit
+
+    def timed_submit(*a: Any, **k: Any) -> Any:
+        submits.append(time.perf_counter())
+        return submit(*a, **k)
+
+    orch.submit = timed_submit
+    try:
+        answers, t = in_client_process(http_runs, url, [], bodies)
+    finally:
+        del orch.submit
+    res.update(engine_stats(orch.collect_stats(), "chat_http"))
+    if submits:  # when the requests reached the engine (the client's process starts first: ~1-2 s)
+        res.update(chat_http_submit_spread_s=submits[-1] - submits[0])
     problems, tokens, texts = chat_problems(answers, sz.max_tokens)
     toks = sum(tokens)
     res.update(chat_http_s=t, chat_http_tokens=toks, chat_http_tok_s=toks / t,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.request import make_request
 from bagel_serve.engine.scheduler import SchedulerConfig
 from bagel_serve.engine.sequence import DECODE_STEPS
-from bagel_serve.engine.stage_engine import Engine, Stage
+from bagel_serve.engine.stage_engine import GATHER_MAX_S, GATHER_QUIET_S, Engine, Stage
 from bagel_serve.model.layout import TextPiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,30 @@ def test_new_request_joins_running_decodes(single: Omni) -> None:
         engine.step()
         results.update({rid: res for rid, res, _ in engine.pop_finished()})
     assert results[1].token_ids == single.generate([b])[0].token_ids
+
+
+def test_an_idle_engine_gathers_a_burst_before_its_first_step(single: Omni) -> None:
+    """A driving loop holds an idle engine's first step while requests keep arriving less than
+    GATHER_QUIET_S apart (never longer than GATHER_MAX_S), so a burst prefills in one forward; a running
+    engine, or one that does not gather (the ranks of a multi-rank stage), never holds."""
+    engine = Engine(single.stage)
+    req = {"modality": "text2text", "prompt": "hi", "max_tokens": 2}
+    engine.add_request(0, make_request(req, 0))
+    assert engine.hold_s() == 0.0  # gathers is off by default
+    engine.gathers = True
+    assert 0.0 < engine.hold_s() <= GATHER_QUIET_S
+    time.sleep(GATHER_QUIET_S)
+    assert engine.hold_s() == 0.0  # the burst is over
+    engine.add_request(1, make_request(req, 1))
+    assert engine.hold_s() > 0.0
+    engine.scheduler.waiting[0].queued_at -= GATHER_MAX_S  # the first arrival came long ago
+    assert engine.hold_s() == 0.0
+    engine.step()
+    engine.add_request(2, make_request(req, 2))
+    assert engine.running and engine.hold_s() == 0.0  # requests joining a running engine never wait
+    while engine.has_work():
+        engine.step()
+    assert len(engine.pop_finished()) == 3
 
 
 def test_streaming_tokens(single: Omni) -> None:

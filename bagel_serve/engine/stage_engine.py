@@ -99,6 +99,15 @@ def release_contexts(h: Any) -> None:
                 c.release()
 
 
+GATHER_QUIET_S = 0.003
+"""While an engine is idle, requests that arrive less than this apart are gathered into its first forward
+(`Engine.hold_s`): a burst of HTTP requests reaches the engine over a hundred milliseconds or more, one every
+few milliseconds, and starting on the first alone splits the burst's prefill over several forwards, with the
+early requests' decode rows run eagerly inside them."""
+GATHER_MAX_S = 0.25
+"""The longest an idle engine holds its first forward for a burst still arriving."""
+
+
 class Engine:
     """One scheduler loop over one stage. Not thread-safe: drive it from one thread."""
 
@@ -113,6 +122,9 @@ class Engine:
         self.stats = RunStats()
         self.on_denoise_step: Callable[[int], None] | None = None
         """Called with a request's id after each denoising step that ran a forward for it (progress)."""
+        self.gathers = False
+        """Whether the loop driving this engine holds an idle engine's first step for a burst of arrivals
+        (`hold_s`). The ranks of a multi-rank stage never do: they must step at the same points."""
         self._next_id = 0
         self._bars: dict[str, tqdm] = {}
 
@@ -144,6 +156,16 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def hold_s(self) -> float:
+        """Seconds the driving loop should wait (for more arrivals) before the next `step`; 0: step now.
+        Only an idle engine (nothing running) with `gathers` holds, while requests keep arriving less than
+        GATHER_QUIET_S apart, and for at most GATHER_MAX_S after the first of them."""
+        waiting = self.scheduler.waiting
+        if not self.gathers or self.scheduler.running or not waiting:
+            return 0.0
+        until = min(waiting[-1].queued_at + GATHER_QUIET_S, waiting[0].queued_at + GATHER_MAX_S)
+        return max(0.0, until - time.perf_counter())
 
     def cancel(self, rid: int, error: BaseException) -> bool:
         """End a waiting or running request now with `error` (its program is closed, which drops its contexts

@@ -116,6 +116,7 @@ class StageWorker:
         self.stage_id = setup.stage
         self.stage = stage
         self.engine = Engine(stage, setup.scheduler, progress=progress)
+        self.engine.gathers = setup.ranks is None
         self.engine.on_denoise_step = self._denoised
         self._send = send
         self.codec = codec

@@ -87,7 +87,7 @@ def serve(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
         if was_busy and not worker.busy and shares_gpu:
             torch.cuda.empty_cache()
         was_busy = worker.busy
-        wait = 0.0 if worker.busy else setup.batch_timeout
+        wait = worker.engine.hold_s() if worker.busy else setup.batch_timeout
         try:
             while conn.poll(wait):
                 msg = conn.recv()
@@ -99,7 +99,7 @@ def serve(link: _Link, setup: StageSetup, worker: StageWorker) -> None:
             return  # the parent closed the connection
         if os.getppid() != parent:
             return  # orphaned
-        if worker.busy:
+        if worker.busy and worker.engine.hold_s() == 0:
             worker.step()
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from bagel_serve.config.sampling import MAX_STEPS, MAX_TOKENS_LIMIT, RENORM_TYPES, SEED_MAX
-from bagel_serve.config.validate import ValidationError, build, opt
+from bagel_serve.config.validate import ValidationError, build, opt, type_hints
 from bagel_serve.serving.errors import APIError, bad_field
 from bagel_serve.serving.settings import MAX_N, MAX_PROMPT_CHARS
 
@@ -98,7 +98,7 @@ def coerce_form(cls: type, form: Mapping[str, str]) -> dict[str, Any]:
     `cfg_interval` as "low,high" or a JSON list."""
     import json
 
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     out: dict[str, Any] = {}
     for key, raw in form.items():
         tp = hints.get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections import deque
 from typing import Any
 
@@ -53,7 +54,11 @@ class InlineTransport:
                 while inbox:
                     w.handle(inbox.popleft())
                 if w.busy:
-                    w.step()
+                    hold = w.engine.hold_s()
+                    if hold > 0:  # a burst is still arriving: let the submitting threads run
+                        time.sleep(min(hold, 0.001))
+                    else:
+                        w.step()
         return self._outbox.popleft() if self._outbox else None
 
     def name(self, stage: int) -> str:
