@@ -48,10 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from common import (engine_warmup_s, fp8_gemm_tflops, free_device, header, machine_ceilings, median_s, parser,
-                    psnr_db, rel_l2, report, sustained_gemm_tflops, timed_on)
+from common import (engine_warmup_s, fp8_gemm_tflops, free_device, generate, header, input_image, machine_ceilings,
+                    median_s, parser, psnr_db, rel_l2, report, sustained_gemm_tflops, timed_on)
 from PIL import Image
 
 from bagel_serve import Omni
@@ -100,20 +99,6 @@ def t2i(side: int, steps: int, prompt: str = PROMPT, seed: int = 0, **extra: Any
 def i2i(image: Image.Image, steps: int, **extra: Any) -> dict[str, Any]:
     return {"modality": "img2img", "prompt": EDIT, "image": image, "steps": steps, "seed": 0, "cfg_img_scale": 2.0,
             "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel", "return_latents": True, **extra}
-
-
-def input_image(side: int) -> Image.Image:
-    """A deterministic random RGB image: the img2img input."""
-    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB")
-
-
-def generate(omni: Omni, reqs: list[dict[str, Any]]) -> list:
-    """omni.generate, raising the first failed request's error (generate keeps going past failures)."""
-    outs = omni.generate(reqs)
-    for o in outs:
-        if not o.ok:
-            raise o.error
-    return outs
 
 
 class Bench:

@@ -6,8 +6,11 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def timed(fn):
@@ -199,3 +202,17 @@ def _attr(obj, name: str):
         return getattr(obj, name, None)
     except Exception:
         return None
+
+
+def input_image(side: int) -> Image.Image:
+    """A deterministic random RGB image: the img2img input of the benches."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB")
+
+
+def generate(omni: Any, reqs: list[dict[str, Any]]) -> list:
+    """omni.generate, raising the first failed request's error (generate keeps going past failures)."""
+    outs = omni.generate(reqs)
+    for o in outs:
+        if not o.ok:
+            raise o.error
+    return outs

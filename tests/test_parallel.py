@@ -24,7 +24,7 @@ IMAGE = ["t2i_64x64", "img2img", "interleave_edit_2img"]
 
 
 def _stage(devices: str, **keys: object) -> str:
-    lines = [f"  - stage_id: {{id}}", f'    devices: "{devices}"', "    max_num_seqs: 8"]
+    lines = ["  - stage_id: {id}", f'    devices: "{devices}"', "    max_num_seqs: 8"]
     lines += [f"    {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()]
     return "\n".join(lines)
 

@@ -35,17 +35,12 @@ Constraints:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-
-if TYPE_CHECKING:  # the model is above this package: only its type is named here
-    from bagel_serve.model.bagel import Bagel
 
 REPLICATE_DIM = "replicate"
 SHARD_DIM = "shard"
@@ -104,7 +99,7 @@ def _move_all_but(module: nn.Module, keep: nn.Module, device: torch.device) -> N
         _move_all_but(child, keep, device)
 
 
-def shard_decoder_layers(model: Bagel, mesh: DeviceMesh, *, prefetch: bool = False) -> None:
+def shard_decoder_layers(model: nn.Module, mesh: DeviceMesh, *, prefetch: bool = False) -> None:
     """Shard the LLM's decoder layers over `mesh` (FSDP2, one unit per layer) and move the rest of `model`
     to the mesh's device, in place. Call it on every rank of the mesh, after loading (and quantising):
     FSDP shards the parameters as they are then.
@@ -144,7 +139,7 @@ def weight_bytes_per_rank(module: nn.Module) -> int:
     return sum(_local_bytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
-def unsharded_layer_bytes(model: Bagel) -> int:
+def unsharded_layer_bytes(model: nn.Module) -> int:
     """Bytes of the largest decoder layer with all its weights: the extra device memory a forward gathers
     (twice this with `prefetch`)."""
     return max(sum(p.numel() * p.element_size() for p in layer.parameters())

@@ -15,10 +15,15 @@ import sees it.
 
 Workers send a heartbeat every second from a thread of their own, so a stopped or hung worker is told from a
 busy one (`request_timeout`).
+
+A stage of several ranks (tensor or CFG parallelism, HSDP) gets one worker per rank, each with the stage's
+setup for its own rank and no weights (each loads its own, `pipeline.ranks`); the stage's messages go to
+rank 0 only, which passes them on. The stage counts as exited as soon as any of its ranks has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import multiprocessing
@@ -114,7 +119,8 @@ class ProcessTransport:
         """Send a worker its setup and model, then forward what it sends until it closes (the other ranks of
         a multi-rank stage send only a fatal error, and heartbeats)."""
         try:
-            with self._send_locks[stage] if conn is self._conns[stage] else threading.Lock():
+            # Rank 0's connection also carries the stage's messages (under its lock); another rank's only this.
+            with self._send_locks[stage] if conn is self._conns[stage] else contextlib.nullcontext():
                 conn.send(payload)
         except (OSError, EOFError, ValueError):
             return  # it died; `exited` says how
