@@ -21,6 +21,8 @@ from test_golden_parity import GOLDEN, TOL, case, image_diff, kwargs_to_request,
 
 TEXT = ["t2t_greedy_0", "img2text_rgb"]
 IMAGE = ["t2i_64x64", "img2img", "interleave_edit_2img"]
+SEER = "img2img"
+"""The case also run with TaylorSeer: under CFG parallelism each rank must still cache every branch."""
 
 
 def _stage(devices: str, **keys: object) -> str:
@@ -42,9 +44,16 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One rank's outputs of every case (the reference the layouts must match)."""
     omni = Omni(GOLDEN / "checkpoint", device="cpu", dtype=torch.float32, deploy_config="bagel_single_stage.yaml")
     try:
-        return {name: omni.generate([kwargs_to_request(case(name)[0])])[0] for name in TEXT + IMAGE}
+        outs = {name: omni.generate([kwargs_to_request(case(name)[0])])[0] for name in TEXT + IMAGE}
+        outs["taylorseer"] = omni.generate([_with_taylorseer(SEER)])[0]
+        return outs
     finally:
         omni.shutdown()
+
+
+def _with_taylorseer(name: str) -> dict:
+    # 12 steps: past TaylorSeer's first five full ones, so that most are predicted.
+    return {**kwargs_to_request(case(name)[0]), "enable_taylorseer": True, "steps": 12}
 
 
 def _check(omni: Omni, names: list[str], single: dict[str, object]) -> None:
@@ -60,6 +69,10 @@ def _check(omni: Omni, names: list[str], single: dict[str, object]) -> None:
         assert rel(out.latents, g["final_latent_packed"]) < TOL, name
         assert rel(out.latents, one.latents) < TOL, name
         assert image_diff(out.images[0], g["image_uint8"]) <= 1, name
+    if SEER in names and omni.deploy_config.stage(omni.pipeline.num_stages - 1).cfg_parallel_size > 1:
+        # TaylorSeer predicts most steps from cached hidden rows: every rank must hold every branch's.
+        (out,) = omni.generate([_with_taylorseer(SEER)])
+        assert rel(out.latents, single["taylorseer"].latents) < TOL
 
 
 LAYOUTS: dict[str, tuple[str | list[str], str | None, list[str]]] = {
