@@ -16,7 +16,7 @@ from bagel_serve.config.engine_options import EngineOptions
 from bagel_serve.engine.kv_budget import GRAPH_RESERVE_BYTES, OTHER_PROCESS_RESERVE_BYTES, cpu_blocks, cuda_blocks
 from bagel_serve.engine.request import make_request
 from bagel_serve.pipeline import placement
-from bagel_serve.pipeline.placement import ray_bundles, stage_devices, stage_setups
+from bagel_serve.pipeline.placement import WeightSource, ray_bundles, stage_devices, stage_setups
 
 GIB = 2**30
 GPU0, GPU1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -80,6 +80,24 @@ def test_who_owns_the_cache() -> None:
     # Ray actors each load the weights and copy hand-offs by value.
     r0, r1 = stage_setups(PIPE, BAGEL, opts, GPU0, backend="ray")
     assert (r0.utilization, r0.borrows_cache, r0.to_cpu, r1.borrows_cache) == (0.45, False, True, False)
+
+
+def test_a_multi_rank_stage_takes_its_share_of_each_gpu_it_shares() -> None:
+    """A Thinker of two ranks on GPUs 0 and 1 and a DiT on GPU 0: each has its own weights and cache on GPU 0,
+    so neither takes the whole default share there; stage 0's ranks load their own weights and copy hand-offs."""
+    raw = copy.deepcopy(BAGEL.raw)
+    for st in raw["stages"]:
+        del st["gpu_memory_utilization"]
+    raw["stages"][0].update(devices="0,1", tensor_parallel_size=2)
+    deploy = parse_deploy_config(raw)
+    weights = WeightSource("/ckpt", torch.bfloat16)
+    s0, s1 = stage_setups(PIPE, deploy, EngineOptions(), GPU0, backend="process", weights=weights)
+    assert (s0.num_ranks, s0.rank_devices, s0.weights, s0.lend, s0.to_cpu) == (2, ("cuda:0", "cuda:1"), weights, False, True)
+    assert s0.for_rank(1).device == "cuda:1" and s0.for_rank(1).ranks.rank == 1
+    assert s0.utilization == s1.utilization == 0.9 / 2
+    assert (s1.borrows_cache, s1.lend, s1.num_ranks) == (False, False, 1)
+    with pytest.raises(ValueError, match="worker processes"):
+        stage_setups(PIPE, deploy, EngineOptions(), GPU0, backend="inline", weights=weights)
 
 
 def test_inline_stages_share_one_cache_and_ledger(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -170,6 +170,10 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
         raise ValueError("stages of several ranks run as worker processes (worker_backend process) that load "
                          "their own weights")
     numerics = Numerics.here()
+    # On CUDA, how many stages compute on each GPU: a GPU one stage's rank shares with another stage splits
+    # the default memory share between them.
+    ids = [deploy.stage(s).device_ids if model_device.type == "cuda" else [0] for s in range(n)]
+    users = {d: sum(1 for t in range(n) if d in ids[t]) for d in {d for i in ids for d in i}}
     setups = []
     for s, dev in enumerate(devices):
         st = deploy.stage(s)
@@ -180,16 +184,18 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                 stage=s, num_stages=n, device=rank_devices[0], numerics=numerics,
                 batch_timeout=float(options.batch_timeout),
                 scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens), kv_blocks=st.kv_cache_blocks,
-                utilization=st.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+                utilization=(st.gpu_memory_utilization or
+                             DEFAULT_GPU_MEMORY_UTILIZATION / max(users[d] for d in ids[s])),
                 decodes=pipeline.stages[s].kind == "ar" or n == 1, denoises=pipeline.stages[s].kind == "diffusion",
                 enable_prefix_caching=deploy.prefix_caching_enabled(s), enforce_eager=st.enforce_eager or layout.use_hsdp,
                 max_model_len=st.max_model_len, env=dict(st.env), vae_tiling=st.vae_tiling_enabled, ranks=layout,
                 rank_devices=rank_devices, weights=weights, to_cpu=True))
             continue
         peers = [t for t in range(n) if devices[t] == dev and layouts[t] is None]
+        sharing = max(len(peers), users[ids[s][0]])  # with a multi-rank stage's rank on this GPU too
         shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
-        pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers) for x in shares))
-        own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / len(peers)
+        pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing for x in shares))
+        own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing
         role = pipeline.stages[s]
         # A stage that sets its own thread count keeps it rather than copying ours.
         own_threads = dataclasses.replace(numerics, num_threads=None) if "OMP_NUM_THREADS" in st.env else numerics
