@@ -48,8 +48,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_option: bool = Tru
                         "on CUDA, fp32 on the CPU)")
     g.add_argument("--worker-backend", default=None, choices=WORKER_BACKENDS,
                    help="where the stages run: one process per stage of a two-stage pipeline (process; a single "
-                        "stage runs in this process), every stage in this process (inline), or one Ray actor per "
-                        "stage (ray, needs the ray extra) (default: process)")
+                        "stage of one rank runs in this process; a stage of several ranks, one process per rank), "
+                        "every stage in this process (inline), or one Ray actor per stage (ray, needs the ray "
+                        "extra; stages of one rank only) (default: process)")
     g.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (auto, ray://host:port); implies --worker-backend ray "
                         "(default: none; ray starts a local cluster)")
