@@ -113,3 +113,13 @@ def _kill_a_rank(omni: Omni) -> None:
     with pytest.raises(WorkerDiedError, match="stage 1 worker"):
         omni.generate([kwargs_to_request(case("t2i_64x64")[0])])
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("backend", ["inline", "ray"])
+def test_a_stage_of_several_ranks_needs_worker_processes(backend: str) -> None:
+    from bagel_serve.config.engine_options import EngineOptionError
+
+    with pytest.raises(EngineOptionError, match=rf"worker_backend={backend}: a stage of several ranks .* ranks per "
+                                                 r"stage \[2\]\) .* use worker_backend process"):
+        Omni(GOLDEN / "checkpoint", device="cpu", dtype=torch.float32, deploy_config="bagel_tp2_vae_pp2.yaml",
+             worker_backend=backend)
