@@ -107,8 +107,9 @@ class ModelRunner:
     def execute(self, works: list[Work]) -> list[Any]:
         """Run one forward over the works (see `_forward`). Under CFG parallelism this rank runs only the
         denoising works of its CFG branches (and every work of no branch); the branch works' results are
-        then summed over the CFG ranks, each computed on exactly one and zero on the others, so every rank
-        returns every result, bit for bit what one rank computing all of them returns."""
+        then summed over the CFG ranks, each computed on exactly one and zero on the others: every rank
+        returns every result, the same on all of them (and what one rank computing them all returns, up to
+        the rounding of a forward packing fewer branches)."""
         size = ps.cfg_world_size()
         if size == 1 or all(w.cfg_branch is None for w in works):
             return self._forward(works)

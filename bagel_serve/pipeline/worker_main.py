@@ -152,7 +152,7 @@ def main() -> None:
         setup.numerics.apply()  # the stage's env was this process's from its start (backends.process)
         tok = BagelTokenizer(tokenizer_dir)
         if setup.ranks is not None:
-            from bagel_serve.pipeline.ranks import join_stage
+            from bagel_serve.pipeline.ranks import join_stage  # FSDP's import is slow: only ranks pay it
 
             model, vae = join_stage(setup)
         stage_obj = build_stage(setup, model, vae, tok)
