@@ -74,6 +74,8 @@ def _worker(rank: int, world: int, store: str, ckpt: str, shard: int, replicate:
         loaded = load_model(ckpt, device="cpu")
         model, ref = loaded.model, copy.deepcopy(loaded.model)
         layers = model.language_model.model.layers
+        sharded = [layers, model.language_model.model.embed_tokens, model.language_model.lm_head]
+        full_sharded = sum(weight_bytes_per_rank(m) for m in sharded)
         full_layers = weight_bytes_per_rank(layers)
         full_total = weight_bytes_per_rank(model)
         gathered = unsharded_layer_bytes(model)
@@ -83,15 +85,17 @@ def _worker(rank: int, world: int, store: str, ckpt: str, shard: int, replicate:
         assert mesh.ndim == (1 if replicate == 1 else 2)
         shard_decoder_layers(model, mesh, prefetch=prefetch)
 
-        # Only the decoder layers are sharded, each rank holds exactly its 1/shard of them (every sharded
-        # dimension of the golden config divides by 2), and the full tensors they were cut from are gone.
-        assert all(isinstance(p, DTensor) for p in layers.parameters())
-        rest = [p for n, p in model.named_parameters() if not n.startswith("language_model.model.layers.")]
+        # Only the decoder layers, the token embedding and the LM head are sharded, each rank holds exactly
+        # its 1/shard of them (every sharded dimension of the golden config divides by 2), and the full
+        # tensors they were cut from are gone.
+        assert all(isinstance(p, DTensor) for m in sharded for p in m.parameters())
+        prefixes = ("language_model.model.layers.", "language_model.model.embed_tokens.", "language_model.lm_head.")
+        rest = [p for n, p in model.named_parameters() if not n.startswith(prefixes)]
         assert rest and not any(isinstance(p, DTensor) for p in rest)
         gc.collect()
         assert all(r() is None for r in originals)
         assert weight_bytes_per_rank(layers) * shard == full_layers
-        assert weight_bytes_per_rank(model) == full_total - full_layers + full_layers // shard
+        assert weight_bytes_per_rank(model) == full_total - full_sharded + full_sharded // shard
         assert unsharded_layer_bytes(model) == gathered
 
         # Inside a layer's forward its linears see the gathered full weight as a plain tensor.
@@ -108,8 +112,8 @@ def _worker(rank: int, world: int, store: str, ckpt: str, shard: int, replicate:
         full_shapes = {(torch.nn.Parameter, tuple(m.weight.shape)) for m in ref_probes}
         assert seen and set(seen) == full_shapes
         # Resharded after every forward: nothing gathered is left behind.
-        assert all(isinstance(p, DTensor) for p in layers.parameters())
-        assert weight_bytes_per_rank(model) == full_total - full_layers + full_layers // shard
+        assert all(isinstance(p, DTensor) for m in sharded for p in m.parameters())
+        assert weight_bytes_per_rank(model) == full_total - full_sharded + full_sharded // shard
 
         if replicate > 1:
             # A shard size of 1 shards nothing (FSDP2's one-rank path cannot run under inference_mode).

@@ -6,8 +6,8 @@ bf16). `shard_decoder_layers` splits every layer's parameters over the `shard` r
 weights and its post-forward hook frees them again (`reshard_after_forward=True`), so a rank holds its
 1/shard of every layer plus one layer in full (two with `prefetch`). On a 2-D mesh ("replicate", "shard")
 the layers are sharded within each row of ranks and replicated across rows (HSDP); a 1-D mesh is plain
-FSDP. Everything else (embeddings, final norms, LM head, ViT, connector, embedders; the VAE is separate)
-stays whole on every rank. The model code does not change: a linear's `quant_method.apply` reads
+FSDP. The token embedding and the LM head are sharded the same way (a unit each); everything else (final
+norms, ViT, connector, embedders, position tables; the VAE is separate) stays whole on every rank. The model code does not change: a linear's `quant_method.apply` reads
 `layer.weight` inside the layer's forward, where FSDP has registered the gathered tensor, so the math (and,
 on the CPU, every bit of the result) is that of the unsharded model.
 
@@ -119,8 +119,15 @@ def shard_decoder_layers(model: nn.Module, mesh: DeviceMesh, *, prefetch: bool =
         return
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    replicated = {p for name, p in lm.named_parameters() if not name.startswith("layers.")}
+    # The token embedding and the LM head (1.1 GB each in BAGEL-7B's bf16) are sharded too, each its own
+    # unit: left whole they would keep a shard-4 rank above 30 % of the weights.
+    fully_shard(lm.embed_tokens, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model.language_model.lm_head, mesh=mesh, reshard_after_forward=True)
+    replicated = {p for name, p in lm.named_parameters() if not name.startswith(("layers.", "embed_tokens."))}
     fully_shard(lm, mesh=mesh, reshard_after_forward=True, ignored_params=replicated)
+    # The engine calls the embedding before (outside) the root's forward: initialise the root now, so that
+    # the embedding is one of its units rather than a root of its own.
+    lm._get_fsdp_state()._lazy_init()
     if prefetch:
         for layer, following in zip(layers, layers[1:]):
             layer.set_modules_to_forward_prefetch([following])
