@@ -4,8 +4,8 @@ The parent starts one worker process per rank (the same entry point as every sta
 the stage's setup with its rank. A rank joins the stage's process groups, seeds its RNGs with the stage's
 seed, and loads the weights itself: under tensor parallelism only its slices of the projections, the
 embedding and the LM head (the ViT, the connector, the embedders and the VAE whole: they are small next to
-the LLM and run once per image); under HSDP the whole model on the CPU, whose decoder layers are then
-sharded over the ranks; under CFG parallelism alone the whole model.
+the LLM and run once per image); under HSDP the whole model on the CPU, whose decoder layers, embedding and
+LM head are then sharded over the ranks; under CFG parallelism alone the whole model.
 """
 
 from __future__ import annotations
