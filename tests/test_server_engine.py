@@ -69,6 +69,26 @@ def test_async_api(omni: Omni) -> None:
     assert tokens == ref.token_ids and kinds["output"] == 2 and kinds["progress"] == 2  # 3 steps: 2 evaluations
 
 
+def test_a_stream_without_tokens_brings_only_progress_and_outputs(omni: Omni) -> None:
+    """What a non-streamed HTTP answer asks for: the engine sends no event per token (only the outputs, and
+    denoising progress), and the outputs are the same."""
+    (ref,) = omni.generate([TEXT])
+
+    async def main():
+        kinds: dict[str, int] = {}
+        outs = []
+        async with omni.stream([TEXT, IMAGE], tokens=False) as events:
+            async for ev in events:
+                kinds[ev.kind] = kinds.get(ev.kind, 0) + 1
+                if ev.kind == "output":
+                    outs.append(ev.data)
+        return kinds, outs
+
+    kinds, outs = asyncio.run(main())
+    assert kinds == {"output": 2, "progress": 2}
+    assert [o.token_ids for o in outs if o.modality == "text2text"] == [ref.token_ids]
+
+
 def test_cancel_timeout_and_queue_bound(omni: Omni, wait_until, engine_idle) -> None:
     orch = omni.orchestrator
     long = dict(TEXT, max_tokens=3000)
