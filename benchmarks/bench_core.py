@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
-from pathlib import Path
 
 import torch
 from bench_serving import device_used_gib, prompt_of
-from common import header, machine_ceilings, parser, report, timed
+from common import bench_checkpoint, header, machine_ceilings, parser, report, timed
 
 from bagel_serve import Omni
-from bagel_serve.testing.checkpoint import write_checkpoint
 
 SINGLE, TWO = "bagel_single_stage.yaml", "bagel.yaml"
 STAGE0 = {"max_num_seqs": 256, "enforce_eager": False}  # the limits this engine runs with (decode graphs on)
@@ -62,11 +59,9 @@ def main() -> None:
     res = header()
     res.update(machine_ceilings())
     print("ceilings", res, flush=True)
-    if a.write:
-        t0 = time.perf_counter()
-        write_checkpoint(a.ckpt, "full", device="cuda", shard_bytes=4 * 2**30,
-                         tokenizer_dir=Path(a.tokenizer_dir) if a.tokenizer_dir else None)
-        res["write_s"] = time.perf_counter() - t0
+    write_s = bench_checkpoint(a)
+    if write_s is not None:
+        res["write_s"] = write_s
 
     # Timings come from untimed runs (per-phase timing synchronises the device at every forward); the phases
     # come from one more run of the same requests with timing on.

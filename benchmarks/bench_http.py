@@ -62,12 +62,11 @@ from typing import Any, Callable
 
 import torch
 from bench_serving import prompt_of
-from common import free_device, header, parser, report
+from common import bench_checkpoint, free_device, header, parser, report
 from PIL import Image
 
 from bagel_serve import Omni
 from bagel_serve.serving import require_server_dependencies
-from bagel_serve.testing.checkpoint import write_checkpoint
 
 SINGLE = "bagel_single_stage.yaml"
 STAGE0 = {"max_num_seqs": 256, "enforce_eager": False, "kv_cache_blocks": 4096}
@@ -457,14 +456,10 @@ def main() -> None:
     b.res.update(smoke=a.smoke, chat_requests=sz.chats, chat_prompt_tokens=sz.prompt_tokens,
                  chat_max_tokens=sz.max_tokens, image_requests=sz.images, image_side=sz.side,
                  image_steps=a.image_steps)
-    tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
-    if a.smoke:
-        scratch = tempfile.TemporaryDirectory(prefix="bench-http-")  # removed when the run ends
-        a.ckpt = str(write_checkpoint(Path(scratch.name) / "ckpt", "tiny", tokenizer_dir=tok))
-    elif a.write:
-        t0 = time.perf_counter()
-        write_checkpoint(a.ckpt, "full", device="cuda", shard_bytes=4 * 2**30, tokenizer_dir=tok)
-        b.res["write_s"] = time.perf_counter() - t0
+    scratch = tempfile.TemporaryDirectory(prefix="bench-http-")  # removed when the run ends
+    write_s = bench_checkpoint(a, Path(scratch.name))
+    if write_s is not None:
+        b.res["write_s"] = write_s
     start(b)
     b.save()
     try:

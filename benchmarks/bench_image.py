@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from common import (engine_warmup_s, fp8_gemm_tflops, free_device, generate, header, input_image, machine_ceilings,
-                    median_s, parser, psnr_db, rel_l2, report, sustained_gemm_tflops, timed_on)
+from common import (bench_checkpoint, engine_warmup_s, fp8_gemm_tflops, free_device, generate, header, input_image,
+                    machine_ceilings, median_s, parser, psnr_db, rel_l2, report, sustained_gemm_tflops, timed_on)
 from PIL import Image
 
 from bagel_serve import Omni
-from bagel_serve.testing.checkpoint import write_checkpoint
 
 SINGLE = "bagel_single_stage.yaml"
 STAGE0 = {"max_num_seqs": 256, "enforce_eager": False}  # the limits this engine runs with (decode graphs on)
@@ -313,15 +312,11 @@ def main() -> None:
                                                      "date": time.strftime("%Y-%m-%d")})
     b.res.update(smoke=a.smoke, sizes=[sz.big, sz.small], steps=[sz.steps, sz.small_steps], kv_cache_blocks=KV_BLOCKS)
     ceilings(b)
-    tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
-    if a.smoke:
-        scratch = tempfile.TemporaryDirectory(prefix="bench-image-")  # removed when the run ends
-        a.ckpt = str(write_checkpoint(Path(scratch.name) / "ckpt", "tiny", tokenizer_dir=tok))
-    elif a.write:
-        t0 = time.perf_counter()
-        write_checkpoint(a.ckpt, "full", device="cuda", shard_bytes=4 * 2**30, tokenizer_dir=tok)
-        b.res["write_s"] = time.perf_counter() - t0
-        print(f"[{time.perf_counter() - b.t0:6.1f} s] checkpoint written in {b.res['write_s']:.1f} s", flush=True)
+    scratch = tempfile.TemporaryDirectory(prefix="bench-image-")  # removed when the run ends
+    write_s = bench_checkpoint(a, Path(scratch.name))
+    if write_s is not None:
+        b.res["write_s"] = write_s
+        print(f"[{time.perf_counter() - b.t0:6.1f} s] checkpoint written in {write_s:.1f} s", flush=True)
     b.save()
 
     omni = b.load("bf16")

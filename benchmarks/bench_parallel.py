@@ -73,8 +73,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from bench_serving import prompt_of
-from common import (free_device, generate, header, input_image, machine_ceilings, median_s, rel_l2,
-                    sustained_gemm_tflops, timed_on)
+from common import (bench_checkpoint, free_device, generate, header, input_image, machine_ceilings, median_s,
+                    rel_l2, sustained_gemm_tflops, timed_on)
 from PIL import Image
 
 from bagel_serve import Omni
@@ -82,7 +82,7 @@ from bagel_serve.config.model_config import AutoEncoderParams
 from bagel_serve.engine.kv_cache import BLOCK_SIZE, KVCache
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
 from bagel_serve.model.loader import read_config
-from bagel_serve.testing.checkpoint import preset_config, write_checkpoint
+from bagel_serve.testing.checkpoint import preset_config
 
 PROMPT = "A cute cat sitting on a windowsill at sunset."
 EDIT = "Make it look like a watercolor painting and add a red umbrella."
@@ -756,14 +756,10 @@ def main() -> None:
     b.res.update(command=" ".join(sys.argv), commit=_commit(), smoke=a.smoke, gpus=gpus, visible_gpus=visible,
                  side=sz.side, steps=sz.steps, reps=sz.reps,
                  memory_sampling=b.mem.error or "nvidia-smi memory.used every 50 ms, every process on the GPU")
-    tok = Path(a.tokenizer_dir) if a.tokenizer_dir else None
-    if a.smoke:
-        a.ckpt = str(write_checkpoint(b.tmp / "ckpt", "tiny", tokenizer_dir=tok))
-    elif a.write:
-        t0 = time.perf_counter()
-        write_checkpoint(a.ckpt, "full", device="cuda", shard_bytes=4 * 2**30, tokenizer_dir=tok)
-        b.res["write_s"] = time.perf_counter() - t0
-        b.log(f"checkpoint written in {b.res['write_s']:.1f} s")
+    write_s = bench_checkpoint(a, b.tmp)
+    if write_s is not None:
+        b.res["write_s"] = write_s
+        b.log(f"checkpoint written in {write_s:.1f} s")
     b.save()
     blocks = sz.kv_blocks
     try:

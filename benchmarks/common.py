@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bagel_serve.testing.checkpoint import write_checkpoint
+
 
 def timed(fn):
     """(result, seconds, peak GiB allocated by this process) of fn(), with the device synchronised."""
@@ -216,3 +218,17 @@ def generate(omni: Any, reqs: list[dict[str, Any]]) -> list:
         if not o.ok:
             raise o.error
     return outs
+
+
+def bench_checkpoint(args: argparse.Namespace, scratch: Path | None = None) -> float | None:
+    """Point `args.ckpt` at the checkpoint the run uses: with `--smoke` a tiny one written under `scratch`,
+    with `--write` the full-size one written to `--ckpt` on the GPU (returns the seconds that took), else
+    `--ckpt` as given. `--tokenizer-dir` gives the Qwen tokenizer files either writes."""
+    tok = Path(args.tokenizer_dir) if args.tokenizer_dir else None
+    if getattr(args, "smoke", False) and scratch is not None:
+        args.ckpt = str(write_checkpoint(scratch / "ckpt", "tiny", tokenizer_dir=tok))
+    elif args.write:
+        t0 = time.perf_counter()
+        write_checkpoint(args.ckpt, "full", device="cuda", shard_bytes=4 * 2**30, tokenizer_dir=tok)
+        return time.perf_counter() - t0
+    return None
