@@ -177,25 +177,6 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
     setups = []
     for s, dev in enumerate(devices):
         st = deploy.stage(s)
-        if layouts[s] is not None:
-            # A stage of several ranks keeps its own cache on each rank and copies hand-offs both ways.
-            layout, rank_devices = layouts[s]
-            setups.append(StageSetup(
-                stage=s, num_stages=n, device=rank_devices[0], numerics=numerics,
-                batch_timeout=float(options.batch_timeout),
-                scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens), kv_blocks=st.kv_cache_blocks,
-                utilization=(st.gpu_memory_utilization or
-                             DEFAULT_GPU_MEMORY_UTILIZATION / max(users[d] for d in ids[s])),
-                decodes=pipeline.stages[s].kind == "ar" or n == 1, denoises=pipeline.stages[s].kind == "diffusion",
-                enable_prefix_caching=deploy.prefix_caching_enabled(s), enforce_eager=st.enforce_eager or layout.use_hsdp,
-                max_model_len=st.max_model_len, env=dict(st.env), vae_tiling=st.vae_tiling_enabled, ranks=layout,
-                rank_devices=rank_devices, weights=weights, to_cpu=True))
-            continue
-        peers = [t for t in range(n) if devices[t] == dev and layouts[t] is None]
-        sharing = max(len(peers), users[ids[s][0]])  # with a multi-rank stage's rank on this GPU too
-        shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
-        pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing for x in shares))
-        own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing
         role = pipeline.stages[s]
         # A stage that sets its own thread count keeps it rather than copying ours.
         own_threads = dataclasses.replace(numerics, num_threads=None) if "OMP_NUM_THREADS" in st.env else numerics
@@ -206,6 +187,21 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
                       enforce_eager=st.enforce_eager, vae_tiling=st.vae_tiling_enabled,
                       max_model_len=st.max_model_len, env=dict(st.env))
+        if layouts[s] is not None:
+            # A stage of several ranks keeps its own cache on each rank and copies hand-offs both ways; HSDP
+            # runs eager (graphs cannot capture its all-gathers).
+            layout, rank_devices = layouts[s]
+            share = st.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION / max(users[d] for d in ids[s])
+            setups.append(StageSetup(**{**common, "device": rank_devices[0],
+                                        "enforce_eager": st.enforce_eager or layout.use_hsdp},
+                                     utilization=share, ranks=layout, rank_devices=rank_devices, weights=weights,
+                                     to_cpu=True))
+            continue
+        peers = [t for t in range(n) if devices[t] == dev and layouts[t] is None]
+        sharing = max(len(peers), users[ids[s][0]])  # with a multi-rank stage's rank on this GPU too
+        shares = [deploy.stage(t).gpu_memory_utilization for t in peers]
+        pooled = min(1.0, sum(x if x is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing for x in shares))
+        own = st.gpu_memory_utilization if st.gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION / sharing
         if backend == "ray":
             setups.append(StageSetup(**common, utilization=own, to_cpu=True))
         elif backend == "process":
