@@ -441,3 +441,56 @@ def test_shutdown_leaves_no_worker(proc: Omni) -> None:
     with pytest.raises(EngineShutDownError, match="engine is shut down"):
         proc.generate([CASES["text2text"]])
     proc.shutdown()
+
+
+class _GoneTransport:
+    """Two stages: stage 0's worker has just been killed (its connection is broken), stage 1 sends it a
+    "release" through the parent."""
+
+    codec = IpcCodec
+    num_stages = 2
+
+    def __init__(self) -> None:
+        self.outbox = deque([("ready", 0, 1, None), ("ready", 1, 2, None)])
+        self.dead = False
+        self.stopped = False
+
+    def send(self, stage: int, msg: tuple) -> None:
+        if stage == 0:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def recv(self, timeout: float) -> tuple | None:
+        if self.outbox:
+            return self.outbox.popleft()
+        time.sleep(min(timeout, 0.01))
+        return None
+
+    def name(self, stage: int) -> str:
+        return f"stage {stage} worker (pid {stage + 1})"
+
+    def exited(self, stage: int) -> str | None:
+        return "exited with code -9" if stage == 0 and self.dead else None
+
+    def heartbeats(self) -> bool:
+        return False
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.stopped = True
+
+
+def test_a_message_to_a_dead_worker_fails_as_a_dead_worker_not_a_broken_pipe() -> None:
+    """The parent routes a message to a worker that was just killed: the broken pipe is reported as that
+    worker's death (WorkerDiedError naming it, once its exit shows), for the caller and for the engine loop
+    alike — not as "the engine loop failed: BrokenPipeError"."""
+    t = _GoneTransport()
+    orch = Orchestrator(PIPELINES["bagel"], lambda i, r: None, t, init_timeout=5.0)
+    t.dead = True
+    t.outbox.append(("release", 1, (0, 0), None))
+    with pytest.raises(WorkerDiedError, match=r"stage 0 worker \(pid 1\) exited with code -9"):
+        orch._receive(0.5)
+    assert t.stopped and orch.is_shut_down
+    t2 = _GoneTransport()
+    orch2 = Orchestrator(PIPELINES["bagel"], lambda i, r: None, t2, init_timeout=5.0)
+    with pytest.raises(WorkerDiedError, match=r"stage 0 worker \(pid 1\) could not be reached \(BrokenPipeError"):
+        orch2.usage()  # the exit never shows: still a dead worker, named
+    assert not orch2._asks  # the failed ask does not linger

@@ -193,7 +193,7 @@ class Orchestrator:
                 self._ensure_loop()
         with self._send_lock:
             for i, blob in enumerate(blobs):
-                self._transport.send(0, ("request", None, (sub.batch, i), blob))
+                self._send(0, ("request", None, (sub.batch, i), blob))
         return sub
 
     def cancel(self, sub: Submission, index: int | None = None, error: BaseException | None = None) -> None:
@@ -212,7 +212,7 @@ class Orchestrator:
                     while len(self._cancelled) > 10_000:
                         self._cancelled.popitem(last=False)
                     for s in range(self._transport.num_stages):
-                        self._transport.send(s, ("cancel", None, key, None))
+                        self._send(s, ("cancel", None, key, None))
         for i in chosen:
             _deliver(sub, Event("error", i, error or RequestCancelledError(f"request {i} was cancelled")))
 
@@ -274,9 +274,14 @@ class Orchestrator:
             key = (kind, self._batch)
             self._asks[key] = ask
             self._ensure_loop()
-        with self._send_lock:
-            for s in range(n):
-                self._transport.send(s, (kind, None, key, None))
+        try:
+            with self._send_lock:
+                for s in range(n):
+                    self._send(s, (kind, None, key, None))
+        except WorkerDiedError:
+            with self._lock:
+                self._asks.pop(key, None)
+            raise
         ask.done.wait()
         if ask.error is not None:
             raise ask.error
@@ -399,13 +404,22 @@ class Orchestrator:
                     _deliver(sub, Event("token", i, tok))
             _deliver(sub, Event("output", i, out))
 
-    def _await_dead_peer(self) -> None:
-        """A stage could not receive another's message: if that sender died, say so for every request in
-        flight (WorkerDiedError, the server's 503) rather than fail this one request on its own. Its exit may
-        show a moment after the broken connection did."""
+    def _send(self, stage: int, msg: tuple) -> None:
+        """A message to a stage's worker (the caller holds the send lock). A connection that is gone is a
+        dead worker: WorkerDiedError naming it (the server's 503), never a broken pipe."""
+        try:
+            self._transport.send(stage, msg)
+        except (OSError, EOFError) as e:
+            self._await_dead_peer(f"a message to stage {stage} was being sent")
+            raise WorkerDiedError(f"{self._transport.name(stage)} could not be reached ({describe(e)})") from None
+
+    def _await_dead_peer(self, what: str = "a hand-off was in flight") -> None:
+        """A stage could not receive another's message, or we could not send one: if that worker died, say so
+        for every request in flight (WorkerDiedError, the server's 503) rather than fail this one request on
+        its own. Its exit may show a moment after the broken connection did."""
         end = time.monotonic() + PEER_EXIT_WAIT_S
         while True:
-            self._check_workers(self._awaiting() or "a hand-off was in flight")
+            self._check_workers(self._awaiting() or what)
             if time.monotonic() >= end:
                 return
             time.sleep(POLL_S / 5)
@@ -436,10 +450,10 @@ class Orchestrator:
             if kind in _TRANSPORT_ONLY:
                 to = stage + 1 if kind == "handoff" else stage - 1
                 with self._send_lock:
-                    t.send(to, msg)
+                    self._send(to, msg)
                     if kind == "handoff" and msg[2] in self._cancelled:  # cancelled on its way: end it there too
                         del self._cancelled[msg[2]]
-                        t.send(to, ("cancel", None, msg[2], None))
+                        self._send(to, ("cancel", None, msg[2], None))
             elif kind != "alive":
                 return msg
             if time.monotonic() >= deadline:
