@@ -184,3 +184,72 @@ def test_split_group_norm_matches_torch():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # A wrong grouping would not pass: 16 groups of 4 channels normalise differently.
     assert (group_norm_split(x, 16, w, b, 1e-6) - want).abs().max() > 1e-2
+
+
+def test_memory_bounded_paths_decode_the_same(ae: AutoEncoder, components: dict[str, torch.Tensor],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's memory bounds (attention queries in chunks, the upsampling convolutions in bands of rows),
+    forced on at this small size, decode what the whole-tensor paths decode (float32 sums may differ in the
+    last bits: other matmul and convolution shapes); a band or chunk placed wrong would be far off."""
+    from bagel_serve.model import autoencoder as A
+
+    z = components["vae_decode_input_z"]
+    with torch.no_grad():
+        whole = ae.decode(z)
+        monkeypatch.setattr(A, "ATTN_SCORES_BYTES", 1000)
+        monkeypatch.setattr(A, "UPSAMPLE_BAND_BYTES", 4096)
+        bounded = ae.decode(z)
+    torch.testing.assert_close(bounded, whole, rtol=1e-5, atol=1e-5)
+    assert max_abs_uint8(bounded, whole) <= 1
+
+
+def max_abs_uint8(a: torch.Tensor, b: torch.Tensor) -> int:
+    return uint8_diff(decoded_to_uint8(a)[0], decoded_to_uint8(b)[0])[0]
+
+
+def test_banded_upsample_reads_the_right_rows() -> None:
+    """Every band of the banded upsample convolution, including the first and last (the image's zero padding),
+    is the whole convolution's rows, for bands that split the rows evenly or not."""
+    from bagel_serve.model.autoencoder import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(8)
+    x = torch.randn(2, 8, 21, 12)
+    with torch.no_grad():
+        want = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        for bands in (2, 3, 5, 10, 21):
+            torch.testing.assert_close(up._banded(x, bands), want, rtol=1e-6, atol=1e-6)
+
+
+def test_inplace_group_norm_writes_the_same_values() -> None:
+    from bagel_serve.model.autoencoder import group_norm_split
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64, 6, 5, generator=g)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    want = group_norm_split(x, 32, w, b, 1e-6)
+    y = x.clone()
+    assert group_norm_split(y, 32, w, b, 1e-6, out=y) is y
+    assert torch.equal(y, want)
+
+
+def test_a_consuming_block_computes_the_same_and_frees_its_input(ae: AutoEncoder) -> None:
+    """A channel-changing block that may consume its input gives the same values as one that keeps it, and
+    leaves the input's memory released; a block that keeps its channels never touches its input."""
+    block = ae.decoder.up[0].block[0]
+    assert block.in_channels != block.out_channels
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, block.in_channels, 6, 4, generator=g)
+    with torch.no_grad():
+        want = block(x.clone())
+        y = x.clone()
+        got = block(y, consume=True)
+    assert torch.equal(got, want)
+    assert y.untyped_storage().nbytes() == 0
+    same = ae.decoder.up[0].block[1]
+    assert same.in_channels == same.out_channels
+    h = torch.randn(1, same.in_channels, 6, 4, generator=g)
+    keep = h.clone()
+    with torch.no_grad():
+        same(h, consume=True)
+    assert torch.equal(h, keep)

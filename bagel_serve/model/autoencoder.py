@@ -17,14 +17,17 @@ from bagel_serve.config.model_config import VAE_NORM_GROUPS, AutoEncoderParams
 _EPS = 1e-6
 
 
-def group_norm_split(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def group_norm_split(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Group norm of (B, C, H, W) from one split-reduction pass for the statistics and one fused pass for the
-    output (x * scale + shift per channel)."""
+    output (x * scale + shift per channel), written into `out` when given (it may be `x` itself)."""
     b, c = x.shape[:2]
     var, mean = torch.var_mean(x.view(b, groups, -1), dim=-1, correction=0, keepdim=True)
     scale = torch.rsqrt(var + eps) * weight.view(1, groups, c // groups)  # (b, groups, c / groups)
     shift = bias.view(1, groups, c // groups) - mean * scale
-    return torch.addcmul(shift.view(b, c, 1, 1), x, scale.view(b, c, 1, 1))
+    if out is None:
+        return torch.addcmul(shift.view(b, c, 1, 1), x, scale.view(b, c, 1, 1))
+    return torch.addcmul(shift.view(b, c, 1, 1), x, scale.view(b, c, 1, 1), out=out)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -33,10 +36,12 @@ class GroupNorm(nn.GroupNorm):
     the whole card (3.9 ms against 0.64 ms per norm on an H200, the same statistics to 4e-6). The CPU keeps
     torch's kernel, which the parity suite holds to the reference."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """`inplace`: on the GPU, write the result over `x` (the caller's last use of it), which keeps one
+        full-size tensor fewer alive; the values are the same either way."""
         if x.device.type != "cuda" or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
-        return group_norm_split(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_split(x, self.num_groups, self.weight, self.bias, self.eps, out=x if inplace else None)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -64,15 +69,32 @@ class ResnetBlock(nn.Module):
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One name per step, so each full-size intermediate is freed as soon as the next exists: at the
-        # 1024x1024 levels (512 MB a tensor in float32) at most x, a conv's input and its output are alive.
-        h = self.conv1(_swish_(self.norm1(x)))
-        h = _swish_(self.norm2(h))
-        h = self.conv2(h)
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return h.add_(x)
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """`consume`: x is the previous layer's output and nothing reads it after this block. A block that
+        changes the channel count then takes its shortcut first, normalises x in place and releases x's memory
+        once conv1 has read it (the caller's reference is left empty). The decoder's peak is the first block of
+        its 1024x1024 level (256 -> 128 channels): x is 1 GiB in float32, and x, its norm (or, normalised in
+        place, the shortcut, conv1's and conv2's outputs) alive together made 2.5 GiB; now at most x, the
+        shortcut and conv1's output are (2 GiB). Same operations, same values."""
+        reshapes = self.in_channels != self.out_channels
+        if reshapes:
+            shortcut = self.nin_shortcut(x)
+            h = self.norm1(x, inplace=consume)
+        else:
+            shortcut = x
+            h = self.norm1(x)
+        h = self.conv1(_swish_(h))
+        if consume and reshapes and x._base is None and x.untyped_storage().nbytes() == x.numel() * x.element_size():
+            x.untyped_storage().resize_(0)
+        h = self.conv2(_swish_(self.norm2(h, inplace=True)))
+        return h.add_(shortcut)
+
+
+ATTN_SCORES_BYTES = 256 * 2**20
+"""Most float32 attention scores an `AttnBlock` holds at once; above it the queries go in chunks. The block
+attends with one 512-wide head in float32, for which torch's attention materialises the scores: at a 1024x1024
+image (16,384 latent positions) 1 GiB of scores and 1 GiB of their softmax at once, the decoder's peak
+(2.47 GiB above the weights on an H200) before it was chunked."""
 
 
 class AttnBlock(nn.Module):
@@ -94,7 +116,13 @@ class AttnBlock(nn.Module):
             return t.reshape(b, 1, c, hh * ww).transpose(2, 3)
 
         q, k, v = tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h))
-        out = F.scaled_dot_product_attention(q, k, v)
+        n = hh * ww
+        rows = max(1, ATTN_SCORES_BYTES // (b * n * q.element_size()))
+        if rows >= n:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # each query's softmax is its own: chunks of queries give the same rows
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a : a + rows], k, v) for a in range(0, n, rows)],
+                            dim=2)
         out = out.transpose(2, 3).reshape(b, c, hh, ww)
         return x + self.proj_out(out)
 
@@ -109,13 +137,38 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
+UPSAMPLE_BAND_BYTES = 256 * 2**20
+"""Largest upsampled tensor an `Upsample` builds whole; above it the upsampled rows are built and convolved in
+bands. At a 1024x1024 image the last upsample's input is 256 channels at 512x512: whole, its 1 GiB upsampled
+copy and the 1 GiB convolution output were alive together (2.25 GiB with the input)."""
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, c, h, w = x.shape
+        bands = min(h, -(-(4 * x.numel() * x.element_size()) // UPSAMPLE_BAND_BYTES))
+        if bands <= 1:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self._banded(x, bands)
+
+    def _banded(self, x: torch.Tensor, bands: int) -> torch.Tensor:
+        """conv(upsample(x)) a band of output rows at a time: each band convolves the upsampled rows it reads
+        (one more above and below, zeros at the image's edges as the padding gives) with no vertical padding.
+        Every output is the same sum as the whole convolution's, up to the order cuDNN adds in (float32)."""
+        b, c, h, w = x.shape
+        out = torch.empty((b, self.conv.out_channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
+        bounds = [h * i // bands for i in range(bands + 1)]  # input rows; output rows are twice these
+        for lo, hi in zip(bounds, bounds[1:]):
+            a, z = max(lo - 1, 0), min(hi + 1, h)
+            up = F.interpolate(x[:, :, a:z], scale_factor=2.0, mode="nearest")
+            up = up[:, :, 2 * lo - 1 - 2 * a if lo else 0 : 2 * hi + 1 - 2 * a]  # output rows 2lo-1 .. 2hi
+            up = F.pad(up, (0, 0, 1 if lo == 0 else 0, 1 if hi == h else 0))
+            out[:, :, 2 * lo : 2 * hi] = F.conv2d(up, self.conv.weight, self.conv.bias, padding=(0, 1))
+        return out
 
 
 class _Mid(nn.Module):
@@ -155,7 +208,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for stage in self.down:
             for block in stage.block:
-                h = block(h)
+                h = block(h, consume=True)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
@@ -188,7 +241,7 @@ class Decoder(nn.Module):
         for level in reversed(range(len(self.up))):
             stage = self.up[level]
             for block in stage.block:
-                h = block(h)
+                h = block(h, consume=True)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(_swish_(self.norm_out(h)))
