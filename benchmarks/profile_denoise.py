@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--deploy", default="bagel_single_stage.yaml")
     ap.add_argument("--timed", action="store_true", help="full-length runs with per-phase times, no profiler")
     ap.add_argument("--repeat", type=int, default=1, help="with --timed: untimed runs per case (each printed)")
+    ap.add_argument("--steps", type=int, default=None, help="steps of the profiled runs (default: each case's)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,8 @@ def main() -> None:
             phases = {k: round(v, 3) for k, v in omni.last_stats.phase_s.items()}
             print(f"{name:<10} wall {wall:7.3f} s (runs {walls})  steps {req['steps']}  phases {phases}", flush=True)
             continue
+        if a.steps:
+            req["steps"] = a.steps
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             omni.generate([req])

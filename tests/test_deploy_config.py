@@ -621,3 +621,36 @@ def test_every_schema_key_is_documented() -> None:
         for name in yaml_fields(cls):
             assert f"| `{name}` |" in doc, f"{cls.__name__}.{name} is not in docs/deploy-config.md"
     assert dataclasses.is_dataclass(SamplingParams)
+
+
+def test_denoise_graph_sizes_default_override_and_model_check(tiny_checkpoint: Path) -> None:
+    """512x512 by default where the model generates images that large (the tiny one does not: none), settable
+    per stage ([] for none), and checked against the model before any weight loads: a side that is no
+    multiple of the latent token side, or beyond the largest image, is refused by name."""
+    from bagel_serve import Omni
+    from bagel_serve.config.parallel_checks import check_graph_sizes_against_model
+    from bagel_serve.engine.denoise_graphs import graph_sizes
+    from bagel_serve.model.loader import read_config
+
+    cfg = load_deploy_config("bagel.yaml")
+    assert [s.denoise_graph_sizes for s in cfg.stages] == [None, None]
+    out = apply_overrides(cfg, {}, stage_overrides={"1": {"denoise_graph_sizes": [[256, 384], [64, 64]]}})
+    assert out.stages[1].denoise_graph_sizes == [(256, 384), (64, 64)] and out.stages[0].denoise_graph_sizes is None
+    assert apply_overrides(cfg, {}, stage_overrides={"1": {"denoise_graph_sizes": []}}).stages[1].denoise_graph_sizes == []
+    with pytest.raises(DeployConfigError, match=r"denoise_graph_sizes\[0\]"):
+        apply_overrides(cfg, {}, stage_overrides={"1": {"denoise_graph_sizes": [512]}})
+    model = read_config(tiny_checkpoint)
+    step, top = model.latent_downsample, model.max_image_side
+    assert graph_sizes(None, model) == () and graph_sizes(None, model.with_max_latent_size(64)) == ((512, 512),)
+    assert graph_sizes(((step, step),), model) == ((step, step),)
+    check_graph_sizes_against_model(cfg, model)
+    check_graph_sizes_against_model(apply_overrides(cfg, {}, stage_overrides={"1": {"denoise_graph_sizes": [[step, top]]}}),
+                                    model)
+    for bad in ([step + 1, step], [top + step, step], [0, step]):
+        bad_cfg = apply_overrides(cfg, {}, stage_overrides={"1": {"denoise_graph_sizes": [[step, step], bad]}})
+        with pytest.raises(DeployConfigError, match=rf"stages\[1\]\.denoise_graph_sizes\[1\]: \[{bad[0]}, {bad[1]}\]: each "
+                                                    rf"side must be a multiple of {step} from {step} to {top}"):
+            check_graph_sizes_against_model(bad_cfg, model)
+    with pytest.raises(DeployConfigError, match=r"denoise_graph_sizes\[0\]"):
+        Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml",
+             stage_overrides={"0": {"denoise_graph_sizes": [[step + 1, step]]}})

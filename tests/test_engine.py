@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 from bagel_serve import Omni
 from bagel_serve.model.layout import LatentPiece
 
-EDIT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "config_a" / "inputs" / "edit_rgb_150x100.png"
+GOLDEN = Path(os.environ.get("BAGEL_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+EDIT = GOLDEN / "config_a" / "inputs" / "edit_rgb_150x100.png"
 SINGLE_STAGE = "bagel_single_stage.yaml"
 
 
@@ -128,3 +130,88 @@ def test_sampling_is_seeded(omni: Omni) -> None:
     (greedy,) = omni.generate([{**req, "do_sample": False}])
     outs = {tuple(o.token_ids) for o in omni.generate([{**req, "seed": s} for s in range(6)])}
     assert len(outs) > 1 or tuple(greedy.token_ids) not in outs
+
+
+def test_packed_attention_path_gives_the_same_images(omni: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that packs the denoising steps' sequences (as the GPU's does for small images) is handed
+    every step, the CFG branches of a guided one and several requests' branches together, in one packed call
+    per layer; the images come out as with one call per sequence (up to float32 rounding: a sequence's
+    segments are one matmul there, two here)."""
+    from bagel_serve.layers.attention_backends import ExactBackend
+
+    reqs = [[REQS[2]], [REQS[4]], [REQS[2], {**REQS[2], "prompt": "a blue dog", "seed": 9}]]
+    plain = [omni.generate(r) for r in reqs]
+    calls: list[int] = []
+
+    class Packing(ExactBackend):
+        def packs(self, query_counts, dtype):
+            return True
+
+        def packed(self, q, k, v, p, k_cache, v_cache, out):
+            calls.append(p.cu_q.numel() - 1)
+            super().packed(q, k, v, p, k_cache, v_cache, out)
+
+    monkeypatch.setattr(omni.stage.runner, "backend", Packing())
+    packed = [omni.generate(r) for r in reqs]
+    # Guided text2img (2 branches), guided img2img (3), two text2img requests' guided steps together (4).
+    assert {2, 3, 4} <= set(calls), calls
+    for a, b in zip(sum(packed, []), sum(plain, []), strict=True):
+        assert a.ok and b.ok
+        torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
+        assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_denoise_graphs_replay_the_eager_forward(tiny_checkpoint: Path) -> None:
+    """The denoising graphs give the eager forward's bits for every branch set (unguided, text2img guided,
+    img2img guided), for other prompts (other contexts) through the same graphs, and with TaylorSeer (whose
+    cached rows must not be overwritten by the next replay)."""
+    from bagel_serve.engine.denoise_graphs import DenoiseGraphs
+
+    gpu = Omni(tiny_checkpoint, device="cuda", deploy_config=SINGLE_STAGE)
+    runner = gpu.stage.runner
+    graphs = DenoiseGraphs(runner, sizes=((64, 96),))
+    graphs.capture()
+    replays: list[int] = []
+    real_run = graphs.run
+
+    def run(works, lay, b):
+        replays.append(b.branches)
+        return real_run(works, lay, b)
+
+    graphs.run = run
+    reqs = [REQS[2], {**REQS[2], "prompt": "a much longer prompt about a blue dog on a beach", "seed": 1},
+            {**REQS[2], "enable_taylorseer": True, "steps": 12},
+            {**REQS[4], "height": 64, "width": 96, "cfg_img_scale": 2.0}]
+    try:
+        runner.denoise_graphs = None
+        eager = [gpu.generate([r])[0] for r in reqs]
+        runner.denoise_graphs = graphs
+        graphed = [gpu.generate([r])[0] for r in reqs]
+    finally:
+        gpu.shutdown()
+    assert {1, 2, 3} <= set(replays), replays
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.ok and b.ok, (a.error, b.error)
+        assert torch.equal(a.latents, b.latents)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_denoise_graphs_serve_a_dit_that_reads_the_thinkers_cache(tiny_checkpoint: Path) -> None:
+    """In the two-stage deploy the DiT worker reads the Thinker's KV cache in place, mapped at the first
+    hand-off, after its graphs were captured: the graphs replay over their own copy of the contexts' keys, and
+    give the eager DiT's bits."""
+    reqs = [REQS[2], {**REQS[4], "height": 64, "width": 96, "cfg_img_scale": 2.0}]
+    graphed, eager = [], []
+    with Omni(tiny_checkpoint, device="cuda", stage_overrides={"1": {"denoise_graph_sizes": [[64, 96]]}}) as omni:
+        for r in reqs:  # one at a time: each step of one request is one graphed forward
+            graphed += omni.generate([r])
+            st = omni.last_stats
+            assert st.graph_forwards == st.denoise_steps > 0, (st.graph_forwards, st.denoise_steps)
+    with Omni(tiny_checkpoint, device="cuda", enforce_eager=True) as omni:
+        for r in reqs:
+            eager += omni.generate([r])
+            assert omni.last_stats.graph_forwards == 0
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.ok and b.ok, (a.error, b.error)
+        assert torch.equal(a.latents, b.latents)

@@ -77,3 +77,75 @@ def test_cuda_vit_attention_over_several_images_in_one_call():
     got = CudaBackend().self_attention(q, k, v, lengths)
     want = ExactBackend().self_attention(q, k, v, lengths)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def _packed_case(g: torch.Generator):
+    """Three unmasked sequences apart in one forward's rows: two with cached keys, one without."""
+    rows, hq, hkv, d = 30, 4, 2, 8
+    q, k, v = (torch.randn(rows, h, d, generator=g) for h in (hq, hkv, hkv))
+    k_cache, v_cache = torch.randn(40, hkv, d, generator=g), torch.randn(40, hkv, d, generator=g)
+    seqs = [([(0, 2), (10, 7)], torch.tensor([3, 4, 9, 15, 30])),
+            ([(2, 2), (17, 7)], torch.tensor([5, 6])),
+            ([(4, 2), (24, 6)], None)]
+    return q, k, v, k_cache, v_cache, seqs
+
+
+@pytest.mark.parametrize("capacity", [None, 12])
+def test_packed_attention_equals_one_call_per_sequence(capacity):
+    """One packed call (each sequence's cached keys, then its own rows' keys, in a shared buffer; cached keys
+    padded to a graph's capacity or not) gives every row what its sequence's own call gives, and touches no
+    other row. (The exact backend attends a sequence's two segments in two matmuls and the packed form in one,
+    so the float32 sums may round apart in the last bit; the CUDA test below holds the flash kernels to the
+    bit.)"""
+    from bagel_serve.layers.attention_backends import (ExactBackend, PackedAttention, SequenceAttention,
+                                                       pack_sequences)
+
+    q, k, v, k_cache, v_cache, seqs = _packed_case(torch.Generator().manual_seed(0))
+    want = torch.full_like(q, float("nan"))
+    for segments, slots in seqs:
+        ExactBackend().sequence(q, k, v, SequenceAttention(segments, False, slots, segments), k_cache, v_cache, want)
+    q_rows = [torch.cat([torch.arange(a, a + n) for a, n in segments]) for segments, _ in seqs]
+    fields = pack_sequences(q_rows, [slots for _, slots in seqs], capacity)
+    if capacity is not None:
+        assert fields["ctx_src"].numel() == capacity and fields["k_rows"] == capacity + 26 + 1
+    got = torch.full_like(q, float("nan"))
+    ExactBackend().packed(q, k, v, PackedAttention(**fields), k_cache, v_cache, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got[6:10]).all() and not torch.isnan(got[:6]).any()
+    # A sequence given another's cached keys would not pass.
+    wrong = pack_sequences(q_rows, [seqs[1][1], seqs[0][1], None], capacity)
+    other = torch.zeros_like(q)
+    ExactBackend().packed(q, k, v, PackedAttention(**wrong), k_cache, v_cache, other)
+    assert not torch.allclose(other[:2], want[:2])
+
+
+def test_packing_refuses_a_capacity_below_the_cached_keys():
+    from bagel_serve.layers.attention_backends import pack_sequences
+
+    with pytest.raises(ValueError, match="7 cached keys do not fit a packed capacity of 6"):
+        pack_sequences([torch.arange(3)], [torch.arange(7)], 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's packed call needs a GPU")
+def test_cuda_packed_attention_is_bitwise_one_flash_call_per_sequence():
+    """At 512x512 (1,026 queries a sequence) the packed varlen flash call gives each sequence the bits its own
+    flash call gives. (Below about 1,000 queries the per-sequence kernel splits the keys over thread blocks, by
+    a heuristic the varlen kernel does not apply, and the sums round apart.)"""
+    from bagel_serve.layers.attention_backends import CudaBackend, PackedAttention, SequenceAttention, pack_sequences
+
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, d = 2 * 2 + 2 * 1024, 28, 4, 128
+    q, k, v = (torch.randn(n, h, d, generator=g).to("cuda", torch.bfloat16) for h in (hq, hkv, hkv))
+    k_cache, v_cache = (torch.randn(500, hkv, d, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    seqs = [([(0, 2), (4, 1024)], torch.arange(100, 160)), ([(2, 2), (1028, 1024)], torch.arange(7, 12))]
+    want = torch.zeros_like(q)
+    for segments, slots in seqs:
+        CudaBackend().sequence(q, k, v, SequenceAttention(segments, False, slots.cuda(), segments), k_cache, v_cache,
+                               want)
+    q_rows = [torch.cat([torch.arange(a, a + m) for a, m in segments]) for segments, _ in seqs]
+    for capacity in (None, 256):
+        f = pack_sequences(q_rows, [slots for _, slots in seqs], capacity)
+        got = torch.zeros_like(q)
+        CudaBackend().packed(q, k, v, PackedAttention(**{a: b.cuda() if isinstance(b, torch.Tensor) else b
+                                                       for a, b in f.items()}), k_cache, v_cache, got)
+        assert torch.equal(got, want)

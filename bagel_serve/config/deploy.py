@@ -26,7 +26,12 @@ from bagel_serve.config.quantization import FP8_UND_NEEDS_FP8, QUANTIZATIONS, Qu
 from bagel_serve.config.sampling import SamplingParams
 from bagel_serve.config.validate import ValidationError, build, check_field, opt
 
+DEFAULT_DENOISE_GRAPH_SIZES = ((512, 512),)
+"""At 512x512 an eager denoising step is host-bound on an H200 (the host launches it slower than the device
+runs it); from 768x768 up the device's work hides the host's, and a graph gains nothing."""
+
 __all__ = [
+    "DEFAULT_DENOISE_GRAPH_SIZES",
     "DeployConfigError",
     "ParallelConfig",
     "StageConfig",
@@ -86,6 +91,10 @@ class StageConfig:
     enable_chunked_prefill: bool | None = None
     vae_use_tiling: bool = False
     """Tiled VAE encode/decode; `vae_patch_parallel_size` above 1 turns it on (`vae_tiling_enabled`)."""
+    denoise_graph_sizes: list[tuple[int, int]] | None = None
+    """Image sizes [height, width] whose denoising steps this stage replays as CUDA graphs, captured at start
+    (`engine.denoise_graphs`; not with `enforce_eager`, nor on a stage of several ranks); [] for none; null:
+    `DEFAULT_DENOISE_GRAPH_SIZES`, those the model generates."""
     parallel_config: ParallelConfig = opt(factory=ParallelConfig)
     default_sampling_params: dict[str, Any] = opt(factory=dict)
     env: dict[str, str] = opt(factory=dict)

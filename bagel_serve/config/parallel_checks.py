@@ -1,16 +1,17 @@
-"""Checks of a deploy config's parallel layout against the model, which only the checkpoint's config.json
-knows: made by `Omni` after it reads that file and before any weight loads, so that a layout the model cannot
-take fails at once, with the numbers, instead of in a shape error deep in the loader."""
+"""Checks of a deploy config against the model, which only the checkpoint's config.json knows (its parallel
+layout; the image sizes it captures graphs for): made by `Omni` after it reads that file and before any weight
+loads, so that a layout the model cannot take fails at once, with the numbers, instead of in a shape error deep
+in the loader."""
 
 from __future__ import annotations
 
 import math
 
 from bagel_serve.config.deploy import DeployConfig, DeployConfigError
-from bagel_serve.config.model_config import LLMConfig
+from bagel_serve.config.model_config import BagelConfig, LLMConfig
 from bagel_serve.config.validate import ValidationError
 
-__all__ = ["check_parallel_against_model", "tensor_parallel_sizes"]
+__all__ = ["check_graph_sizes_against_model", "check_parallel_against_model", "tensor_parallel_sizes"]
 
 
 def tensor_parallel_sizes(llm: LLMConfig) -> list[int]:
@@ -34,3 +35,18 @@ def check_parallel_against_model(deploy: DeployConfig, llm: LLMConfig) -> None:
                                   f"heads (this model takes tensor_parallel_size {sizes})")
             src = f"{deploy.source}: " if deploy.source else ""
             raise DeployConfigError(f"{src}{err}")
+
+
+def check_graph_sizes_against_model(deploy: DeployConfig, cfg: BagelConfig) -> None:
+    """Raise DeployConfigError for a `denoise_graph_sizes` entry the model cannot generate: each side a
+    positive multiple of its latent token's side, at most its largest image side. (The default, null, takes
+    the default sizes the model generates: `engine.denoise_graphs.graph_sizes`.)"""
+    step, top = cfg.latent_downsample, cfg.max_image_side
+    for i, stage in enumerate(deploy.stages):
+        for j, (h, w) in enumerate(stage.denoise_graph_sizes or ()):
+            if not all(0 < x <= top and x % step == 0 for x in (h, w)):
+                err = ValidationError(f"stages[{i}].denoise_graph_sizes[{j}]",
+                                      f"[{h}, {w}]: each side must be a multiple of {step} from {step} to {top} "
+                                      f"(the image sizes this model generates)")
+                src = f"{deploy.source}: " if deploy.source else ""
+                raise DeployConfigError(f"{src}{err}")

@@ -28,7 +28,7 @@ OTHER_PROCESS_RESERVE_BYTES = 6 * 2**30
 """Kept for each other process computing on the device (its activations: a 1024x1024 denoising step and the
 VAE decode after it need ~4 GiB) and its CUDA context."""
 GRAPH_RESERVE_BYTES = 2**30
-"""Kept for the decode CUDA graphs (their static buffers and the memory pool they share)."""
+"""Kept for the CUDA graphs (decode and denoising: their static buffers and the memory pool they share)."""
 CPU_DEFAULT_BYTES = 2 * 2**30
 CPU_MAX_BLOCKS = 16384
 

@@ -8,8 +8,9 @@ sequence). The layers read that; nothing in the model calls back here.
 
 Decode forwards — every work a one-token step, as in steady text generation — replay a CUDA graph captured
 per batch-size bucket on static input buffers (all graphs share one memory pool); the LM head runs inside
-it, sampling right after on the device, and the chosen tokens come to the host in one transfer. Anything
-else runs eagerly through the same modules. `enforce_eager` turns graphs off.
+it, sampling right after on the device, and the chosen tokens come to the host in one transfer. Denoising
+forwards of small images replay graphs of their own (`engine.denoise_graphs`). Anything else runs eagerly
+through the same modules. `enforce_eager` turns graphs off.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any
 import torch
 
 from bagel_serve.distributed import parallel_state as ps
+from bagel_serve.engine.denoise_graphs import DenoiseGraphs, graph_sizes
 from bagel_serve.engine.kv_cache import KVCache, slot_of
 from bagel_serve.engine.sampling import sample
 from bagel_serve.engine.sequence import DECODE_STEPS, Work
 from bagel_serve.engine.tokenizer import SpecialTokens
-from bagel_serve.layers.attention_backends import AttentionBackend, DecodeBatch, SequenceAttention, select_backend
+from bagel_serve.layers.attention_backends import (AttentionBackend, DecodeBatch, PackedAttention, SequenceAttention,
+                                                   pack_sequences, select_backend)
 from bagel_serve.layers.forward_context import ForwardContext, forward_context
 from bagel_serve.layers.kernels import use_triton
 from bagel_serve.model.bagel import Bagel
@@ -73,7 +76,8 @@ class ModelRunner:
     """Runs forwards of one model over one KV cache."""
 
     def __init__(self, model: Bagel, cache: KVCache, special: SpecialTokens, *, max_num_seqs: int = 256,
-                 max_model_len: int = 32768, enforce_eager: bool = False, attention_backend: str | None = None) -> None:
+                 max_model_len: int = 32768, enforce_eager: bool = False, attention_backend: str | None = None,
+                 denoise_graph_sizes: tuple[tuple[int, int], ...] | None = ()) -> None:
         self.model = model
         self.cache = cache
         self.special = special
@@ -85,10 +89,19 @@ class ModelRunner:
         """The decoder layers are sharded over the stage's ranks (HSDP), so every rank runs every forward."""
         self.warmup_s = 0.0
         """Seconds `warm_up` took (the attention kernels' one-time set-up)."""
-        # Graphs need the fused kernels: their plain-torch twins synchronise with the host.
-        if self.device.type == "cuda" and not enforce_eager and use_triton(cache.tensor):
+        self.graphed = False
+        """Whether the last forward replayed a CUDA graph."""
+        self.denoise_graphs: DenoiseGraphs | None = None
+        # Graphs need the fused kernels: their plain-torch twins synchronise with the host. Both kinds share one
+        # memory pool; the denoising ones (for `denoise_graph_sizes`) run on one rank only.
+        can_graph = self.device.type == "cuda" and use_triton(cache.tensor)
+        self.graph_pool = torch.cuda.graph_pool_handle() if can_graph else None
+        if can_graph and not enforce_eager:
             max_blocks = -(-max_model_len // cache.block_size) + 1
             self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks)
+        sizes = graph_sizes(denoise_graph_sizes, model.config)
+        if can_graph and sizes and layout is None and self.backend.packs([1], model.dtype):
+            self.denoise_graphs = DenoiseGraphs(self, sizes)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -155,8 +168,15 @@ class ModelRunner:
         if any(w.context.cache is not cache for w in works):
             raise RuntimeError("the contexts of one forward must live in one KV cache")
         lay = self._layout(works)
+        self.graphed = False
+        if self.denoise_graphs is not None:
+            bucket = self.denoise_graphs.bucket(works, lay)
+            if bucket is not None:
+                self.graphed = True
+                return self.denoise_graphs.run(works, lay, bucket)
         logits = velocity = gen_hidden = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
+            self.graphed = True
             if self._bursts(works, lay):
                 bursts = self.graphs.run_steps(lay, DECODE_STEPS)
             else:
@@ -304,12 +324,27 @@ class ModelRunner:
                 tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
             decode = DecodeBatch(lay.n_decode, self._up(tables), self._up(torch.tensor(lay.decode_lens, dtype=torch.int32)),
                                  cache.block_size)
+        packed = self._packed(lay)
+        if packed is not None:
+            return ForwardContext(lay.n_und, positions, slot_mapping, cache.tensor, self.backend, decode, [], packed)
         sequences = []
         kv = [s[2] for s in lay.sequences if s[2] is not None]
         kv_dev = iter(self._up(torch.cat(kv)).split([t.shape[0] for t in kv])) if kv else iter(())
         for segments, causal, slots, new in lay.sequences:
             sequences.append(SequenceAttention(segments, causal, next(kv_dev) if slots is not None else None, new))
         return ForwardContext(lay.n_und, positions, slot_mapping, cache.tensor, self.backend, decode, sequences)
+
+    def _packed(self, lay: _Layout) -> PackedAttention | None:
+        """One varlen attention for every sequence, when each is an unstored, unmasked block (denoising steps)
+        of a size the backend packs (`AttentionBackend.packs`)."""
+        seqs = lay.sequences
+        if not seqs or any(causal or new != segments for segments, causal, _, new in seqs):
+            return None
+        q_rows = [torch.cat([torch.arange(a, a + n) for a, n in segments]) for segments, _, _, _ in seqs]
+        if not self.backend.packs([r.numel() for r in q_rows], self.model.dtype):
+            return None
+        f = pack_sequences(q_rows, [slots for _, _, slots, _ in seqs])
+        return PackedAttention(**{k: self._up(v) if isinstance(v, torch.Tensor) else v for k, v in f.items()})
 
     def _embed(self, lay: _Layout) -> torch.Tensor:
         model, up = self.model, self._up
@@ -380,15 +415,13 @@ class DecodeGraphs:
         self.rows[2].fill_(-1)
         torch.cuda.synchronize()
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
-        pool = None
         for bs in reversed(self.sizes):
             for steps in (1, DECODE_STEPS):
                 self._replay_body(bs, steps)  # warm up: compiles the kernels, settles the allocator
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                with torch.cuda.graph(g, pool=self.runner.graph_pool):
                     self._replay_body(bs, steps)
-                pool = g.pool() if pool is None else pool
                 self.graphs[bs, steps] = g
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0

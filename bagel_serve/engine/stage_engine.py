@@ -35,7 +35,8 @@ class Stage:
 
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, cache: KVCache, *,
                  max_num_seqs: int = 256, max_model_len: int | None = None, enforce_eager: bool = False,
-                 attention_backend: str | None = None, vae_tiling: bool = False) -> None:
+                 attention_backend: str | None = None, vae_tiling: bool = False,
+                 denoise_graph_sizes: tuple[tuple[int, int], ...] | None = ()) -> None:
         self.model = model
         self.vae = vae
         self.tok = tokenizer
@@ -44,7 +45,7 @@ class Stage:
         self.max_model_len = max_model_len or self.cfg.llm.max_position_embeddings
         self.runner = ModelRunner(model, cache, tokenizer.special, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
-                                  attention_backend=attention_backend)
+                                  attention_backend=attention_backend, denoise_graph_sizes=denoise_graph_sizes)
         self.timed = False
         self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now, vae_tiling)
         self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity, vae_tiling)
@@ -270,6 +271,7 @@ class Engine:
                  dt: float) -> None:
         st = self.stats
         st.forwards += 1
+        st.graph_forwards += self.stage.runner.graphed
         units: dict[int, tuple[RequestState, list[Work]]] = {}
         for w, s in zip(works, owners):
             units.setdefault(s.rid, (s, []))[1].append(w)

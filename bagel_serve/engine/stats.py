@@ -15,6 +15,8 @@ class RunStats:
     requests: int = 0
     wall_s: float = 0.0
     forwards: int = 0
+    graph_forwards: int = 0
+    """Forwards replayed from a CUDA graph (decode or denoising)."""
     decoded_tokens: int = 0
     denoise_steps: int = 0
     denoise_branch_evals: int = 0
@@ -37,6 +39,8 @@ class RunStats:
             lines = [f"{self.requests} request(s) in {self.wall_s:.2f} s, {self.forwards} packed forwards"]
         else:  # one stage's share of a run
             lines = [f"{self.admitted} request(s) admitted, {self.forwards} packed forwards"]
+        if self.graph_forwards:
+            lines[0] += f" ({self.graph_forwards} from CUDA graphs)"
         for phase, sec in self.phase_s.items():
             lines.append(f"  {phase:<16} {sec:8.3f} s")
         dec = self.phase_s.get("decode", 0.0) + self.phase_s.get("think_decode", 0.0)
@@ -61,6 +65,7 @@ class RunStats:
         out = cls(requests=requests, wall_s=wall_s)
         for s in stages:
             out.forwards += s.forwards
+            out.graph_forwards += s.graph_forwards
             out.decoded_tokens += s.decoded_tokens
             out.denoise_steps += s.denoise_steps
             out.denoise_branch_evals += s.denoise_branch_evals

@@ -12,7 +12,7 @@ from bagel_serve.config.deploy import DeployConfig, DeployConfigError
 from bagel_serve.config.deploy_loader import apply_overrides, load_deploy_config, resolve_deploy_path
 from bagel_serve.config.devices import check_device, check_stage_devices
 from bagel_serve.config.engine_options import EngineOptionError, EngineOptions, parse_dtype
-from bagel_serve.config.parallel_checks import check_parallel_against_model
+from bagel_serve.config.parallel_checks import check_graph_sizes_against_model, check_parallel_against_model
 from bagel_serve.config.pipelines import PipelineSpec, default_deploy_config, resolve_pipeline
 from bagel_serve.engine.preprocess import prepare
 from bagel_serve.engine.request import Request, RequestOutput, make_request, request_defaults
@@ -72,6 +72,7 @@ class Omni:
         self.options.require_runnable(self.pipeline.num_stages)
         deploy.require_runnable()
         check_parallel_against_model(deploy, model_cfg.llm)
+        check_graph_sizes_against_model(deploy, model_cfg)
         if not self.options.uses_ray:  # Ray places the stages on its own cluster's GPUs
             check_stage_devices(deploy, self._device)
         self.deploy_config: DeployConfig = deploy

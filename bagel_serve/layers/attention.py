@@ -35,6 +35,8 @@ class Attention(nn.Module):
         if ctx.decode is not None and ctx.decode.n:
             n = ctx.decode.n
             ctx.backend.decode(q[:n], k_cache, v_cache, ctx.decode, out[:n])
+        if ctx.packed is not None:
+            ctx.backend.packed(q, k, v, ctx.packed, k_cache, v_cache, out)
         for seq in ctx.sequences:
             ctx.backend.sequence(q, k, v, seq, k_cache, v_cache, out)
         return out

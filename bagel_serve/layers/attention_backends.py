@@ -55,6 +55,64 @@ class SequenceAttention:
     new_segments: list[tuple[int, int]] = field(default_factory=list)
 
 
+@dataclass
+class PackedAttention:
+    """Every sequence of a forward in one varlen call: sequence i's queries are the forward's rows
+    `q_rows[cu_q[i]:cu_q[i+1]]` (its query segments in order), its keys rows `cu_k[i]:cu_k[i+1]` of a packed
+    key buffer of `k_rows` rows, built per layer from its cached keys (cache slots `ctx_src`, placed at rows
+    `ctx_dst`) then the queries' own keys (placed at rows `new_dst`), the order `SequenceAttention` reads.
+    Sequences attend without a mask. `ctx_src` may be padded (to a CUDA graph's capacity): padding reads
+    slot 0 into the buffer's last row, which no sequence reads."""
+
+    q_rows: torch.Tensor  # int64 [queries]
+    cu_q: torch.Tensor  # int32 [sequences + 1]
+    max_q: int
+    ctx_src: torch.Tensor  # int64 [cached keys, padded]
+    ctx_dst: torch.Tensor  # int64 [cached keys, padded]
+    new_dst: torch.Tensor  # int64 [queries]
+    cu_k: torch.Tensor  # int32 [sequences + 1]
+    max_k: int
+    k_rows: int
+
+
+def pack_sequences(q_rows: list[torch.Tensor], ctx_slots: list[torch.Tensor | None], capacity: int | None = None
+                   ) -> dict[str, torch.Tensor | int]:
+    """`PackedAttention`'s fields on the host, for sequences with these query rows and cached key slots.
+    `capacity`: the cached keys are padded to this many (a graph's fixed shape; at least their count), and
+    `max_k` is then the most any split of them could give one sequence."""
+    qn = [int(r.numel()) for r in q_rows]
+    cn = [0 if s is None else int(s.numel()) for s in ctx_slots]
+    cached = sum(cn)
+    cap = cached if capacity is None else capacity
+    if cap < cached:
+        raise ValueError(f"{cached} cached keys do not fit a packed capacity of {cap}")
+    k_rows = cap + sum(qn) + 1
+    cu_q = torch.tensor([0, *itertools.accumulate(qn)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(c + q for c, q in zip(cn, qn))], dtype=torch.int32)
+    starts = cu_k[:-1].tolist()
+    ctx_src = torch.zeros(cap, dtype=torch.int64)
+    ctx_dst = torch.full((cap,), k_rows - 1, dtype=torch.int64)
+    if cached:
+        ctx_src[:cached] = torch.cat([s for s in ctx_slots if s is not None and s.numel()])
+        ctx_dst[:cached] = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, cn)])
+    new_dst = torch.cat([torch.arange(a + c, a + c + q) for a, c, q in zip(starts, cn, qn)])
+    max_k = max(c + q for c, q in zip(cn, qn)) if capacity is None else cap + max(qn)
+    return dict(q_rows=torch.cat(q_rows).to(torch.int64), cu_q=cu_q, max_q=max(qn), ctx_src=ctx_src,
+                ctx_dst=ctx_dst, new_dst=new_dst, cu_k=cu_k, max_k=max_k, k_rows=k_rows)
+
+
+def packed_keys(k: torch.Tensor, v: torch.Tensor, p: PackedAttention, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed key and value buffers of `p` (every sequence's cached rows, then its new rows)."""
+    kp = torch.empty((p.k_rows, *k.shape[1:]), dtype=k.dtype, device=k.device)
+    vp = torch.empty_like(kp)
+    kp.index_copy_(0, p.ctx_dst, k_cache.index_select(0, p.ctx_src))
+    vp.index_copy_(0, p.ctx_dst, v_cache.index_select(0, p.ctx_src))
+    kp.index_copy_(0, p.new_dst, k.index_select(0, p.q_rows))
+    vp.index_copy_(0, p.new_dst, v.index_select(0, p.q_rows))
+    return kp, vp
+
+
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Lk >= Lq; float32 softmax, output in q's dtype."""
     lq, hq, d = q.shape
@@ -106,6 +164,21 @@ class AttentionBackend:
         keys, values = _keys(k, v, seq, k_cache, v_cache)
         for a, n in seq.q_segments:
             out[a : a + n] = self.attend(q[a : a + n], keys, values, seq.causal)
+
+    def packs(self, query_counts: list[int], dtype: torch.dtype) -> bool:
+        """Whether unmasked sequences with these query counts, in this dtype, go through `packed` (one call for
+        all) rather than `sequence` (one each)."""
+        return False
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        """Every sequence of `p`: its queries (rows of q) into the same rows of out."""
+        kp, vp = packed_keys(k, v, p, k_cache, v_cache)
+        qp = q.index_select(0, p.q_rows)
+        cu_q, cu_k = p.cu_q.tolist(), p.cu_k.tolist()
+        o = torch.cat([self.attend(qp[a:b], kp[c:d], vp[c:d], False)
+                       for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])])
+        out.index_copy_(0, p.q_rows, o)
 
     def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
         """Pay the kernels' one-time set-up at start instead of in the first request."""
@@ -187,6 +260,23 @@ class CudaBackend(AttentionBackend):
         for a, n in seq.q_segments:
             out[a : a + n] = o[start : start + n]
             start += n
+
+    def packs(self, query_counts: list[int], dtype: torch.dtype) -> bool:
+        """Sequences below cuDNN's cut-off (small images' denoising steps, with their CFG branches) go through
+        one varlen flash call: one launch, no copy of the outputs per segment, and lengths read on the device,
+        so a CUDA graph can replay it for other contexts (`engine.denoise_graphs`). At 512x512 it gives each
+        sequence the bits of its own flash call (checked on an H200); below about 1,000 queries that call
+        splits the keys over thread blocks, which the varlen kernel never does, and the last bits differ.
+        Flash takes half precision only: float32 sequences keep `sequence`."""
+        return dtype in (torch.float16, torch.bfloat16) and bool(query_counts) and max(query_counts) < CUDNN_MIN_QUERIES
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        kp, vp = packed_keys(k, v, p, k_cache, v_cache)
+        # The aten op, not `varlen_attn`: that wrapper refuses grouped KV heads in torch 2.11, the kernel not.
+        o = torch.ops.aten._flash_attention_forward(q.index_select(0, p.q_rows), kp, vp, p.cu_q, p.cu_k, p.max_q,
+                                                    p.max_k, 0.0, False, False)[0]
+        out.index_copy_(0, p.q_rows, o)
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Several images' ViT tokens in one varlen flash call (one image: the plain kernel)."""

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from bagel_serve.layers.attention_backends import AttentionBackend, DecodeBatch, SequenceAttention, select_backend
+from bagel_serve.layers.attention_backends import (AttentionBackend, DecodeBatch, PackedAttention,
+                                                   SequenceAttention, select_backend)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ForwardContext:
     backend: AttentionBackend
     decode: DecodeBatch | None = None
     sequences: list[SequenceAttention] = field(default_factory=list)
+    packed: PackedAttention | None = None
+    """Set instead of `sequences` when the backend takes them all in one call (`AttentionBackend.packs`)."""
 
 
 _LOCAL = threading.local()

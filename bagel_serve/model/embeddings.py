@@ -42,10 +42,18 @@ class PositionEmbedding(nn.Module):
         return self.pos_embed[position_ids]
 
 
-def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos | sin] of t (flow time in [0, 1], not scaled by 1000) at `dim/2` geometric frequencies."""
+def frequency_table(dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """The `dim/2` geometric frequencies of the time embedding, computed on the CPU as the reference does."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
+                         freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """[cos | sin] of t (flow time in [0, 1], not scaled by 1000) at `dim/2` geometric frequencies (`freqs`:
+    `frequency_table` already on t's device)."""
+    if freqs is None:
+        freqs = frequency_table(dim, max_period).to(t.device)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -55,9 +63,14 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self._freqs: torch.Tensor | None = None
+        """The frequency table on the device of the last call: kept there, a step copies nothing from the host
+        (which a CUDA graph could not capture). Not a buffer: the checkpoint has no such tensor."""
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_frequencies(t, self.frequency_dim)
+        if self._freqs is None or self._freqs.device != t.device:
+            self._freqs = frequency_table(self.frequency_dim).to(t.device)
+        freq = timestep_frequencies(t, self.frequency_dim, freqs=self._freqs)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 

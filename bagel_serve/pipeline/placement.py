@@ -102,6 +102,8 @@ class StageSetup:
     os.environ for the stages that run in its own process."""
     vae_tiling: bool = False
     """Run the VAE in tiles (`vae_use_tiling`, or VAE patch parallelism over the stage's ranks)."""
+    denoise_graph_sizes: tuple[tuple[int, int], ...] | None = None
+    """Image sizes whose denoising steps run as CUDA graphs (`denoise_graph_sizes`; None: the default)."""
     ranks: RankLayout | None = None
     """A stage of several ranks (one process each): the layout, with this process's rank; None: one rank."""
     rank_devices: tuple[str, ...] = ()
@@ -186,6 +188,8 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                       kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
                       enforce_eager=st.enforce_eager, vae_tiling=st.vae_tiling_enabled,
+                      denoise_graph_sizes=None if st.denoise_graph_sizes is None
+                      else tuple(tuple(x) for x in st.denoise_graph_sizes),
                       max_model_len=st.max_model_len, env=dict(st.env))
         if layouts[s] is not None:
             # A stage of several ranks keeps its own cache on each rank and copies hand-offs both ways; HSDP
@@ -216,7 +220,7 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
 
 def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) -> Stage:
     """The stage's `Stage`: on its device (the weights are copied there once when they live elsewhere), with
-    its KV cache sized and allocated, its attention kernels set up and its decode graphs captured."""
+    its KV cache sized and allocated, its attention kernels set up and its CUDA graphs captured."""
     device = torch.device(setup.device)
     if device != model.device:
         model, vae = model.to(device), vae.to(device)
@@ -224,10 +228,13 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
         torch.cuda.set_device(device)
     cache = _make_cache(setup, model, vae, tok)
     stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
-                  enforce_eager=setup.enforce_eager or not setup.decodes, vae_tiling=setup.vae_tiling)
+                  enforce_eager=setup.enforce_eager or not setup.decodes, vae_tiling=setup.vae_tiling,
+                  denoise_graph_sizes=setup.denoise_graph_sizes if setup.denoises and not setup.enforce_eager else ())
     stage.runner.warm_up()
     if stage.runner.graphs is not None:
         stage.runner.graphs.capture()
+    if stage.runner.denoise_graphs is not None:
+        stage.runner.denoise_graphs.capture()
     return stage
 
 
@@ -248,7 +255,9 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
                              utilization=setup.utilization,
                              weights_bytes=weights_bytes(model, vae) if setup.counts_weights else 0,
                              activation_bytes=activations, other_processes=setup.other_processes,
-                             block_bytes=block_bytes, graphs=setup.decodes and not setup.enforce_eager,
+                             block_bytes=block_bytes,
+                             graphs=(setup.decodes or (setup.denoises and setup.denoise_graph_sizes != ()))
+                             and not setup.enforce_eager,
                              where=f"{device} (stage {setup.stage})")
         # More than every admitted request's three contexts at full length can never be used.
         max_len = setup.max_model_len or llm.max_position_embeddings

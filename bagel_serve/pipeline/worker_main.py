@@ -185,7 +185,7 @@ def _unmap(stage: Stage) -> None:
     for m in (stage.model, stage.vae):
         for t in (*m.parameters(), *m.buffers()):
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-    stage.runner.graphs = None
+    stage.runner.graphs = stage.runner.denoise_graphs = None
     gc.collect()
     if stage.model.device.type == "cuda":
         torch.cuda.synchronize()
