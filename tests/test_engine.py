@@ -170,14 +170,15 @@ def test_denoise_graphs_replay_the_eager_forward(tiny_checkpoint: Path) -> None:
 
     gpu = Omni(tiny_checkpoint, device="cuda", deploy_config=SINGLE_STAGE)
     runner = gpu.stage.runner
-    graphs = DenoiseGraphs(runner, sizes=((64, 96),))
+    graphs = DenoiseGraphs(runner.model, runner.cache, runner.backend, runner.special, runner.graph_pool,
+                           sizes=((64, 96),))
     graphs.capture()
     replays: list[int] = []
     real_run = graphs.run
 
-    def run(works, lay, b):
+    def run(works, und_ids, positions, b):
         replays.append(b.branches)
-        return real_run(works, lay, b)
+        return real_run(works, und_ids, positions, b)
 
     graphs.run = run
     reqs = [REQS[2], {**REQS[2], "prompt": "a much longer prompt about a blue dog on a beach", "seed": 1},
@@ -215,3 +216,36 @@ def test_denoise_graphs_serve_a_dit_that_reads_the_thinkers_cache(tiny_checkpoin
     for a, b in zip(graphed, eager, strict=True):
         assert a.ok and b.ok, (a.error, b.error)
         assert torch.equal(a.latents, b.latents)
+
+
+def test_denoise_graph_buckets_take_only_denoising_forwards_that_fit(omni: Omni,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which forwards a denoising graph would replay (the rule, on the CPU): every step of a request of a
+    captured size, in the smallest bucket whose room for cached keys holds its contexts; no prefill, no other
+    size, and no step whose contexts outgrow the largest bucket."""
+    from bagel_serve.engine.denoise_graphs import BRANCH_COUNTS, CONTEXT_BUCKETS, Bucket, DenoiseGraphs
+
+    runner = omni.stage.runner
+    captured = DenoiseGraphs.__new__(DenoiseGraphs)  # the routing rule only reads which buckets exist
+    captured.graphs = {Bucket(24, b, c): None for b in BRANCH_COUNTS for c in CONTEXT_BUCKETS}
+    seen: list[tuple[str, int, Bucket | None]] = []
+    real = runner._layout
+
+    def layout(works):
+        seen.append((type(works[0].piece).__name__, sum(w.context.length for w in works), captured.bucket(works)))
+        return real(works)
+
+    monkeypatch.setattr(runner, "_layout", layout)
+    assert omni.generate([{**REQS[2], "steps": 8}])[0].ok  # 64x96: 24 latents a branch; the last step unguided
+    buckets = [b for kind, _, b in seen if kind == "LatentPiece"]
+    assert Bucket(24, 2, 256) in buckets and Bucket(24, 1, 256) in buckets  # guided and unguided steps
+    assert set(buckets) == {Bucket(24, 2, 256), Bucket(24, 1, 256)}
+    assert all(b is None for kind, _, b in seen if kind != "LatentPiece")
+    seen.clear()
+    assert omni.generate([{**REQS[2], "height": 32, "width": 32}])[0].ok  # no graph of that size
+    assert all(b is None for _, _, b in seen)
+    seen.clear()
+    long_prompt = " ".join(["a red cat on a mat"] * 450)  # about 2,700 tokens: past the largest bucket
+    assert omni.generate([{**REQS[2], "prompt": long_prompt, "steps": 2}])[0].ok
+    denoise = [(n, b) for kind, n, b in seen if kind == "LatentPiece"]
+    assert denoise and all(n > CONTEXT_BUCKETS[-1] and b is None for n, b in denoise), denoise

@@ -18,8 +18,9 @@ packs exactly as the eager path does, so a replay gives the eager forward's numb
 
 Every bucket is captured at start (`capture`, its seconds and memory reported), into the memory pool the
 decode graphs share; no request pays for a capture. The contexts' keys are copied into a buffer of the graphs'
-before each replay (a few rows of every layer for a prompt), so a graph serves contexts of any KV cache. Outputs are copied out of the static buffers, so nothing
-a request keeps (TaylorSeer's cached rows) is overwritten by the next replay.
+before each replay (a few rows of every layer for a prompt), so a graph serves contexts of any KV cache.
+Outputs are copied out of the static buffers, so nothing a request keeps (TaylorSeer's cached rows) is
+overwritten by the next replay.
 """
 
 from __future__ import annotations
@@ -27,19 +28,20 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from bagel_serve.config.deploy import DEFAULT_DENOISE_GRAPH_SIZES
 from bagel_serve.config.model_config import BagelConfig
-from bagel_serve.layers.attention_backends import PackedAttention, pack_sequences
+from bagel_serve.engine.kv_cache import KVCache
+from bagel_serve.engine.sequence import Work
+from bagel_serve.engine.tokenizer import SpecialTokens
+from bagel_serve.layers.attention_backends import AttentionBackend, PackedAttention, pack_sequences
 from bagel_serve.layers.forward_context import ForwardContext, forward_context
+from bagel_serve.model.bagel import Bagel
 from bagel_serve.model.layout import LatentPiece, latent_grid
 
-if TYPE_CHECKING:
-    from bagel_serve.engine.runner import ModelRunner, _Layout
-    from bagel_serve.engine.sequence import Work
 
 BRANCH_COUNTS = (1, 2, 3)
 """A step evaluates one (unguided), two (text2img guided) or three (img2img guided) CFG branches."""
@@ -79,16 +81,18 @@ class Bucket:
 
 
 class DenoiseGraphs:
-    """The denoising forward's graphs of one runner, over static buffers sized for its largest bucket."""
+    """The denoising forward's graphs of one model runner (its model, KV cache, attention backend, special
+    tokens and graph pool), over static buffers sized for its largest bucket."""
 
-    def __init__(self, runner: ModelRunner, sizes: tuple[tuple[int, int], ...]) -> None:
-        self.runner = runner
-        cfg = runner.model.config
+    def __init__(self, model: Bagel, cache: KVCache, backend: AttentionBackend, special: SpecialTokens,
+                 pool: Any, sizes: tuple[tuple[int, int], ...]) -> None:
+        self.model, self.backend, self.special, self.pool = model, backend, special, pool
+        cfg = model.config
         latents = sorted({gh * gw for gh, gw in (latent_grid(h, w, cfg.latent_downsample) for h, w in sizes)})
         self.buckets = [Bucket(n, b, c) for n in latents for b in BRANCH_COUNTS for c in CONTEXT_BUCKETS]
         top = max(self.buckets, key=lambda b: (b.rows, b.context))
         rows, gen, branches, cap = top.rows, top.gen, max(BRANCH_COUNTS), max(CONTEXT_BUCKETS)
-        dev = runner.device
+        dev = model.device
         # int64 inputs, one buffer: token ids, RoPE positions, latent position ids, packed-attention indices.
         spans = dict(ids=rows, positions=rows, lat_pos=gen, repeats=branches, q_rows=rows, new_dst=rows,
                      ctx_slots=cap, ctx_dst=cap)
@@ -98,8 +102,8 @@ class DenoiseGraphs:
         # The contexts' keys and values, every layer's, gathered here before each replay: the graph reads them
         # from this buffer, never from a cache, so it serves contexts of any cache — this stage's own, or the
         # one a Thinker lends a DiT in place, which is mapped only at the first hand-off.
-        layers, _, _, kv_heads, head_dim = runner.cache.tensor.shape
-        self.context_kv = torch.zeros((cap, layers, 2, kv_heads, head_dim), dtype=runner.cache.tensor.dtype, device=dev)
+        layers, _, _, kv_heads, head_dim = cache.tensor.shape
+        self.context_kv = torch.zeros((cap, layers, 2, kv_heads, head_dim), dtype=cache.tensor.dtype, device=dev)
         self.context_rows = torch.arange(cap, device=dev)
         self.cu = torch.zeros((2, branches + 1), dtype=torch.int32, device=dev)
         self._cu = torch.zeros_like(self.cu, device="cpu").pin_memory()
@@ -107,7 +111,7 @@ class DenoiseGraphs:
         self._t = torch.zeros_like(self.t, device="cpu").pin_memory()
         self.latents = torch.zeros((gen, cfg.patch_latent_dim), dtype=torch.float32, device=dev)
         self.velocity = torch.zeros((gen, cfg.patch_latent_dim), dtype=torch.float32, device=dev)
-        self.hidden = torch.zeros((gen, cfg.llm.hidden_size), dtype=runner.model.dtype, device=dev)
+        self.hidden = torch.zeros((gen, cfg.llm.hidden_size), dtype=model.dtype, device=dev)
         self._staged = torch.cuda.Event()
         """Recorded after the copies out of the pinned staging buffers: they are not rewritten before it passed."""
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
@@ -120,10 +124,10 @@ class DenoiseGraphs:
         return buf[start : start + n]
 
     # ------------------------------------------------------------------ which forwards
-    def bucket(self, works: list[Work], lay: _Layout) -> Bucket | None:
+    def bucket(self, works: list[Work]) -> Bucket | None:
         """The bucket of a forward that is only denoising steps of one latent size (each work a branch), with
         room for its cached keys; None for any other forward."""
-        if lay.n_decode or not works or len(works) not in BRANCH_COUNTS:
+        if not works or len(works) not in BRANCH_COUNTS:
             return None
         pieces = [w.piece for w in works]
         if not all(isinstance(p, LatentPiece) for p in pieces) or any(w.commit or not w.want_output for w in works):
@@ -141,8 +145,7 @@ class DenoiseGraphs:
     # ------------------------------------------------------------------ capture and replay
     def _body(self, b: Bucket) -> None:
         """The forward of bucket b over the static buffers (what each graph captures)."""
-        r = self.runner
-        m, n = r.model, b.branches
+        m, n = self.model, b.branches
         ids, positions = self._view(self.ints, "ids", b.und), self._view(self.ints, "positions", b.rows)
         x = m.embed_text(ids)
         gen = m.embed_latents(self.latents[: b.gen], self.t[:n], [b.latents] * n,
@@ -153,7 +156,7 @@ class DenoiseGraphs:
                                  self._view(self.ints, "new_dst", b.rows), self.cu[1, : n + 1], b.context + b.latents + 2,
                                  b.context + b.rows + 1)
         kv = self.context_kv[: b.context].permute(1, 2, 0, 3, 4)  # [layers, 2, keys, kv heads, head dim], as a cache
-        with forward_context(ForwardContext(b.und, positions, None, kv, r.backend, None, [], packed)):
+        with forward_context(ForwardContext(b.und, positions, None, kv, self.backend, None, [], packed)):
             hidden = m.transformer(x)
         gen_hidden = hidden[b.und :]
         self.hidden[: b.gen].copy_(gen_hidden)
@@ -179,15 +182,15 @@ class DenoiseGraphs:
         self.ints.copy_(self._ints, non_blocking=True)
         self.cu.copy_(self._cu, non_blocking=True)
         self.t.copy_(self._t, non_blocking=True)
-        self._staged.record(torch.cuda.current_stream(self.runner.device))
+        self._staged.record(torch.cuda.current_stream(self.model.device))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, into the runner's graph pool (each after one eager run of
-        the same inputs, which compiles its kernels and settles the allocator)."""
+        """Capture every bucket, largest first, into the graph pool (each after one eager run of the same
+        inputs, which compiles its kernels and settles the allocator)."""
         torch.cuda.synchronize()
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
-        special = self.runner.special
+        special = self.special
         for b in sorted(self.buckets, key=lambda b: (b.rows, b.context), reverse=True):
             self._stage(b, [special.start_of_image, special.end_of_image] * b.branches,
                         torch.zeros(b.rows, dtype=torch.int64), torch.zeros(b.gen, dtype=torch.int64),
@@ -195,19 +198,19 @@ class DenoiseGraphs:
             self._body(b)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.runner.graph_pool):
+            with torch.cuda.graph(g, pool=self.pool):
                 self._body(b)
             self.graphs[b] = g
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info()[0])
 
-    def run(self, works: list[Work], lay: _Layout, b: Bucket) -> list[Any]:
-        """Replay bucket b for the works; each work's velocity (with `want_hidden`: and its hidden rows), copies
-        of the graph's outputs."""
+    def run(self, works: list[Work], und_ids: list[int], positions: torch.Tensor, b: Bucket) -> list[Any]:
+        """Replay bucket b for the works (their rows' token ids and RoPE positions as the runner laid them out);
+        each work's velocity (with `want_hidden`: and its hidden rows), copies of the graph's outputs."""
         pieces = [w.piece for w in works]
         slots = [w.context.slots(0, w.context.length) if w.context.length else None for w in works]
-        self._stage(b, lay.und_ids, torch.cat(lay.positions), torch.cat([p.position_ids for p in pieces]),
+        self._stage(b, und_ids, positions, torch.cat([p.position_ids for p in pieces]),
                     [p.t for p in pieces], slots)
         cached = sum(w.context.length for w in works)
         if cached:

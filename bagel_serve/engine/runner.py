@@ -101,7 +101,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks)
         sizes = graph_sizes(denoise_graph_sizes, model.config)
         if can_graph and sizes and layout is None and self.backend.packs([1], model.dtype):
-            self.denoise_graphs = DenoiseGraphs(self, sizes)
+            self.denoise_graphs = DenoiseGraphs(model, cache, self.backend, special, self.graph_pool, sizes)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -169,11 +169,11 @@ class ModelRunner:
             raise RuntimeError("the contexts of one forward must live in one KV cache")
         lay = self._layout(works)
         self.graphed = False
-        if self.denoise_graphs is not None:
-            bucket = self.denoise_graphs.bucket(works, lay)
+        if self.denoise_graphs is not None and not lay.n_decode:
+            bucket = self.denoise_graphs.bucket(works)
             if bucket is not None:
                 self.graphed = True
-                return self.denoise_graphs.run(works, lay, bucket)
+                return self.denoise_graphs.run(works, lay.und_ids, torch.cat(lay.positions), bucket)
         logits = velocity = gen_hidden = bursts = None
         if self.graphs is not None and cache is self.cache and lay.pure_decode and lay.n_decode <= self.graphs.max_batch:
             self.graphed = True
