@@ -12,7 +12,7 @@ import time
 import torch
 
 from bagel_serve.config.model_config import AutoEncoderParams
-from bagel_serve.engine.diffusion import _float32_convs
+from bagel_serve.engine.diffusion import vae_convs
 from bagel_serve.model import autoencoder as A
 
 
@@ -23,7 +23,7 @@ def decode(ae: A.AutoEncoder, z: torch.Tensor, label: str) -> torch.Tensor:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with torch.inference_mode(), _float32_convs():
+    with torch.inference_mode(), vae_convs():
         out = ae.decode(z)
     torch.cuda.synchronize()
     print(f"{label:28s} peak {(torch.cuda.max_memory_allocated() - base) / 2**30:.3f} GiB  "

@@ -249,3 +249,34 @@ def test_denoise_graph_buckets_take_only_denoising_forwards_that_fit(omni: Omni,
     assert omni.generate([{**REQS[2], "prompt": long_prompt, "steps": 2}])[0].ok
     denoise = [(n, b) for kind, n, b in seen if kind == "LatentPiece"]
     assert denoise and all(n > CONTEXT_BUCKETS[-1] and b is None for n, b in denoise), denoise
+
+
+def test_vae_precision_reaches_the_encode_and_the_decode(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vae_precision` (an engine option, like `--vae-precision`, or the stage key) decides whether the VAE's
+    convolutions may use TF32, at the input image's encode and at the decode, in every stage; the default is
+    the reference's float32. A value outside the choices is refused by name before any weight loads."""
+    from bagel_serve.config.engine_options import EngineOptionError
+
+    seen: list[bool] = []
+    real = torch.backends.cudnn.flags
+
+    def flags(*args, **kwargs):
+        seen.append(kwargs["allow_tf32"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.backends.cudnn, "flags", flags)
+    edit = {**REQS[4], "steps": 2}
+    for option, want in ((None, False), ("float32", False), ("tf32", True)):
+        kwargs = {} if option is None else {"vae_precision": option}
+        # The default two stages, here in this process (so the spy sees them): encode and decode apart.
+        with Omni(tiny_checkpoint, device="cpu", worker_backend="inline", **kwargs) as o:
+            seen.clear()
+            assert o.generate([edit])[0].ok
+        assert len(seen) >= 2 and set(seen) == {want}, (option, seen)
+    with Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE,
+              stage_overrides={"0": {"vae_precision": "tf32"}}) as o:
+        seen.clear()
+        assert o.generate([edit])[0].ok
+    assert len(seen) >= 2 and set(seen) == {True}
+    with pytest.raises(EngineOptionError, match="vae_precision.*float32.*tf32"):
+        Omni(tiny_checkpoint, device="cpu", vae_precision="bf16")

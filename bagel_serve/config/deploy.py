@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.dtypes import DTYPES, VAE_PRECISIONS
 from bagel_serve.config.parallel import CFG_PARALLEL_SIZES, FLAT_PARALLEL_KEYS, ParallelConfig, plural
 from bagel_serve.config.quantization import FP8_UND_NEEDS_FP8, QUANTIZATIONS, QuantizationConfig
 from bagel_serve.config.sampling import SamplingParams
@@ -91,6 +91,8 @@ class StageConfig:
     enable_chunked_prefill: bool | None = None
     vae_use_tiling: bool = False
     """Tiled VAE encode/decode; `vae_patch_parallel_size` above 1 turns it on (`vae_tiling_enabled`)."""
+    vae_precision: str = opt("float32", choices=VAE_PRECISIONS)
+    """The VAE's convolutions (`config.dtypes.VAE_PRECISIONS`): the reference's float32, or TF32 on a GPU."""
     denoise_graph_sizes: list[tuple[int, int]] | None = None
     """Image sizes [height, width] whose denoising steps this stage replays as CUDA graphs, captured at start
     (`engine.denoise_graphs`; not with `enforce_eager`, nor on a stage of several ranks); [] for none; null:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from bagel_serve.config.parallel import CFG_PARALLEL_SIZES
-from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.dtypes import DTYPES, VAE_PRECISIONS
 from bagel_serve.config.quantization import QUANTIZATIONS
 from bagel_serve.config.validate import ValidationError, check_field, opt
 
@@ -30,7 +30,7 @@ WORKER_BACKENDS = ("process", "multi_process", "inline", "ray")
 # Options that set the deploy config key of the same name in every stage (None = not given).
 STAGE_OVERRIDE_KEYS = (
     "tensor_parallel_size", "enforce_eager", "max_model_len", "gpu_memory_utilization",
-    "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
+    "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "vae_precision",
 )
 # Options that set the deploy config key of the same name in the diffusion stages only (as in the seed,
 # where they are diffusion engine options): the Thinker has no denoising branches and no VAE decode.
@@ -88,6 +88,8 @@ class EngineOptions:
     max_num_seqs: int | None = opt(None, ge=1)
     max_num_batched_tokens: int | None = opt(None, ge=1)
     kv_cache_blocks: int | None = opt(None, ge=1)
+    vae_precision: str | None = opt(None, choices=VAE_PRECISIONS)
+    """The VAE's convolutions in every stage (stage 0 encodes input images, the DiT decodes)."""
     # Where the stages run.
     worker_backend: str = opt("process", choices=WORKER_BACKENDS)
     ray_address: str | None = None

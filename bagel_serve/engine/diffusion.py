@@ -103,6 +103,15 @@ BRANCH_INDEX = {COND: 0, TEXT_DROPPED: 1, IMAGE_DROPPED: 2}
 """A branch's place, which picks its rank under CFG parallelism (`Work.cfg_branch`)."""
 
 
+@dataclass(frozen=True)
+class VaeMode:
+    """How a stage runs the VAE: in tiles (`vae_use_tiling`, or VAE patch parallelism), and with TF32
+    convolutions (`vae_precision: tf32`) instead of the reference's full float32."""
+
+    tiled: bool = False
+    tf32: bool = False
+
+
 class ImagePrograms:
     """Stage 1's programs (the DiT): denoise from a hand-off's contexts, then decode the image.
 
@@ -110,9 +119,9 @@ class ImagePrograms:
     with step caching a predicted branch's hidden rows go through it without a transformer forward."""
 
     def __init__(self, cfg: BagelConfig, vae: AutoEncoder, device: torch.device, clock: Callable[[], float],
-                 velocity_head: Callable[[torch.Tensor], torch.Tensor], vae_tiling: bool = False) -> None:
+                 velocity_head: Callable[[torch.Tensor], torch.Tensor], vae_mode: VaeMode = VaeMode()) -> None:
         self.cfg = cfg
-        self.vae_tiling = vae_tiling
+        self.vae_mode = vae_mode
         self.vae = vae
         self.device = device
         self.now = clock
@@ -127,7 +136,7 @@ class ImagePrograms:
         if req.return_latents:
             out.latents = latent.cpu()
         t0 = self.now()
-        out.images = [decode_image(self.vae, latent, h.height, h.width, self.cfg, self.vae_tiling)
+        out.images = [decode_image(self.vae, latent, h.height, h.width, self.cfg, self.vae_mode)
                       ] if ps.decodes_images() else []
         out.timings["vae_decode"] = self.now() - t0
         return out
@@ -204,12 +213,12 @@ class ImagePrograms:
 
 
 def encode_image(vae: AutoEncoder, image: Image.Image, rng: torch.Generator, cfg: BagelConfig,
-                 tiled: bool = False) -> torch.Tensor:
+                 mode: VaeMode = VaeMode()) -> torch.Tensor:
     """Packed latent tokens of an input image: the VAE posterior *sampled* (the reference's first draw).
-    `tiled`: encode in tiles (`model.vae_tiling`), spread over the VAE patch-parallel ranks if there are."""
+    `mode.tiled`: encode in tiles (`model.vae_tiling`), spread over the VAE patch-parallel ranks if there are."""
     x = to_tensor(image)[None].to(vae.encoder.conv_in.weight.device, torch.float32)
-    with _float32_convs():
-        if tiled:
+    with vae_convs(mode.tf32):
+        if mode.tiled:
             z = tiled_encode(vae, x, generator=rng, sample=True, group=ps.vae_group())[0]
         else:
             z = vae.encode(x, generator=rng, sample=True)[0]
@@ -217,19 +226,21 @@ def encode_image(vae: AutoEncoder, image: Image.Image, rng: torch.Generator, cfg
 
 
 def decode_image(vae: AutoEncoder, latent: torch.Tensor, height: int, width: int, cfg: BagelConfig,
-                 tiled: bool = False) -> Image.Image:
-    """The image of packed latent tokens. `tiled`: decode in tiles with blended seams (`model.vae_tiling`),
+                 mode: VaeMode = VaeMode()) -> Image.Image:
+    """The image of packed latent tokens. `mode.tiled`: decode in tiles with blended seams (`model.vae_tiling`),
     spread over the VAE patch-parallel ranks if there are."""
     gh, gw = latent_grid(height, width, cfg.latent_downsample)
     z = unpack_latent(latent.float(), gh, gw, cfg.latent_channels, cfg.latent_patch_size)
     z = z[None].to(vae.encoder.conv_in.weight.dtype)
-    with _float32_convs():
-        decoded = tiled_decode(vae, z, group=ps.vae_group()) if tiled else vae.decode(z)
+    with vae_convs(mode.tf32):
+        decoded = tiled_decode(vae, z, group=ps.vae_group()) if mode.tiled else vae.decode(z)
         pixels = decoded_to_uint8(decoded)[0]
     return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
 
-def _float32_convs():
-    """cuDNN convolutions without TF32: the reference decodes in full float32 and TF32 moves pixels."""
+def vae_convs(tf32: bool = False):
+    """cuDNN's convolution settings for the VAE: by default without TF32, as the reference (full float32;
+    TF32 moves pixels); with `tf32`, TF32's tensor cores (`vae_precision: tf32`; docs/deploy-config.md has
+    what was measured)."""
     b = torch.backends.cudnn
-    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
+    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=tf32)

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from bagel_serve.distributed.parallel_state import decodes_images
-from bagel_serve.engine.diffusion import decode_image
+from bagel_serve.engine.diffusion import VaeMode, decode_image
 from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.runner import ModelRunner
 from bagel_serve.engine.sequence import Work
@@ -73,7 +73,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def profile_activation_bytes(model: Bagel, vae: AutoEncoder, special: SpecialTokens, *, max_rows: int,
-                             denoises: bool, vae_tiling: bool = False) -> int:
+                             denoises: bool, vae_mode: VaeMode = VaeMode()) -> int:
     """Peak device memory above the weights while running the largest forwards a stage will run: a prompt of
     `max_rows` tokens and, for a stage that makes images, a denoising step of three CFG branches at the
     largest image and the VAE decode of that image."""
@@ -94,7 +94,7 @@ def profile_activation_bytes(model: Bagel, vae: AutoEncoder, special: SpecialTok
         v = runner.execute([Work(ctx, LatentPiece(x, 1.0, pos), commit=False, want_output=True) for _ in range(3)])
         del v
         if decodes_images():
-            decode_image(vae, x.to(dev), cfg.max_image_side, cfg.max_image_side, cfg, vae_tiling)
+            decode_image(vae, x.to(dev), cfg.max_image_side, cfg.max_image_side, cfg, vae_mode)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - base
     del runner, ctx, cache

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig
-from bagel_serve.engine.diffusion import Handoff, ImagePrograms
+from bagel_serve.engine.diffusion import Handoff, ImagePrograms, VaeMode
 from bagel_serve.engine.kv_cache import KVCache
 from bagel_serve.engine.preprocess import Prepared, estimate_blocks, prepare
 from bagel_serve.engine.request import Request, RequestOutput
@@ -35,7 +35,7 @@ class Stage:
 
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, cache: KVCache, *,
                  max_num_seqs: int = 256, max_model_len: int | None = None, enforce_eager: bool = False,
-                 attention_backend: str | None = None, vae_tiling: bool = False,
+                 attention_backend: str | None = None, vae_mode: VaeMode = VaeMode(),
                  denoise_graph_sizes: tuple[tuple[int, int], ...] | None = ()) -> None:
         self.model = model
         self.vae = vae
@@ -47,8 +47,8 @@ class Stage:
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
                                   attention_backend=attention_backend, denoise_graph_sizes=denoise_graph_sizes)
         self.timed = False
-        self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now, vae_tiling)
-        self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity, vae_tiling)
+        self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now, vae_mode)
+        self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity, vae_mode)
 
     def now(self) -> float:
         """A clock for phase timings: synchronised with the device when timing was asked for."""

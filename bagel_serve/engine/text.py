@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bagel_serve.config.model_config import BagelConfig
-from bagel_serve.engine.diffusion import Handoff, encode_image
+from bagel_serve.engine.diffusion import Handoff, VaeMode, encode_image
 from bagel_serve.engine.kv_cache import Context, KVCache
 from bagel_serve.engine.preprocess import Prepared, latent_piece, think_prompt, vit_piece
 from bagel_serve.engine.request import Request, RequestOutput
@@ -40,9 +40,9 @@ class TextPrograms:
     adopt the blocks already computed for them instead of being prefilled again."""
 
     def __init__(self, cfg: BagelConfig, tok: BagelTokenizer, cache: KVCache, vae: AutoEncoder,
-                 clock: Callable[[], float], vae_tiling: bool = False) -> None:
+                 clock: Callable[[], float], vae_mode: VaeMode = VaeMode()) -> None:
         self.cfg = cfg
-        self.vae_tiling = vae_tiling
+        self.vae_mode = vae_mode
         self.tok = tok
         self.cache = cache
         self.vae = vae
@@ -118,7 +118,7 @@ class TextPrograms:
             if cfg_img is None and want_img:
                 cfg_img = self._fork(full)
             t0 = self.now()
-            encoded = encode_image(self.vae, item, rng, self.cfg, self.vae_tiling)
+            encoded = encode_image(self.vae, item, rng, self.cfg, self.vae_mode)
             out.timings["vae_encode"] = out.timings.get("vae_encode", 0.0) + self.now() - t0
             yield [Work(full, latent_piece(encoded, 0.0, item.height, item.width, self.cfg))]
             yield [Work(full, vit_piece(item, self.cfg))]

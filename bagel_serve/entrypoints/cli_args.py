@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bagel_serve.config.deploy import CFG_PARALLEL_SIZES
-from bagel_serve.config.dtypes import DTYPES
+from bagel_serve.config.dtypes import DTYPES, VAE_PRECISIONS
 from bagel_serve.config.engine_options import QUANTIZATIONS, WORKER_BACKENDS
 
 DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
@@ -66,6 +66,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_option: bool = Tru
                         "on --vae-use-tiling (default: the deploy config's, else 1)")
     g.add_argument("--vae-use-tiling", action="store_true", default=None,
                    help="tiled VAE encode/decode in the diffusion stage (default: the deploy config's, else off)")
+    g.add_argument("--vae-precision", choices=VAE_PRECISIONS, default=None,
+                   help="the VAE's convolutions in every stage: float32 as the reference, or tf32 (faster on a GPU, "
+                        "pixels about a level off) (default: the deploy config's, else float32)")
     g.add_argument("--use-hsdp", action="store_true", default=None,
                    help="FSDP2 sharding of the diffusion stage's decoder layers; not with --tensor-parallel-size "
                         "(default: the deploy config's, else off)")
@@ -123,7 +126,8 @@ def add_reporting_arguments(g: argparse._ArgumentGroup) -> None:
 ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
                 "hsdp_shard_size", "hsdp_replicate_size", "quantization", "fp8_und", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
                 "request_timeout", "enable_diffusion_pipeline_profiler", "stage_overrides", "enforce_eager",
-                "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks")
+                "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
+                "vae_precision")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
