@@ -153,8 +153,8 @@ class DenoiseGraphs:
         x = torch.cat([x, gen.to(x.dtype)])
         packed = PackedAttention(self._view(self.ints, "q_rows", b.rows), self.cu[0, : n + 1], b.latents + 2,
                                  self.context_rows[: b.context], self._view(self.ints, "ctx_dst", b.context),
-                                 self._view(self.ints, "new_dst", b.rows), self.cu[1, : n + 1], b.context + b.latents + 2,
-                                 b.context + b.rows + 1)
+                                 self._view(self.ints, "new_dst", b.rows), self.cu[1, : n + 1],
+                                 b.context + b.latents + 2, b.context + b.rows + 1)
         kv = self.context_kv[: b.context].permute(1, 2, 0, 3, 4)  # [layers, 2, keys, kv heads, head dim], as a cache
         with forward_context(ForwardContext(b.und, positions, None, kv, self.backend, None, [], packed)):
             hidden = m.transformer(x)

@@ -101,7 +101,7 @@ class StageSetup:
     """The stage's deploy `env`: a worker process or Ray actor is started with it (so that what torch and CUDA
     read at import, like OMP_NUM_THREADS or PYTORCH_CUDA_ALLOC_CONF, takes effect); `Omni` sets it in
     os.environ for the stages that run in its own process."""
-    vae: VaeMode = VaeMode()
+    vae_mode: VaeMode = VaeMode()
     """How the VAE runs: in tiles (`vae_use_tiling`, or VAE patch parallelism over the stage's ranks), with TF32
     convolutions (`vae_precision`)."""
     denoise_graph_sizes: tuple[tuple[int, int], ...] | None = None
@@ -189,7 +189,8 @@ def stage_setups(pipeline: PipelineSpec, deploy: DeployConfig, options: EngineOp
                       scheduler=SchedulerConfig(st.max_num_seqs, st.max_num_batched_tokens),
                       kv_blocks=st.kv_cache_blocks, decodes=role.kind == "ar" or n == 1,
                       denoises=role.kind == "diffusion", enable_prefix_caching=deploy.prefix_caching_enabled(s),
-                      enforce_eager=st.enforce_eager, vae=VaeMode(st.vae_tiling_enabled, st.vae_precision == "tf32"),
+                      enforce_eager=st.enforce_eager,
+                      vae_mode=VaeMode(st.vae_tiling_enabled, st.vae_precision == "tf32"),
                       denoise_graph_sizes=None if st.denoise_graph_sizes is None
                       else tuple(tuple(x) for x in st.denoise_graph_sizes),
                       max_model_len=st.max_model_len, env=dict(st.env))
@@ -230,7 +231,7 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
         torch.cuda.set_device(device)
     cache = _make_cache(setup, model, vae, tok)
     stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
-                  enforce_eager=setup.enforce_eager or not setup.decodes, vae_mode=setup.vae,
+                  enforce_eager=setup.enforce_eager or not setup.decodes, vae_mode=setup.vae_mode,
                   denoise_graph_sizes=setup.denoise_graph_sizes if setup.denoises and not setup.enforce_eager else ())
     stage.runner.warm_up()
     if stage.runner.graphs is not None:
@@ -252,7 +253,7 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
     elif device.type == "cuda":
         max_rows = min(setup.scheduler.max_num_batched_tokens, setup.max_model_len or llm.max_position_embeddings)
         activations = profile_activation_bytes(model, vae, tok.special, max_rows=max_rows, denoises=setup.denoises,
-                                               vae_mode=setup.vae)
+                                               vae_mode=setup.vae_mode)
         blocks = cuda_blocks(total_bytes=torch.cuda.get_device_properties(device).total_memory,
                              utilization=setup.utilization,
                              weights_bytes=weights_bytes(model, vae) if setup.counts_weights else 0,
