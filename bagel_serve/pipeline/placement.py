@@ -117,6 +117,12 @@ class StageSetup:
     def num_ranks(self) -> int:
         return 1 if self.ranks is None else self.ranks.world
 
+    @property
+    def captured_denoise_sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The `denoise_graph_sizes` this stage captures graphs for (None: the default ones): none for a stage
+        that does not denoise, or runs eager."""
+        return self.denoise_graph_sizes if self.denoises and not self.enforce_eager else ()
+
     def for_rank(self, rank: int) -> "StageSetup":
         """This setup as rank `rank` of the stage sees it (its own device)."""
         if self.ranks is None:
@@ -232,7 +238,7 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
     cache = _make_cache(setup, model, vae, tok)
     stage = Stage(model, vae, tok, cache, max_num_seqs=setup.scheduler.max_num_seqs, max_model_len=setup.max_model_len,
                   enforce_eager=setup.enforce_eager or not setup.decodes, vae_mode=setup.vae_mode,
-                  denoise_graph_sizes=setup.denoise_graph_sizes if setup.denoises and not setup.enforce_eager else ())
+                  denoise_graph_sizes=setup.captured_denoise_sizes)
     stage.runner.warm_up()
     if stage.runner.graphs is not None:
         stage.runner.graphs.capture()
@@ -259,8 +265,7 @@ def _make_cache(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
                              weights_bytes=weights_bytes(model, vae) if setup.counts_weights else 0,
                              activation_bytes=activations, other_processes=setup.other_processes,
                              block_bytes=block_bytes,
-                             graphs=(setup.decodes or (setup.denoises and setup.denoise_graph_sizes != ()))
-                             and not setup.enforce_eager,
+                             graphs=(setup.decodes and not setup.enforce_eager) or setup.captured_denoise_sizes != (),
                              where=f"{device} (stage {setup.stage})")
         # More than every admitted request's three contexts at full length can never be used.
         max_len = setup.max_model_len or llm.max_position_embeddings
