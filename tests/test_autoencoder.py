@@ -253,3 +253,30 @@ def test_a_consuming_block_computes_the_same_and_frees_its_input(ae: AutoEncoder
     with torch.no_grad():
         same(h, consume=True)
     assert torch.equal(h, keep)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the convolution kernel runs on CUDA only")
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "cudnn"])
+def test_the_gpus_vae_holds_the_goldens(ae: AutoEncoder, components: dict[str, torch.Tensor], kernel: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU, readied as a stage readies it (the weights laid out for the kernel, the kernels compiled),
+    the float32 VAE (the convolution kernel, or cuDNN with TF32 off) encodes and decodes the reference's values
+    as the CPU does."""
+    import copy
+
+    from bagel_serve.engine.diffusion import VaeMode, warm_up_vae
+    from bagel_serve.layers.kernels import DISABLE_ENV
+
+    monkeypatch.setenv(DISABLE_ENV, "0" if kernel else "1")
+    gpu = copy.deepcopy(ae).cuda()
+    assert warm_up_vae(gpu, VaeMode(), encodes=True, decodes=True) > 0
+    assert gpu.decoder.mid.block_1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    z = components["vae_decode_input_z"].cuda()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert gpu.decoder.up[1].upsample.conv.uses_kernel(gpu.decoder.conv_in(z)) == kernel
+        out = gpu.decode(z).cpu()
+        mean, logvar = (t.cpu() for t in gpu.encode_moments(components["vae_input"].cuda()))
+    assert rel(out, components["vae_decode_output"]) < TOL
+    assert uint8_diff(decoded_to_uint8(out)[0], components["vae_decode_uint8"])[0] <= 1
+    assert rel(mean, components["vae_encoder_mean"]) < TOL
+    assert rel(logvar, components["vae_encoder_logvar"]) < TOL

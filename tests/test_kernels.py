@@ -15,6 +15,10 @@ so every bound is a float32 rounding-error bound computed from the actual data:
   dp = 2 ds + 4u (relative error of each probability), bound = (2 dp + 2(ceil(log2 L) + 2)u [+ 2^-16 for
   bf16 V, whose probabilities are split into two bf16 parts]) * sum_r p_r |v_r|.
 - silu_and_mul: relative (16 + 4|g|)u (exp's argument is rounded, so its error grows with |g|).
+- conv2d (float32 only): (K + 2)u + 2^-19 relative to sum |x||w| + |bias| + |residual| (K = C kh kw terms in
+  any order; tf32x3 drops each product's tail-times-tail term and rounds the tails, < 2^-19 of the product).
+  A second case is exact: integer inputs whose sums stay below 2^24 and whose weights fit TF32's 11 bits, so
+  only a kernel that keeps the inputs' low bits (not plain TF32) returns the integers.
 - bf16/fp16 outputs: a single final rounding (qk_norm_rope_, attention) gives <= 1 ulp plus the float32
   bound; an intermediate rounding followed by a product (rms_norm's normalised value times the weight,
   silu(g) times u) can flip one ulp before the product, worth <= 2 ulp of the output, plus the two final
@@ -32,6 +36,7 @@ import pytest
 import torch
 
 from bagel_serve.layers.kernels import DISABLE_ENV, triton_available, use_triton
+from bagel_serve.layers.kernels.conv import conv2d, conv2d_native, conv2d_triton, uses_kernel
 from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_native, silu_and_mul_triton
 from bagel_serve.layers.kernels.decode_attention import (
     paged_decode_attention,
@@ -350,3 +355,80 @@ def test_silu_and_mul(dtype, inter) -> None:
     tol = (16 + 4 * gd.abs()) * U * ref.double().abs()
     assert_close(tri, nat, dtype, tol, 3.5, "triton vs native")
     assert_close(nat, ref, dtype, tol, 3.5, "native vs float64")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# conv2d
+
+CONV_CASES = {  # name: (in channels, out channels, kernel, stride, padding, upsample, residual, channels-last)
+    "3x3": (32, 48, 3, 1, 1, 1, False, False),
+    "3x3 + residual": (48, 32, 3, 1, 1, 1, True, False),
+    "3x3 of the upsampled input": (32, 16, 3, 1, 1, 2, False, False),
+    "3x3 stride 2, far-edge padding": (16, 32, 3, 2, 0, 1, False, False),
+    "1x1 + residual": (64, 64, 1, 1, 0, 1, True, False),
+    "3x3 channels-last": (16, 24, 3, 1, 1, 1, True, True),
+}
+
+
+def conv_case(g: torch.Generator, case: tuple, values: str) -> tuple:
+    cin, cout, k, stride, pad, up, res, nhwc = case
+    if values == "integers":  # x needs more than TF32's 11 bits, w fits them; |sums| < 2^24
+        x = torch.randint(-4096, 4097, (2, cin, 9, 7), generator=g).double()
+        w = torch.randint(-7, 8, (cout, cin, k, k), generator=g).double()
+        b = torch.randint(-100, 101, (cout,), generator=g).double()
+    else:
+        x, w, b = (torch.randn(2, cin, 9, 7, generator=g, dtype=torch.float64),
+                   torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64),
+                   torch.randn(cout, generator=g, dtype=torch.float64))
+    ref = conv2d_native(x, w, b, stride, pad, up)
+    r = None
+    if res:
+        r = (torch.randint(-1000, 1001, ref.shape, generator=g).double() if values == "integers"
+             else torch.randn(ref.shape, generator=g, dtype=torch.float64))
+        ref = ref + r
+    s = conv2d_native(x.abs(), w.abs(), b.abs(), stride, pad, up) + (r.abs() if res else 0)
+    tol = ((cin * k * k + 2) * U + 2.0**-19) * s
+
+    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t.float().to(DEVICE)
+        return t.contiguous(memory_format=torch.channels_last) if nhwc and t.dim() == 4 else t
+
+    return (dev(x), dev(w), dev(b), stride, pad, up, dev(r)), ref, tol
+
+
+@pytest.mark.parametrize("values", ["normal", "integers"])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d(name, values) -> None:
+    case = CONV_CASES[name]
+    args, ref, tol = conv_case(seeded(name, values), case, values)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        tri = conv2d_triton(*args)
+        nat = conv2d_native(*args)
+    assert tri.is_contiguous(memory_format=torch.channels_last if case[-1] else torch.contiguous_format)
+    if values == "integers":
+        assert torch.equal(tri.double().cpu(), ref), f"{name}: not the exact integer sums"
+        assert torch.equal(nat.double().cpu(), ref)
+    else:
+        assert_close(tri, ref, torch.float32, tol, 0, f"{name}: triton vs float64")
+        assert_close(nat, ref, torch.float32, tol, 0, f"{name}: native vs float64")
+
+
+def test_conv2d_dispatch_and_refusals() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 16, 5, 5, generator=g).to(DEVICE), torch.randn(16, 16, 3, 3, generator=g).to(DEVICE)
+    rgb = torch.randn(3, 16, 3, 3, generator=g).to(DEVICE)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert uses_kernel(x, w) == (DEVICE == "cuda")
+        assert not uses_kernel(x, rgb), "3 output channels stay with torch's convolution"
+        assert not uses_kernel(x.double(), w.double())
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert not uses_kernel(x, w), "TF32 convolutions are cuDNN's"
+    assert torch.equal(conv2d(x, rgb), conv2d_native(x, rgb))
+    with pytest.raises(ValueError, match="residual must be"):
+        conv2d_native(x, w, residual=torch.zeros(1, 16, 4, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="not supported"):
+        conv2d_native(x, w, stride=3)
+    with pytest.raises(ValueError, match="float32"):
+        conv2d_triton(x, rgb)

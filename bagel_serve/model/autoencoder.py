@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_serve.config.model_config import VAE_NORM_GROUPS, AutoEncoderParams
+from bagel_serve.layers.conv import Conv2d
 
 _EPS = 1e-6
 
@@ -63,11 +64,11 @@ class ResnetBlock(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = _norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         """`consume`: x is the previous layer's output and nothing reads it after this block. A block that
@@ -86,8 +87,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(_swish_(h))
         if consume and reshapes and x._base is None and x.untyped_storage().nbytes() == x.numel() * x.element_size():
             x.untyped_storage().resize_(0)
-        h = self.conv2(_swish_(self.norm2(h, inplace=True)))
-        return h.add_(shortcut)
+        return self.conv2(_swish_(self.norm2(h, inplace=True)), residual=shortcut)
 
 
 ATTN_SCORES_BYTES = 256 * 2**20
@@ -103,10 +103,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+        self.q = Conv2d(channels, channels, kernel_size=1)
+        self.k = Conv2d(channels, channels, kernel_size=1)
+        self.v = Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
@@ -124,17 +124,17 @@ class AttnBlock(nn.Module):
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, a : a + rows], k, v) for a in range(0, n, rows)],
                             dim=2)
         out = out.transpose(2, 3).reshape(b, c, hh, ww)
-        return x + self.proj_out(out)
+        return self.proj_out(out, residual=x)
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        # Stride 2 pads the right and bottom edges only (`layers.conv`): FLUX's alignment of the outputs.
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Asymmetric zero padding (right/bottom only) keeps the FLUX alignment of stride-2 outputs.
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return self.conv(x)
 
 
 UPSAMPLE_BAND_BYTES = 256 * 2**20
@@ -146,9 +146,11 @@ copy and the 1 GiB convolution output were alive together (2.25 GiB with the inp
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.uses_kernel(x):  # the kernel reads the upsampled pixels from x: no copy to bound
+            return self.conv(x, upsample=2)
         b, c, h, w = x.shape
         bands = min(h, -(-(4 * x.numel() * x.element_size()) // UPSAMPLE_BAND_BYTES))
         if bands <= 1:
@@ -185,7 +187,7 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, p: AutoEncoderParams) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(p.in_channels, p.ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(p.in_channels, p.ch, kernel_size=3, stride=1, padding=1)
         in_mult = (1,) + tuple(p.ch_mult)
         self.down = nn.ModuleList()
         block_in = p.ch
@@ -202,7 +204,7 @@ class Encoder(nn.Module):
             self.down.append(stage)
         self.mid = _Mid(block_in)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -219,7 +221,7 @@ class Decoder(nn.Module):
     def __init__(self, p: AutoEncoderParams) -> None:
         super().__init__()
         block_in = p.ch * p.ch_mult[-1]
-        self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = _Mid(block_in)
         # Built from the deepest level up, but stored by level index so keys read `up.{level}`.
         stages: list[nn.Module] = [nn.Module() for _ in p.ch_mult]
@@ -234,7 +236,7 @@ class Decoder(nn.Module):
                 stage.upsample = Upsample(block_in)
         self.up = nn.ModuleList(stages)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

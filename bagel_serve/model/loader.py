@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
 from bagel_serve.config.quantization import QuantizationConfig
+from bagel_serve.layers.conv import Conv2d
 from bagel_serve.layers.fp8 import check_fp8_device, use_fp8
 from bagel_serve.layers.linear import LinearBase
 from bagel_serve.model.autoencoder import AutoEncoder
@@ -313,10 +314,10 @@ def expert_projections(bagel: Bagel, *, und: bool) -> list[LinearBase]:
 
 
 def process_weights_after_loading(module: nn.Module, device: torch.device) -> None:
-    """Let every linear's quant method convert its loaded weight (FP8: quantise, free the original), then
-    give the freed memory back to the device."""
+    """Let every linear's quant method convert its loaded weight (FP8: quantise, free the original) and every
+    VAE convolution lay its weight out for its kernel, then give the freed memory back to the device."""
     for m in module.modules():
-        if isinstance(m, LinearBase):
+        if isinstance(m, (LinearBase, Conv2d)):
             m.process_weights_after_loading()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -354,4 +355,5 @@ def load_model(
     sk.vae.eval().requires_grad_(False)
     # Also returns the tensors read on their way into place to the device: nothing here reuses their memory.
     process_weights_after_loading(sk.bagel, device)
+    process_weights_after_loading(sk.vae, device)
     return LoadedModel(sk.config, sk.bagel, sk.vae, sk.model_dir)
