@@ -9,6 +9,7 @@ at once, so the branches share one forward.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ from bagel_serve.engine.request import Request, RequestOutput
 from bagel_serve.engine.sequence import Work
 from bagel_serve.engine.step_cache import StepCache
 from bagel_serve.imaging import to_tensor
+from bagel_serve.layers.conv import Conv2d
 from bagel_serve.model.layout import LatentPiece, flattened_position_ids, latent_grid, pack_latent, unpack_latent
 from bagel_serve.model.autoencoder import AutoEncoder, decoded_to_uint8
 from bagel_serve.model.vae_tiling import tiled_decode, tiled_encode
@@ -236,6 +238,26 @@ def decode_image(vae: AutoEncoder, latent: torch.Tensor, height: int, width: int
         decoded = tiled_decode(vae, z, group=ps.vae_group()) if mode.tiled else vae.decode(z)
         pixels = decoded_to_uint8(decoded)[0]
     return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
+
+
+def warm_up_vae(vae: AutoEncoder, mode: VaeMode, *, encodes: bool, decodes: bool) -> float:
+    """Ready a stage's VAE on its GPU and return the seconds it took: the convolution weights in the kernel's
+    layout (a VAE moved here from where it was loaded has not had it), and the convolution kernels compiled by
+    an encode and a decode of a small image, so that the first request does not pay for them (about 1.7 s for
+    a decode's). The kernels do not specialise on the image's size: this size stands for all."""
+    t0 = time.perf_counter()
+    dev = vae.encoder.conv_in.weight.device
+    for m in vae.modules():
+        if isinstance(m, Conv2d):
+            m.process_weights_after_loading()
+    with torch.inference_mode(), vae_convs(mode.tf32):
+        if encodes:
+            vae.encode_moments(torch.zeros(1, vae.params.in_channels, 64, 64, device=dev))
+        if decodes:
+            vae.decode(torch.zeros(1, vae.params.z_channels, 8, 8, device=dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
 
 
 def vae_convs(tf32: bool = False):

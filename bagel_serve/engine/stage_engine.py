@@ -47,6 +47,8 @@ class Stage:
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
                                   attention_backend=attention_backend, denoise_graph_sizes=denoise_graph_sizes)
         self.timed = False
+        self.vae_warmup_s = 0.0
+        """Seconds spent readying the VAE's kernels at start (`diffusion.warm_up_vae`; 0 on the CPU)."""
         self.text = TextPrograms(self.cfg, tokenizer, cache, vae, self.now, vae_mode)
         self.images = ImagePrograms(self.cfg, vae, model.device, self.now, model.velocity, vae_mode)
 

@@ -31,7 +31,7 @@ from bagel_serve.engine.kv_budget import (
     profile_activation_bytes,
     weights_bytes,
 )
-from bagel_serve.engine.diffusion import VaeMode
+from bagel_serve.engine.diffusion import VaeMode, warm_up_vae
 from bagel_serve.engine.kv_cache import BLOCK_SIZE, KVCache
 from bagel_serve.engine.scheduler import SchedulerConfig
 from bagel_serve.engine.stage_engine import Stage
@@ -240,6 +240,8 @@ def build_stage(setup: StageSetup, model: Any, vae: Any, tok: BagelTokenizer) ->
                   enforce_eager=setup.enforce_eager or not setup.decodes, vae_mode=setup.vae_mode,
                   denoise_graph_sizes=setup.captured_denoise_sizes)
     stage.runner.warm_up()
+    if device.type == "cuda":
+        stage.vae_warmup_s = warm_up_vae(vae, setup.vae_mode, encodes=setup.stage == 0, decodes=setup.denoises)
     if stage.runner.graphs is not None:
         stage.runner.graphs.capture()
     if stage.runner.denoise_graphs is not None:
