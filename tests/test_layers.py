@@ -119,6 +119,25 @@ def test_packed_attention_equals_one_call_per_sequence(capacity):
     assert not torch.allclose(other[:2], want[:2])
 
 
+def test_packed_outputs_of_every_row_go_back_by_one_gather():
+    """When the sequences' queries are all the forward's rows (in any order), the outputs return to their rows
+    by the inverse permutation's gather, and land where the scatter puts them; a forward with rows outside the
+    sequences keeps the scatter."""
+    from dataclasses import replace
+
+    from bagel_serve.layers.attention_backends import PackedAttention, pack_sequences, unpack_rows
+
+    q_rows = [torch.tensor([0, 1, 4, 5, 6]), torch.tensor([2, 3, 7, 8, 9])]
+    p = PackedAttention(**pack_sequences(q_rows, [torch.arange(3), None]))
+    assert torch.equal(p.q_rows[p.inv_rows], torch.arange(10))
+    o = torch.randn(10, 2, 4)
+    gathered, scattered = torch.full_like(o, float("nan")), torch.full_like(o, float("nan"))
+    unpack_rows(o, p, gathered)
+    unpack_rows(o, replace(p, inv_rows=None), scattered)
+    assert torch.equal(gathered, scattered)
+    assert pack_sequences([torch.tensor([0, 2])], [None])["inv_rows"] is None, "row 1 is not a query"
+
+
 def test_packing_refuses_a_capacity_below_the_cached_keys():
     from bagel_serve.layers.attention_backends import pack_sequences
 

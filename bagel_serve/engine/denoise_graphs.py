@@ -94,8 +94,8 @@ class DenoiseGraphs:
         rows, gen, branches, cap = top.rows, top.gen, max(BRANCH_COUNTS), max(CONTEXT_BUCKETS)
         dev = model.device
         # int64 inputs, one buffer: token ids, RoPE positions, latent position ids, packed-attention indices.
-        spans = dict(ids=rows, positions=rows, lat_pos=gen, repeats=branches, q_rows=rows, new_dst=rows,
-                     ctx_slots=cap, ctx_dst=cap)
+        spans = dict(ids=rows, positions=rows, lat_pos=gen, repeats=branches, q_rows=rows, inv_rows=rows,
+                     new_dst=rows, ctx_slots=cap, ctx_dst=cap)
         self._offsets = dict(zip(spans, itertools.accumulate(spans.values(), initial=0)))
         self.ints = torch.zeros(sum(spans.values()), dtype=torch.int64, device=dev)
         self._ints = torch.zeros_like(self.ints, device="cpu").pin_memory()
@@ -154,7 +154,8 @@ class DenoiseGraphs:
         packed = PackedAttention(self._view(self.ints, "q_rows", b.rows), self.cu[0, : n + 1], b.latents + 2,
                                  self.context_rows[: b.context], self._view(self.ints, "ctx_dst", b.context),
                                  self._view(self.ints, "new_dst", b.rows), self.cu[1, : n + 1],
-                                 b.context + b.latents + 2, b.context + b.rows + 1)
+                                 b.context + b.latents + 2, b.context + b.rows + 1,
+                                 self._view(self.ints, "inv_rows", b.rows))
         kv = self.context_kv[: b.context].permute(1, 2, 0, 3, 4)  # [layers, 2, keys, kv heads, head dim], as a cache
         with forward_context(ForwardContext(b.und, positions, None, kv, self.backend, None, [], packed)):
             hidden = m.transformer(x)
@@ -172,7 +173,8 @@ class DenoiseGraphs:
                   for i in range(n)]
         f = pack_sequences(q_rows, ctx_slots, b.context)
         values = dict(ids=torch.tensor(ids), positions=positions, lat_pos=lat_pos,
-                      repeats=torch.full((n,), b.latents), q_rows=f["q_rows"], new_dst=f["new_dst"],
+                      repeats=torch.full((n,), b.latents), q_rows=f["q_rows"], inv_rows=f["inv_rows"],
+                      new_dst=f["new_dst"],
                       ctx_slots=f["ctx_src"], ctx_dst=f["ctx_dst"])
         for name, v in values.items():
             self._view(self._ints, name, v.numel()).copy_(v)
