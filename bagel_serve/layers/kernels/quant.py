@@ -108,7 +108,9 @@ def quantize_rows_native(x: torch.Tensor) -> Fp8Rows:
     _check(x)
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True) if x.shape[1] else xf.new_zeros((x.shape[0], 1))
-    scale = torch.clamp_min(amax / FP8_MAX, SCALE_FLOOR)
+    # A tensor divisor, not a Python number: on CUDA torch turns division by a number into a multiply by its
+    # reciprocal, which is off by an ulp for some amax (and then a whole row's bytes differ).
+    scale = torch.clamp_min(amax / amax.new_tensor(FP8_MAX), SCALE_FLOOR)
     return Fp8Rows((xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale)
 
 
@@ -149,22 +151,34 @@ if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, stride_s, K: tl.constexpr,
                               BLOCK: tl.constexpr):
-        """One program per row; two passes over the row's columns (amax, then quantise): the second pass
-        reads what the first just read, from L2. The row width is a compile-time constant (a model has a
-        few), which also lets the interpreter run the column loops."""
+        """One program per row. A row that fits one block is read once and kept in registers; a wider one
+        takes two passes over its columns (amax, then quantise), the second reading from L2. The row width is
+        a compile-time constant (a model has a few), which also lets the interpreter run the column loops."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = row_scale(tl.max(amax, axis=0))
-        tl.store(s_ptr + row * stride_s, scale)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_ptr + row * stride_q + start + cols, quantize_values(v, scale), mask=mask)
+        if K <= BLOCK:
+            mask = cols < K
+            v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            scale = row_scale(tl.max(tl.abs(v), axis=0))
+            tl.store(s_ptr + row * stride_s, scale)
+            tl.store(q_ptr + row * stride_q + cols, quantize_values(v, scale), mask=mask)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, K, BLOCK):
+                mask = start + cols < K
+                v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = row_scale(tl.max(amax, axis=0))
+            tl.store(s_ptr + row * stride_s, scale)
+            for start in range(0, K, BLOCK):
+                mask = start + cols < K
+                v = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(q_ptr + row * stride_q + start + cols, quantize_values(v, scale), mask=mask)
+
+
+LAUNCH = {"max_block": 4096, "elements_per_thread": 16}
+"""Launch shape of the standalone quantiser: the widest column block, and elements per thread (which sets
+the warps). Module-level so `benchmarks/bench_fp8.py --sweep` can try others."""
 
 
 def quantize_rows_triton(x: torch.Tensor, out: Fp8Rows | None = None) -> Fp8Rows:
@@ -179,9 +193,10 @@ def quantize_rows_triton(x: torch.Tensor, out: Fp8Rows | None = None) -> Fp8Rows
         out = empty_fp8_rows(m, k, x.device)
     if m == 0:
         return out
-    block = min(4096, max(16, triton.next_power_of_2(k)))
+    block = min(LAUNCH["max_block"], max(16, triton.next_power_of_2(k)))
+    warps = min(32, max(1, block // (32 * LAUNCH["elements_per_thread"])))
     _quantize_rows_kernel[(m,)](x, out.data, out.scale, x.stride(0), out.data.stride(0), out.scale.stride(0),
-                                K=k, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+                                K=k, BLOCK=block, num_warps=warps)
     return out
 
 
