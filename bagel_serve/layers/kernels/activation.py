@@ -116,8 +116,15 @@ if triton is not None:
     @triton.jit
     def _silu_mul_row(x_row, out_row, s_ptr, I: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr):
         cols = tl.arange(0, BLOCK)
-        if QUANT:
-            # Two passes: the row's amax, then the quantised values (the second reads the row from L2).
+        if QUANT and I <= BLOCK:
+            # The row in registers: one read.
+            y, mask = _silu_mul_block(x_row, 0, cols, I)
+            yf = y.to(tl.float32)
+            scale = row_scale(tl.max(tl.abs(yf), axis=0))
+            tl.store(s_ptr, scale)
+            tl.store(out_row + cols, quantize_values(yf, scale), mask=mask)
+        elif QUANT:
+            # Two passes: the row's amax, then the quantised values (the second reads the row again).
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, I, BLOCK):
                 y, mask = _silu_mul_block(x_row, start, cols, I)
@@ -146,6 +153,15 @@ if triton is not None:
             _silu_mul_row(x_ptr + row * stride_x, tail_ptr + r * stride_t, tail_s_ptr + r, I, BLOCK, Q_TAIL)
 
 
+QUANT_LAUNCH = {"max_block": 4096, "elements_per_thread": 8}
+"""Launch shape of the fused SiLU-and-mul quantiser: the widest column block (a row no wider is read once,
+from registers; a wider one twice, the second time mostly from HBM again at the MLP's 18,944 columns) and
+elements per thread (which sets the warps). 4096 x 8 (16 warps) was the best shape tried at 8,196 rows on
+an H200 (`benchmarks/bench_fp8.py --sweep`, 2026-12-02): 2.02 TB/s of the bytes it must move, 4 % over
+2048 x 16; a fixed grid looping over rows (to keep the second pass in L2) and a backwards second pass were
+slower or no better. Module-level so that sweep can try others."""
+
+
 def silu_and_mul_quant_triton(x: torch.Tensor, n_und: int, quant_und: bool = False,
                               quant_gen: bool = True) -> tuple[Rows, Rows]:
     """`silu_and_mul_quant_native` in one launch; head and tail are separate allocations."""
@@ -160,10 +176,11 @@ def silu_and_mul_quant_triton(x: torch.Tensor, n_und: int, quant_und: bool = Fal
     if n_rows == 0 or i == 0:
         return head, tail
     (hd, hs, qh), (td, ts, qt) = block_args(head, tail, quant_und, quant_gen, x)
-    block = min(2048, triton.next_power_of_2(i))
+    block = min(QUANT_LAUNCH["max_block"], triton.next_power_of_2(i))
+    warps = min(32, max(1, block // (32 * QUANT_LAUNCH["elements_per_thread"])))
     _silu_and_mul_quant_kernel[(n_rows,)](
         x, hd, hs, td, ts, n, x.stride(0), hd.stride(0), td.stride(0), I=i, BLOCK=block,
-        Q_HEAD=qh, Q_TAIL=qt, num_warps=4 if block >= 1024 else 1,
+        Q_HEAD=qh, Q_TAIL=qt, num_warps=warps,
     )
     return head, tail
 

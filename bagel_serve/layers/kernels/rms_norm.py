@@ -211,6 +211,11 @@ def rms_norm_quant_native(
             quantize_rows_native(tail) if quant_gen else tail, residual)
 
 
+QUANT_LAUNCH = {"elements_per_thread": 16}
+"""Elements of the row per thread (which sets the warps) of the quantising norm; module-level so
+`benchmarks/bench_fp8.py --sweep` can try others."""
+
+
 def rms_norm_quant_triton(
     x: torch.Tensor,
     w_und: torch.Tensor,
@@ -239,7 +244,7 @@ def rms_norm_quant_triton(
         x, residual if residual is not None else x, w_und, w_gen, hd, hs, td, ts,
         n, hidden, x.stride(0), residual.stride(0) if residual is not None else 0, hd.stride(0), td.stride(0), eps,
         HAS_RES=residual is not None, Q_HEAD=qh, Q_TAIL=qt, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=min(32, max(1, block // (32 * QUANT_LAUNCH["elements_per_thread"]))),
     )
     return head, tail, residual
 
