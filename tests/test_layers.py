@@ -35,9 +35,28 @@ def test_expert_mlp_in_equal_chunks_equals_one_pass(monkeypatch, n_und):
         return real(x, n_und, und, gen, reduce)
 
     monkeypatch.setattr(mot, "MLP_CHUNK_ROWS", 4)
+    monkeypatch.setattr(mot, "CHUNK_ALIGN", 1)
     monkeypatch.setattr(mot, "expert_linear", spy)
     torch.testing.assert_close(mot.expert_mlp(x, n_und, und, gen), whole, rtol=1e-5, atol=1e-6)
     assert seen == [3, 3, 3, 3, 4, 4], seen  # gate-up and down of three near-equal chunks
+    seen.clear()
+    monkeypatch.setattr(mot, "CHUNK_ALIGN", 2)
+    torch.testing.assert_close(mot.expert_mlp(x, n_und, und, gen), whole, rtol=1e-5, atol=1e-6)
+    assert sum(seen) == 20 and len(seen) > 2, seen
+
+
+def test_chunk_bounds_fall_on_whole_tiles_of_each_expert():
+    # Two CFG branches of a 1024x1024 image: 4 boundary rows, then 8,192 latents in two chunks of 4,096.
+    assert mot.chunk_bounds(8196, 4, 8192, 128) == [0, 4100, 8196]
+    assert mot.chunk_bounds(8196, 0, 8192, 128) == [0, 4096, 8196]
+    assert mot.chunk_bounds(8192, 0, 8192, 128) == [0, 8192]
+    for n, n_und in ((65568, 16), (20000, 20000), (9000, 5000), (16392, 8), (8193, 1)):
+        bounds = mot.chunk_bounds(n, n_und, 8192, 128)
+        assert bounds[0] == 0 and bounds[-1] == n and bounds == sorted(set(bounds))
+        assert len(bounds) - 1 == -(-n // 8192)
+        for b in bounds[1:-1]:
+            assert (b - (0 if b <= n_und else n_und)) % 128 == 0, (n, n_und, bounds)
+        assert max(b - a for a, b in zip(bounds, bounds[1:])) <= 8192 + 128
 
 
 def test_cuda_backend_attends_an_image_block_in_one_call(monkeypatch):

@@ -20,10 +20,28 @@ from bagel_serve.layers.kernels.quant import Fp8Rows
 from bagel_serve.layers.linear import LinearBase
 
 MLP_CHUNK_ROWS = 8192
-"""Most rows per MLP chunk: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
-GEMMs of this many rows already run at full rate. A forward is cut into equal chunks: two CFG branches of a
-1024x1024 image are 8,196 rows, and 8,192 + 4 would read the generation expert's MLP weights once more for
+"""Rows per MLP chunk, about: bounds the gate-up activation (rows x 2 x intermediate) of large forwards, where
+GEMMs of this many rows already run at full rate. A forward is cut into about equal chunks: two CFG branches of
+a 1024x1024 image are 8,196 rows, and 8,192 + 4 would read the generation expert's MLP weights once more for
 four rows (about 2.8 ms a step on an H200)."""
+CHUNK_ALIGN = 128
+"""Chunk bounds fall on multiples of this many rows of their expert: GEMM tiles are 128 rows, and 4,098 rows
+(half of 8,196) would run 33 tiles where 4,096 run 32 (the FP8 GEMMs measured 8-12 % slower on an H200)."""
+
+
+def chunk_bounds(n: int, n_und: int, chunk: int, align: int) -> list[int]:
+    """Row bounds [0, ..., n] of about equal chunks of at most about `chunk` rows; each inner bound is moved to
+    the nearest multiple of `align` rows from the start of its expert's range (0 for the understanding rows,
+    `n_und` for the generation rows), so the chunks' GEMMs run whole tiles."""
+    chunks = -(-n // chunk)
+    bounds = [0]
+    for i in range(1, chunks):
+        b = n * i // chunks
+        base = 0 if b <= n_und else n_und
+        b = base + (b - base + align // 2) // align * align
+        if bounds[-1] < b < n:
+            bounds.append(b)
+    return bounds + [n]
 
 Rows = torch.Tensor | Fp8Rows | SplitRows
 """A forward's rows (or a row range of them): a tensor, e4m3 rows, or both experts' blocks."""
@@ -60,8 +78,7 @@ def expert_mlp(x: Rows, n_und: int, und: nn.Module, gen: nn.Module) -> torch.Ten
         return expert_linear(h, n_und, und.down_proj, gen.down_proj, reduce=True)
     out = torch.empty((n, und.down_proj.output_size_per_partition), dtype=und.down_proj.output_dtype,
                       device=x.device)
-    chunks = -(-n // MLP_CHUNK_ROWS)
-    bounds = [n * i // chunks for i in range(chunks + 1)]
+    bounds = chunk_bounds(n, n_und, MLP_CHUNK_ROWS, CHUNK_ALIGN)
     for a, b in zip(bounds, bounds[1:]):
         h = expert_silu_and_mul(expert_linear(x[a:b], n_und - a, und.gate_up_proj, gen.gate_up_proj), n_und - a,
                                 und.down_proj, gen.down_proj)
