@@ -143,19 +143,33 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)
 
 
+def gather_rows(x: torch.Tensor, segments: list[tuple[int, int]], cache: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The cache rows at `slots` (if any), then the rows of `x` of each (start, length) segment, as one
+    contiguous tensor; a single segment of `x` is returned as the view it is.
+
+    Written into one buffer by a copy per part: the rows of `x` are strided views (Q, K and V are column
+    ranges of the merged QKV output), and torch's `cat` over such views runs its slow generic kernel (about
+    6 ms of a guided 1024x1024 step on an H200, three times the copies')."""
+    cached = slots is not None and slots.numel() > 0
+    if not cached and len(segments) == 1:
+        a, n = segments[0]
+        return x[a : a + n]
+    m = int(slots.numel()) if cached else 0
+    out = torch.empty((m + sum(n for _, n in segments), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if cached:
+        torch.index_select(cache, 0, slots, out=out[:m])
+    for a, n in segments:
+        out[m : m + n].copy_(x[a : a + n])
+        m += n
+    return out
+
+
 def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: torch.Tensor,
           v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's keys and values: its cached rows, then its unstored new rows, in order."""
-    ks, vs = [], []
-    if seq.kv_slots is not None and seq.kv_slots.numel():
-        ks.append(k_cache.index_select(0, seq.kv_slots))
-        vs.append(v_cache.index_select(0, seq.kv_slots))
-    for a, n in seq.new_segments:
-        ks.append(k[a : a + n])
-        vs.append(v[a : a + n])
-    if len(ks) == 1:
-        return ks[0], vs[0]
-    return torch.cat(ks), torch.cat(vs)
+    return (gather_rows(k, seq.new_segments, k_cache, seq.kv_slots),
+            gather_rows(v, seq.new_segments, v_cache, seq.kv_slots))
 
 
 class AttentionBackend:
@@ -269,7 +283,7 @@ class CudaBackend(AttentionBackend):
         if seq.causal or len(seq.q_segments) == 1:
             return super().sequence(q, k, v, seq, k_cache, v_cache, out)
         keys, values = _keys(k, v, seq, k_cache, v_cache)
-        o = self.attend(torch.cat([q[a : a + n] for a, n in seq.q_segments]), keys, values, False)
+        o = self.attend(gather_rows(q, seq.q_segments), keys, values, False)
         start = 0
         for a, n in seq.q_segments:
             out[a : a + n] = o[start : start + n]
