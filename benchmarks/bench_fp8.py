@@ -13,6 +13,11 @@ For each projection of a 1024x1024 denoising forward (M = 8196 rows: QKV 3584->4
 and, first, checks on this GPU that each Triton kernel writes the same e4m3 bytes and scales as its twin
 (the tests check that under the interpreter) and that the FP8 GEMM matches its float32 emulation. Every
 measurement is in its own try/except: a failure is recorded and the run goes on. Under a minute on an H200.
+
+`--sweep` adds: each FP8 producer kernel alone at the forward's shapes under several launch shapes (the
+modules' `LAUNCH` tables), as GB/s of the bytes it must move against the card's copy bandwidth, each
+checked byte for byte against its twin; the MLP GEMMs at row counts around the chunk sizes a forward cuts
+(tile quantisation); and fast accumulation's rate and error against the float32 emulation per projection.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, machine_ceilings, median_cuda_s, parser, report  # noqa: E402
 
 from bagel_serve.layers.fp8 import fp8_linear  # noqa: E402
+from bagel_serve.layers.kernels import activation, quant, rms_norm  # noqa: E402
 from bagel_serve.layers.kernels.activation import silu_and_mul_quant_triton, silu_and_mul_triton  # noqa: E402
 from bagel_serve.layers.kernels.quant import Fp8Rows, quantize_rows_native, quantize_rows_triton  # noqa: E402
 from bagel_serve.layers.kernels.rms_norm import rms_norm_quant_triton, rms_norm_triton  # noqa: E402
@@ -116,8 +122,92 @@ def gemms(res: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def _gb_s(res: dict, name: str, nbytes: float, fn, check=None) -> None:
+    """GB/s of `nbytes` moved by fn(), and with `check` the count of values that differ from the twin."""
+    def ten() -> None:  # back to back, so a short kernel's launch overlaps the one before it
+        for _ in range(10):
+            fn()
+
+    try:
+        res[f"{name}.gb_s"] = 10 * nbytes / median_cuda_s(ten, REPS) / 1e9
+        if check is not None:
+            res[f"{name}.mismatches"] = check()
+        line = f"{name:<48}{res[f'{name}.gb_s']:>10.0f} GB/s"
+        if check is not None:
+            line += f"  mismatches {res[f'{name}.mismatches']}"
+    except Exception as e:  # recorded, the run goes on
+        res[f"{name}.gb_s"] = line = f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    print(line, flush=True)
+
+
+def sweep_producers(res: dict) -> None:
+    """Each producer alone (its input already made), under the launch shapes of its module's table."""
+    x, wu, wg, r0 = randn(M, H), randn(H), randn(H), randn(M, H)
+    r = r0.clone()  # the timed calls add into it; the checks start from r0
+    gu = randn(M, 2 * INTER, scale=2.0)
+    _gb_s(res, "rms_norm.bf16_residual", M * H * 8, lambda: rms_norm_triton(x, wu, wg, 0, 1e-6, r))
+    _gb_s(res, "silu_and_mul.bf16", M * INTER * 6, lambda: silu_and_mul_triton(gu))
+    want_q = quantize_rows_native(x)
+    plain_norm, _ = rms_norm_triton(x, wu, wg, 0, 1e-6, r0.clone())
+    want_norm = quantize_rows_native(plain_norm)
+    want_silu = quantize_rows_native(silu_and_mul_triton(gu))
+    saved = (dict(quant.LAUNCH), dict(rms_norm.QUANT_LAUNCH), dict(activation.QUANT_LAUNCH))
+    try:
+        for ept in (4, 8, 16, 32):
+            quant.LAUNCH.update(max_block=4096, elements_per_thread=ept)
+            _gb_s(res, f"quantize_rows.ept{ept}", M * H * 3, lambda: quantize_rows_triton(x),
+                  lambda: same_fp8(quantize_rows_triton(x), want_q))
+            rms_norm.QUANT_LAUNCH.update(elements_per_thread=ept)
+            _gb_s(res, f"rms_norm_quant.residual.ept{ept}", M * H * 7,
+                  lambda: rms_norm_quant_triton(x, wu, wg, 0, 1e-6, r, False, True),
+                  lambda: same_fp8(rms_norm_quant_triton(x, wu, wg, 0, 1e-6, r0.clone(), False, True)[1], want_norm))
+        for block, ept in ((2048, 16), (2048, 8), (4096, 16), (4096, 8), (8192, 16), (8192, 8)):
+            activation.QUANT_LAUNCH.update(max_block=block, elements_per_thread=ept)
+            _gb_s(res, f"silu_and_mul_quant.block{block}.ept{ept}", M * INTER * 5,
+                  lambda: silu_and_mul_quant_triton(gu, 0, False, True),
+                  lambda: same_fp8(silu_and_mul_quant_triton(gu, 0, False, True)[1], want_silu))
+    finally:
+        quant.LAUNCH.update(saved[0])
+        rms_norm.QUANT_LAUNCH.update(saved[1])
+        activation.QUANT_LAUNCH.update(saved[2])
+    del x, r, r0, gu
+    torch.cuda.empty_cache()
+
+
+def sweep_gemms(res: dict) -> None:
+    """The MLP GEMMs at row counts a forward's chunks may have (a tile is 128 or 256 rows), bf16 and FP8 with
+    and without fast accumulation; then fast accumulation's error per projection."""
+    for case in ("gate_up", "down"):
+        k, n = SHAPES[case]
+        w = randn(n, k, scale=0.05)
+        wq = quantize_rows_native(w)
+        for m in (4094, 4096, 4098, 4100, 8192, 8196):
+            x = randn(m, k)
+            xq = quantize_rows_native(x)
+            out = torch.empty(m, n, device="cuda", dtype=BF)
+            flops = 2.0 * m * n * k
+            measure(res, f"{case}.m{m}.bf16", flops, lambda: torch.mm(x, w.t(), out=out))
+            for fast in (False, True):
+                measure(res, f"{case}.m{m}.fp8{'_fast' if fast else ''}", flops,
+                        lambda: fp8_linear(xq, wq.data, wq.scale.view(1, -1), None, BF, out=out, fast_accum=fast))
+        del w, wq, x, xq, out
+        torch.cuda.empty_cache()
+    for case, (k, n) in SHAPES.items():
+        m = 1024
+        xq, wq = quantize_rows_native(randn(m, k)), quantize_rows_native(randn(n, k, scale=0.05))
+        want = xq.dequantize() @ wq.dequantize().T
+        for fast in (False, True):
+            got = fp8_linear(xq, wq.data, wq.scale.view(1, -1), None, BF, fast_accum=fast).float()
+            res[f"{case}.fp8{'_fast' if fast else ''}.rel_l2_vs_fp32"] = float((got - want).norm() / want.norm())
+        print(f"{case:<10} rel. L2 vs float32 emulation: exact accumulation "
+              f"{res[f'{case}.fp8.rel_l2_vs_fp32']:.2e}, fast {res[f'{case}.fp8_fast.rel_l2_vs_fp32']:.2e}",
+              flush=True)
+
+
 def main() -> None:
-    args = parser("bench_fp8.json").parse_args()
+    ap = parser("bench_fp8.json")
+    ap.add_argument("--sweep", action="store_true", help="producers' launch shapes, GEMM row counts, fast accumulation")
+    args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         sys.exit("bench_fp8 needs a CUDA GPU of compute capability 8.9 or newer")
     torch.manual_seed(0)
@@ -128,6 +218,9 @@ def main() -> None:
         res["check.failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     print("effective TFLOP/s (GEMM flops / time, including the producer where named)")
     gemms(res)
+    if args.sweep:
+        sweep_producers(res)
+        sweep_gemms(res)
     report(res, args.out)
 
 
