@@ -149,8 +149,8 @@ def gather_rows(x: torch.Tensor, segments: list[tuple[int, int]], cache: torch.T
     contiguous tensor; a single segment of `x` is returned as the view it is.
 
     Written into one buffer by a copy per part: the rows of `x` are strided views (Q, K and V are column
-    ranges of the merged QKV output), and torch's `cat` over such views runs its slow generic kernel (about
-    6 ms of a guided 1024x1024 step on an H200, three times the copies')."""
+    ranges of the merged QKV output), and torch's `cat` over such views runs its slow generic kernel (6.3 ms of
+    a guided 1024x1024 step on an H200, against 3.6 ms for the copies)."""
     cached = slots is not None and slots.numel() > 0
     if not cached and len(segments) == 1:
         a, n = segments[0]
