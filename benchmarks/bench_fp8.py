@@ -5,7 +5,8 @@
 For each projection of a 1024x1024 denoising forward (M = 8196 rows: QKV 3584->4608, O 3584->3584, gate-up
 3584->37888, down 18944->3584) it measures, as effective TFLOP/s of the GEMM's 2*M*N*K:
   bf16        `x @ w.T` (cuBLAS)
-  fp8 gemm    `torch._scaled_mm` on inputs already in e4m3 (the GEMM alone)
+  fp8 gemm    `torch._scaled_mm` on inputs already in e4m3 (the GEMM alone, with fast accumulation as the
+              engine runs it; `--sweep` compares it with promotion)
   +quant      the standalone per-row quantiser kernel, then the GEMM (what o_proj runs)
   +eager      the same quantisation as a plain torch amax/div/clamp/cast chain, then the GEMM
   producer    the op that makes the GEMM's input, then the GEMM: bf16 RMSNorm (QKV, gate-up) or

@@ -99,12 +99,13 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype, out: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
+               out_dtype: torch.dtype, out: torch.Tensor | None = None, fast_accum: bool = True) -> torch.Tensor:
     """`(x.data * x.scale) @ (weight * weight_scale).T + bias` in `out_dtype` (into `out` if given).
 
     weight: [N, K] e4m3, row-major; weight_scale: [1, N] float32; x.data [M, K] row-major, x.scale [M, 1].
     `fast_accum`: let the GPU's FP8 tensor cores keep their partial sums at their own reduced precision
-    instead of promoting them to float32 as the GEMM goes (the CPU emulation is float32 either way)."""
+    instead of promoting them to float32 as the GEMM goes (the default, as the FP8 linears run it; the CPU
+    emulation is float32 either way)."""
     if x.data.is_cuda:
         data = x.data if x.data.is_contiguous() else x.data.contiguous()
         args = (data, weight.t(), _aligned(x.scale), weight_scale)
