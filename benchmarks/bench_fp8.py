@@ -162,11 +162,16 @@ def sweep_producers(res: dict) -> None:
             _gb_s(res, f"rms_norm_quant.residual.ept{ept}", M * H * 7,
                   lambda: rms_norm_quant_triton(x, wu, wg, 0, 1e-6, r, False, True),
                   lambda: same_fp8(rms_norm_quant_triton(x, wu, wg, 0, 1e-6, r0.clone(), False, True)[1], want_norm))
-        for block, ept in ((2048, 16), (2048, 8), (4096, 16), (4096, 8), (8192, 16), (8192, 8)):
-            activation.QUANT_LAUNCH.update(max_block=block, elements_per_thread=ept)
-            _gb_s(res, f"silu_and_mul_quant.block{block}.ept{ept}", M * INTER * 5,
+        shapes = [dict(max_row=0, max_block=b, elements_per_thread=e) for b, e in ((2048, 16), (4096, 8), (8192, 8))]
+        shapes += [dict(saved[2], row_elements_per_thread=e) for e in (32, 64, 128, 256)]
+        for shape in shapes:
+            activation.QUANT_LAUNCH.update(shape)
+            name = (f"registers.ept{shape['row_elements_per_thread']}" if shape["max_row"]
+                    else f"two_pass.block{shape['max_block']}.ept{shape['elements_per_thread']}")
+            _gb_s(res, f"silu_and_mul_quant.{name}", M * INTER * 5,
                   lambda: silu_and_mul_quant_triton(gu, 0, False, True),
                   lambda: same_fp8(silu_and_mul_quant_triton(gu, 0, False, True)[1], want_silu))
+            activation.QUANT_LAUNCH.update(saved[2])
     finally:
         quant.LAUNCH.update(saved[0])
         rms_norm.QUANT_LAUNCH.update(saved[1])

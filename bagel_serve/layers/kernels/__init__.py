@@ -49,6 +49,24 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def power_of_2_parts(n: int, parts: int = 4) -> tuple[int, ...]:
+    """`parts` powers of two (0 for an unused part, largest first) whose sum covers n: its highest set bits,
+    the last part rounded up to a power of two when n has more set bits than parts. Triton tensors have
+    power-of-two shapes; a row held as such parts wastes no lanes where one padded block would (18,944 =
+    16,384 + 2,048 + 512, against a block of 32,768)."""
+    if n <= 0 or parts < 1:
+        raise ValueError(f"power_of_2_parts wants n >= 1 and parts >= 1, got n={n}, parts={parts}")
+    out: list[int] = []
+    rest = int(n)
+    while rest and len(out) < parts - 1:
+        top = 1 << (rest.bit_length() - 1)
+        out.append(top)
+        rest -= top
+    if rest:
+        out.append(next_power_of_2(rest))
+    return tuple(out) + (0,) * (parts - len(out))
+
+
 try:
     import triton
     import triton.language as tl
@@ -74,4 +92,4 @@ if triton is not None:
             return x.to(dtype)
 
 
-__all__ = ["DISABLE_ENV", "INTERPRET", "next_power_of_2", "triton_available", "use_triton"]
+__all__ = ["DISABLE_ENV", "INTERPRET", "next_power_of_2", "power_of_2_parts", "triton_available", "use_triton"]
