@@ -25,7 +25,9 @@ from bagel_serve.layers.fp8 import Fp8LinearMethod, Fp8UnsupportedError, SplitRo
 from bagel_serve.layers.kernels import activation
 from bagel_serve.layers.kernels.activation import (silu_and_mul_quant_native, silu_and_mul_quant_triton,
                                                    silu_and_mul_triton)
-from bagel_serve.layers.kernels.quant import Fp8Rows, quantize_rows, quantize_rows_native, quantize_rows_triton
+from bagel_serve.layers.kernels.gather import scatter_split_rows_native, scatter_split_rows_triton
+from bagel_serve.layers.kernels.quant import (Fp8Rows, empty_rows, quantize_rows, quantize_rows_native,
+                                              quantize_rows_triton)
 from bagel_serve.layers.kernels.rms_norm import rms_norm_quant_native, rms_norm_quant_triton, rms_norm_triton
 from bagel_serve.layers.linear import QKVParallelLinear, RowParallelLinear
 from bagel_serve.model.layout import TextPiece
@@ -157,11 +159,12 @@ def test_rms_norm_quant_kernel(n_und: int, flags: tuple[bool, bool], with_residu
 
 @pytest.mark.parametrize("n_und", [0, 2, 5])
 @pytest.mark.parametrize("flags", QUANT_FLAGS)
-@pytest.mark.parametrize("inter", [96, 2100])
-@pytest.mark.parametrize("max_block", [4096, 2048])  # each row in one block; 2100 columns in two passes
-def test_silu_and_mul_quant_kernel(n_und: int, flags: tuple[bool, bool], inter: int, max_block: int,
+@pytest.mark.parametrize("inter", [96, 2100, 2101])  # 64 + 32; 2048 + 32 + 16 + 4; the last part padded to 8
+@pytest.mark.parametrize("launch", [{}, {"max_row": 0, "max_block": 2048}], ids=["registers", "two-passes"])
+def test_silu_and_mul_quant_kernel(n_und: int, flags: tuple[bool, bool], inter: int, launch: dict,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(activation.QUANT_LAUNCH, "max_block", max_block)
+    for key, value in launch.items():
+        monkeypatch.setitem(activation.QUANT_LAUNCH, key, value)
     g = torch.Generator().manual_seed(inter + n_und)
     x = (torch.randn(5, 2 * inter, generator=g) * 3).to(KDEV)
     b = x.to(torch.bfloat16)
@@ -177,6 +180,38 @@ def test_silu_and_mul_quant_kernel(n_und: int, flags: tuple[bool, bool], inter: 
         head, tail = silu_and_mul_quant_triton(xi, n_und, *flags)
         for got, want, q in ((head, plain[:n_und], flags[0]), (tail, plain[n_und:], flags[1])):
             assert same(got, quantize_rows_native(want) if q else want)
+
+
+@pytest.mark.parametrize("n_und", [0, 3])
+@pytest.mark.parametrize("flags", QUANT_FLAGS)
+def test_scatter_split_rows_kernel(n_und: int, flags: tuple[bool, bool]) -> None:
+    """Attention outputs scattered into the output projections' row blocks, quantised where a block is FP8:
+    the kernel writes its twin's bytes and scales, exactly what scattering then quantising gives, and leaves
+    the rows it was not given alone."""
+    g = torch.Generator().manual_seed(n_und + 7 * flags[0] + 3 * flags[1])
+    n, h, d = 9, 6, 16
+    src = (torch.randn(5, h, d, generator=g) * 3).to(torch.bfloat16).to(KDEV)
+    rows = torch.tensor([7, 0, 4, 2, 8], device=KDEV)
+    plain = torch.zeros(n, h * d, dtype=torch.bfloat16, device=KDEV)
+    plain[rows] = src.reshape(5, -1)
+    blocks = {}
+    for name, scatter in (("native", scatter_split_rows_native), ("kernel", scatter_split_rows_triton)):
+        head, tail = empty_rows(n_und, h * d, src, flags[0]), empty_rows(n - n_und, h * d, src, flags[1])
+        for block in (head, tail):
+            (block.data if isinstance(block, Fp8Rows) else block).zero_()
+            if isinstance(block, Fp8Rows):
+                block.scale.zero_()
+        scatter(src, rows, head, tail)
+        blocks[name] = (head, tail)
+    for i in range(2):
+        assert same(blocks["native"][i], blocks["kernel"][i])
+    for block, want, quant in zip(blocks["kernel"], (plain[:n_und], plain[n_und:]), flags):
+        if quant:
+            # Untouched rows keep their zero bytes and scales: the scale 0 no quantised row can have.
+            assert same(block, Fp8Rows(quantize_rows_native(want).data, quantize_rows_native(want).scale
+                                       * (want.abs().amax(1, keepdim=True) > 0)))
+        else:
+            assert torch.equal(block, want)
 
 
 # --- the FP8 linear -----------------------------------------------------------------------------------------
@@ -425,3 +460,40 @@ def test_old_gpus_are_refused_before_loading(tiny_checkpoint: Path, monkeypatch:
     monkeypatch.setattr(loader, "_load_into", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(Fp8UnsupportedError, match="8.0"):
         Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE, quantization="fp8")
+
+
+def test_attention_outputs_quantised_on_their_way_match_the_projection_quantising_them(
+        fp8: Omni, fp8_und: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large image's attention outputs leave their scatter as the FP8 output projection's e4m3 rows
+    (`CudaBackend.packed_split`): the images are those of the plain packed path, whose projection quantises
+    the outputs itself, to the bit. Run here with exact attention and every image counted as large."""
+    from bagel_serve.layers import attention_backends as ab
+
+    class Exact(ab.ExactBackend):
+        def packs(self, query_counts, dtype):
+            return True
+
+    class PerSequence(ab.CudaBackend):
+        splits = 0
+
+        def attend(self, q, k, v, causal):
+            return ab.exact_attention(q, k, v, causal)
+
+        def packs(self, query_counts, dtype):
+            return True
+
+        def packed_split(self, *args):
+            done = super().packed_split(*args)
+            PerSequence.splits += done
+            return done
+
+    monkeypatch.setattr(ab, "CUDNN_MIN_QUERIES", 1)
+    for omni in (fp8, fp8_und):
+        runner = omni.stage.runner
+        monkeypatch.setattr(runner, "backend", Exact())
+        (want,) = omni.generate([T2I])
+        monkeypatch.setattr(runner, "backend", PerSequence())
+        (got,) = omni.generate([T2I])
+        assert PerSequence.splits > 0
+        assert torch.equal(got.latents, want.latents)
+        PerSequence.splits = 0

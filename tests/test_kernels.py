@@ -35,9 +35,15 @@ import zlib
 import pytest
 import torch
 
-from bagel_serve.layers.kernels import DISABLE_ENV, triton_available, use_triton
+from bagel_serve.layers.kernels import DISABLE_ENV, power_of_2_parts, triton_available, use_triton
 from bagel_serve.layers.kernels.conv import conv2d, conv2d_native, conv2d_triton, uses_kernel
 from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_native, silu_and_mul_triton
+from bagel_serve.layers.kernels.gather import (
+    pack_attention_rows_native,
+    pack_attention_rows_triton,
+    scatter_rows_native,
+    scatter_rows_triton,
+)
 from bagel_serve.layers.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_native,
@@ -112,6 +118,20 @@ def test_dispatch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not use_triton(gpu)
         monkeypatch.setenv(DISABLE_ENV, "0")
         assert use_triton(gpu)
+
+
+@pytest.mark.parametrize("n", [1, 3, 96, 2100, 2101, 3584, 18944, 29568, 32768])
+def test_power_of_2_parts_cover_a_row(n: int) -> None:
+    parts = power_of_2_parts(n)
+    used = [p for p in parts if p]
+    assert len(parts) == 4 and all(p & (p - 1) == 0 for p in used) and used == sorted(used, reverse=True)
+    assert parts[len(used):] == (0,) * (4 - len(used))
+    assert n <= sum(used) < n + used[-1], "the padding is less than the last part"
+    if bin(n).count("1") <= 4:
+        assert sum(used) == n, "a row of at most four set bits is covered exactly"
+    assert power_of_2_parts(18944) == (16384, 2048, 512, 0)
+    with pytest.raises(ValueError, match="n >= 1"):
+        power_of_2_parts(0)
 
 
 def test_dispatchers_on_cpu_are_the_native_twins() -> None:
@@ -355,6 +375,47 @@ def test_silu_and_mul(dtype, inter) -> None:
     tol = (16 + 4 * gd.abs()) * U * ref.double().abs()
     assert_close(tri, nat, dtype, tol, 3.5, "triton vs native")
     assert_close(nat, ref, dtype, tol, 3.5, "native vs float64")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gather: attention rows packed and scattered
+
+
+def test_pack_attention_rows_and_scatter_rows() -> None:
+    """The packing kernel moves exactly the rows its tables name: queries from row-strided views of a merged
+    QKV output, keys and values from the forward's rows or the cache; the scatter puts each output row back,
+    from outputs of either head layout, and touches no other row."""
+    from bagel_serve.layers.attention_backends import pack_sequences, packed_keys, PackedAttention
+
+    g = seeded("gather")
+    hq, hkv, d, n = 6, 2, 16, 20
+    qkv = randn(g, n, (hq + 2 * hkv) * d, dtype=torch.bfloat16)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+    k_cache, v_cache = randn(g, 30, hkv, d, dtype=torch.bfloat16), randn(g, 30, hkv, d, dtype=torch.bfloat16)
+    q_rows = [torch.tensor([0, 1, *range(4, 12)]), torch.tensor([2, 3, *range(12, 20)])]
+    f = pack_sequences(q_rows, [torch.tensor([7, 3, 29]), None])
+    p = PackedAttention(**{a: b.to(DEVICE) if isinstance(b, torch.Tensor) else b for a, b in f.items()})
+    assert p.host_cu_q == (0, 10, 20) and p.host_cu_k == (0, 13, 23)
+    assert p.kv_src.tolist()[:4] == [-8, -4, -30, 0] and p.kv_src[-1] == -1
+    nat = pack_attention_rows_native(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+    tri = pack_attention_rows_triton(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+    kp, vp = packed_keys(k, v, p, k_cache, v_cache)
+    for a, b in zip(nat, tri, strict=True):
+        assert torch.equal(a, b) and a.is_contiguous() and b.is_contiguous()
+    assert torch.equal(nat[0], q[p.q_rows]) and torch.equal(nat[1][:-1], kp[:-1]) and torch.equal(nat[2][:-1], vp[:-1])
+    o = randn(g, 10, hq, d, dtype=torch.bfloat16)
+    for src in (o, o.transpose(0, 1).contiguous().transpose(0, 1)):  # rows of heads, or heads of rows
+        want, got = nan_like(q.contiguous()), nan_like(q.contiguous())
+        scatter_rows_native(src, p.q_rows[10:], want)
+        scatter_rows_triton(src, p.q_rows[10:], got)
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.isnan(got[[0, 1, *range(4, 12)]]).all() and torch.equal(got[p.q_rows[10:]], src)
+    with pytest.raises(ValueError, match="unit stride along the head dimension"):
+        pack_attention_rows_triton(q.transpose(1, 2), k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+    with pytest.raises(ValueError, match="scatter_rows writes contiguous rows"):
+        scatter_rows_triton(o, p.q_rows[10:], torch.zeros(n, hq, 2 * d, dtype=torch.bfloat16, device=DEVICE)[..., :d])
 
 
 # ----------------------------------------------------------------------------------------------------------

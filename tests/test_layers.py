@@ -165,17 +165,21 @@ def test_packing_refuses_a_capacity_below_the_cached_keys():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's packed call needs a GPU")
-def test_cuda_packed_attention_is_bitwise_one_flash_call_per_sequence():
+@pytest.mark.parametrize("latents", [1024, 2048])
+def test_cuda_packed_attention_is_bitwise_one_call_per_sequence(latents: int):
     """At 512x512 (1,026 queries a sequence) the packed varlen flash call gives each sequence the bits its own
     flash call gives. (Below about 1,000 queries the per-sequence kernel splits the keys over thread blocks, by
-    a heuristic the varlen kernel does not apply, and the sums round apart.)"""
+    a heuristic the varlen kernel does not apply, and the sums round apart.) From cuDNN's cut-off on, each
+    sequence keeps its own call on rows packed in one launch: the same bits again."""
     from bagel_serve.layers.attention_backends import CudaBackend, PackedAttention, SequenceAttention, pack_sequences
+    from bagel_serve.layers.kernels.quant import empty_rows, quantize_rows_native
 
     g = torch.Generator().manual_seed(0)
-    n, hq, hkv, d = 2 * 2 + 2 * 1024, 28, 4, 128
-    q, k, v = (torch.randn(n, h, d, generator=g).to("cuda", torch.bfloat16) for h in (hq, hkv, hkv))
+    n, hq, hkv, d = 2 * 2 + 2 * latents, 28, 4, 128
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to("cuda", torch.bfloat16)
+    q, k, v = (qkv[:, a * d : b * d].view(n, b - a, d) for a, b in ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv)))
     k_cache, v_cache = (torch.randn(500, hkv, d, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
-    seqs = [([(0, 2), (4, 1024)], torch.arange(100, 160)), ([(2, 2), (1028, 1024)], torch.arange(7, 12))]
+    seqs = [([(0, 2), (4, latents)], torch.arange(100, 160)), ([(2, 2), (4 + latents, latents)], torch.arange(7, 12))]
     want = torch.zeros_like(q)
     for segments, slots in seqs:
         CudaBackend().sequence(q, k, v, SequenceAttention(segments, False, slots.cuda(), segments), k_cache, v_cache,
@@ -183,7 +187,15 @@ def test_cuda_packed_attention_is_bitwise_one_flash_call_per_sequence():
     q_rows = [torch.cat([torch.arange(a, a + m) for a, m in segments]) for segments, _ in seqs]
     for capacity in (None, 256):
         f = pack_sequences(q_rows, [slots for _, slots in seqs], capacity)
+        p = PackedAttention(**{a: b.cuda() if isinstance(b, torch.Tensor) else b for a, b in f.items()})
         got = torch.zeros_like(q)
-        CudaBackend().packed(q, k, v, PackedAttention(**{a: b.cuda() if isinstance(b, torch.Tensor) else b
-                                                       for a, b in f.items()}), k_cache, v_cache, got)
+        CudaBackend().packed(q, k, v, p, k_cache, v_cache, got)
         assert torch.equal(got, want)
+        # The per-sequence form can hand an FP8 output projection its rows quantised; the varlen one does not.
+        head, tail = empty_rows(4, hq * d, q, False), empty_rows(n - 4, hq * d, q, True)
+        assert CudaBackend().packed_split(q, k, v, p, k_cache, v_cache, head, tail) == (latents >= 2048)
+        if latents >= 2048:
+            flat = want.view(n, hq * d)
+            ref = quantize_rows_native(flat[4:])
+            assert torch.equal(head, flat[:4]) and torch.equal(tail.scale, ref.scale)
+            assert torch.equal(tail.data.view(torch.uint8), ref.data.view(torch.uint8))

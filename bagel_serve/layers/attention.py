@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bagel_serve.layers.fp8 import SplitRows
 from bagel_serve.layers.forward_context import get_forward_context
+from bagel_serve.layers.kernels.quant import empty_rows
 
 
 class Attention(nn.Module):
@@ -27,10 +29,21 @@ class Attention(nn.Module):
         kv = get_forward_context().kv_cache
         return kv[self.layer_index, 0], kv[self.layer_index, 1]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (rows, Hq, D), k/v (rows, Hkv, D) -> (rows, Hq, D)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant_und: bool = False,
+                quant_gen: bool = False) -> torch.Tensor | SplitRows:
+        """q (rows, Hq, D), k/v (rows, Hkv, D) -> (rows, Hq, D); or, when an output projection is FP8
+        (`quant_und`, `quant_gen`) and the backend writes a packed forward's rows straight into its input, each
+        expert's rows [n, Hq * D] (e4m3 + scales for an FP8 one) as `SplitRows`."""
         ctx = get_forward_context()
         k_cache, v_cache = self.cache()
+        p = ctx.packed
+        if (quant_und or quant_gen) and p is not None and p.inv_rows is not None \
+                and p.inv_rows.numel() == q.shape[0]:
+            n_und, width = min(max(ctx.n_und, 0), q.shape[0]), q.shape[1] * q.shape[2]
+            head = empty_rows(n_und, width, q, quant_und)
+            tail = empty_rows(q.shape[0] - n_und, width, q, quant_gen)
+            if ctx.backend.packed_split(q, k, v, p, k_cache, v_cache, head, tail):
+                return SplitRows(head, tail)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if ctx.decode is not None and ctx.decode.n:
             n = ctx.decode.n

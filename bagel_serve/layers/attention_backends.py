@@ -23,6 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
+from bagel_serve.layers.fp8 import SplitRows
+from bagel_serve.layers.kernels.gather import pack_attention_rows, scatter_rows, scatter_split_rows
+from bagel_serve.layers.kernels.quant import Fp8Rows
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -30,6 +33,9 @@ except ImportError:  # older torch: one call per image
     _varlen_attn = None
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
+
+Rows = torch.Tensor | Fp8Rows
+"""A block of output rows: in the model dtype, or e4m3 with a scale per row."""
 
 
 @dataclass
@@ -62,7 +68,8 @@ class PackedAttention:
     key buffer of `k_rows` rows, built per layer from its cached keys (cache slots `ctx_src`, placed at rows
     `ctx_dst`) then the queries' own keys (placed at rows `new_dst`), the order `SequenceAttention` reads.
     Sequences attend without a mask. `ctx_src` may be padded (to a CUDA graph's capacity): padding reads
-    slot 0 into the buffer's last row, which no sequence reads. `inv_rows`: when the queries are every row of
+    slot 0 into the buffer's last row, which no sequence reads. `kv_src` names every key row's source at
+    once, for a backend that packs the keys in one launch (`kernels.gather`). `inv_rows`: when the queries are every row of
     the forward (a denoising forward's are), where each row's output lies in the packed order, so the outputs
     go back to their rows in one gather instead of an index scatter (torch's is the slower kernel: about 20 ms
     of a 512x512 text2img on an H200)."""
@@ -77,6 +84,11 @@ class PackedAttention:
     max_k: int
     k_rows: int
     inv_rows: torch.Tensor | None = None  # int64 [queries]
+    kv_src: torch.Tensor | None = None  # int64 [k_rows]: forward row r >= 0, or cache slot -r - 1
+    host_cu_q: tuple[int, ...] | None = None
+    host_cu_k: tuple[int, ...] | None = None
+    """`cu_q`/`cu_k` on the host, for a backend that calls a kernel per sequence (never set in a CUDA graph,
+    whose sequences' lengths must stay on the device)."""
 
 
 def pack_sequences(q_rows: list[torch.Tensor], ctx_slots: list[torch.Tensor | None], capacity: int | None = None
@@ -103,8 +115,12 @@ def pack_sequences(q_rows: list[torch.Tensor], ctx_slots: list[torch.Tensor | No
     max_k = max(c + q for c, q in zip(cn, qn)) if capacity is None else cap + max(qn)
     rows = torch.cat(q_rows).to(torch.int64)
     everything = torch.equal(torch.sort(rows).values, torch.arange(rows.numel()))
+    kv_src = torch.full((k_rows,), -1, dtype=torch.int64)  # the unread last row: slot 0
+    kv_src[ctx_dst] = -ctx_src - 1
+    kv_src[new_dst] = rows
     return dict(q_rows=rows, cu_q=cu_q, max_q=max(qn), ctx_src=ctx_src, ctx_dst=ctx_dst, new_dst=new_dst,
-                cu_k=cu_k, max_k=max_k, k_rows=k_rows, inv_rows=torch.argsort(rows) if everything else None)
+                cu_k=cu_k, max_k=max_k, k_rows=k_rows, inv_rows=torch.argsort(rows) if everything else None,
+                kv_src=kv_src, host_cu_q=tuple(cu_q.tolist()), host_cu_k=tuple(cu_k.tolist()))
 
 
 def unpack_rows(o: torch.Tensor, p: PackedAttention, out: torch.Tensor) -> None:
@@ -208,6 +224,13 @@ class AttentionBackend:
                        for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])])
         unpack_rows(o, p, out)
 
+    def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows) -> bool:
+        """`packed` writing the outputs straight into the output projections' row blocks (`head` the rows
+        [0, len(head)), `tail` the rest, each e4m3 + scales where its projection is FP8), when the queries
+        are every row. False when this backend does not for `p`: the caller then runs `packed`."""
+        return False
+
     def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
         """Pay the kernels' one-time set-up at start instead of in the first request."""
 
@@ -290,21 +313,48 @@ class CudaBackend(AttentionBackend):
             start += n
 
     def packs(self, query_counts: list[int], dtype: torch.dtype) -> bool:
-        """Sequences below cuDNN's cut-off (small images' denoising steps, with their CFG branches) go through
-        one varlen flash call: one launch, no copy of the outputs per segment, and lengths read on the device,
-        so a CUDA graph can replay it for other contexts (`engine.denoise_graphs`). At 512x512 it gives each
-        sequence the bits of its own flash call (checked on an H200); below about 1,000 queries that call
-        splits the keys over thread blocks, which the varlen kernel never does, and the last bits differ.
-        Flash takes half precision only: float32 sequences keep `sequence`."""
-        return dtype in (torch.float16, torch.bfloat16) and bool(query_counts) and max(query_counts) < CUDNN_MIN_QUERIES
+        """Denoising steps' sequences (an image's rows, with its CFG branches) are packed in half precision.
+
+        Below cuDNN's cut-off they go through one varlen flash call: one launch, no copy of the outputs per
+        segment, and lengths read on the device, so a CUDA graph can replay it for other contexts
+        (`engine.denoise_graphs`). At 512x512 it gives each sequence the bits of its own flash call (checked
+        on an H200); below about 1,000 queries that call splits the keys over thread blocks, which the varlen
+        kernel never does, and the last bits differ. With a large image among them each sequence keeps its
+        own call (cuDNN's for the large ones), on rows packed in one launch (`_per_sequence`). Flash takes half
+        precision only: float32 sequences keep `sequence`."""
+        return dtype in (torch.float16, torch.bfloat16) and bool(query_counts)
 
     def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
                k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        if p.max_q >= CUDNN_MIN_QUERIES and p.host_cu_q is not None:
+            return self._per_sequence(q, k, v, p, k_cache, v_cache, out)
         kp, vp = packed_keys(k, v, p, k_cache, v_cache)
         # The aten op, not `varlen_attn`: that wrapper refuses grouped KV heads in torch 2.11, the kernel not.
         o = torch.ops.aten._flash_attention_forward(q.index_select(0, p.q_rows), kp, vp, p.cu_q, p.cu_k, p.max_q,
                                                     p.max_k, 0.0, False, False)[0]
         unpack_rows(o, p, out)
+
+    def _per_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | SplitRows) -> None:
+        """One attention call per sequence, each on exactly the queries, keys and values (in the order)
+        `sequence` gives it, so the same bits; the rows are moved by one packing launch for all sequences and
+        one scatter per sequence instead of a copy per segment (`kernels.gather`)."""
+        qp, kp, vp = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+        cu_q, cu_k = p.host_cu_q, p.host_cu_k
+        for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+            o = self.attend(qp[a:b], kp[c:d], vp[c:d], False)
+            if isinstance(out, SplitRows):
+                scatter_split_rows(o, p.q_rows[a:b], out.head, out.tail)
+            else:
+                scatter_rows(o, p.q_rows[a:b], out)
+
+    def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows) -> bool:
+        """With a large image (the per-sequence form) the scatter quantises each output row on its way."""
+        if p.max_q < CUDNN_MIN_QUERIES or p.host_cu_q is None:
+            return False
+        self._per_sequence(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
+        return True
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Several images' ViT tokens in one varlen flash call (one image: the plain kernel)."""

@@ -64,7 +64,9 @@ class MoTAttention(nn.Module):
         q = qkv[:, : nh * d].view(n, nh, d)
         k = qkv[:, nh * d : (nh + nkv) * d].view(n, nkv, d)
         v = qkv[:, (nh + nkv) * d :].view(n, nkv, d)
-        out = self.attn(q, k, v).view(n, nh * d)
+        out = self.attn(q, k, v, self.o_proj.wants_fp8_input, self.o_proj_moe_gen.wants_fp8_input)
+        if isinstance(out, torch.Tensor):
+            out = out.view(n, nh * d)
         return expert_linear(out, ctx.n_und, self.o_proj, self.o_proj_moe_gen, reduce=True)
 
 
