@@ -30,9 +30,9 @@ def test_expert_mlp_in_equal_chunks_equals_one_pass(monkeypatch, n_und):
     seen = []
     real = mot.expert_linear
 
-    def spy(x, n_und, und, gen, reduce=False):
+    def spy(x, n_und, und, gen, reduce=False, out=None):
         seen.append(x.shape[0])
-        return real(x, n_und, und, gen, reduce)
+        return real(x, n_und, und, gen, reduce, out)
 
     monkeypatch.setattr(mot, "MLP_CHUNK_ROWS", 4)
     monkeypatch.setattr(mot, "CHUNK_ALIGN", 1)

@@ -47,14 +47,18 @@ Rows = torch.Tensor | Fp8Rows | SplitRows
 """A forward's rows (or a row range of them): a tensor, e4m3 rows, or both experts' blocks."""
 
 
-def expert_linear(x: Rows, n_und: int, und: LinearBase, gen: LinearBase, reduce: bool = False) -> torch.Tensor:
+def expert_linear(x: Rows, n_und: int, und: LinearBase, gen: LinearBase, reduce: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Both experts' rows of one projection; into `out` ([rows, features], e.g. a chunk's rows of a larger
+    buffer) when given."""
     n = x.shape[0]
     if n_und >= n:
-        out = und(x[:n])
+        out = und(x[:n], out=out)
     elif n_und <= 0:
-        out = gen(x[:n])
+        out = gen(x[:n], out=out)
     else:
-        out = torch.empty((n, und.output_size_per_partition), dtype=und.output_dtype, device=x.device)
+        if out is None:
+            out = torch.empty((n, und.output_size_per_partition), dtype=und.output_dtype, device=x.device)
         und(x[:n_und], out=out[:n_und])
         gen(x[n_und:], out=out[n_und:])
     return tp_all_reduce(out) if reduce else out
@@ -82,5 +86,5 @@ def expert_mlp(x: Rows, n_und: int, und: nn.Module, gen: nn.Module) -> torch.Ten
     for a, b in zip(bounds, bounds[1:]):
         h = expert_silu_and_mul(expert_linear(x[a:b], n_und - a, und.gate_up_proj, gen.gate_up_proj), n_und - a,
                                 und.down_proj, gen.down_proj)
-        out[a:b] = expert_linear(h, n_und - a, und.down_proj, gen.down_proj)
+        expert_linear(h, n_und - a, und.down_proj, gen.down_proj, out=out[a:b])
     return tp_all_reduce(out)
