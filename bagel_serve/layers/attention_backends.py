@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
 from bagel_serve.layers.fp8 import SplitRows
+from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
 from bagel_serve.layers.kernels.gather import pack_attention_rows, scatter_rows, scatter_split_rows
-from bagel_serve.layers.kernels.quant import Fp8Rows
+from bagel_serve.layers.kernels.quant import Rows
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -33,9 +33,6 @@ except ImportError:  # older torch: one call per image
     _varlen_attn = None
 
 BACKEND_ENV = "BAGEL_SERVE_ATTENTION_BACKEND"
-
-Rows = torch.Tensor | Fp8Rows
-"""A block of output rows: in the model dtype, or e4m3 with a scale per row."""
 
 
 @dataclass
@@ -69,10 +66,10 @@ class PackedAttention:
     `ctx_dst`) then the queries' own keys (placed at rows `new_dst`), the order `SequenceAttention` reads.
     Sequences attend without a mask. `ctx_src` may be padded (to a CUDA graph's capacity): padding reads
     slot 0 into the buffer's last row, which no sequence reads. `kv_src` names every key row's source at
-    once, for a backend that packs the keys in one launch (`kernels.gather`). `inv_rows`: when the queries are every row of
-    the forward (a denoising forward's are), where each row's output lies in the packed order, so the outputs
-    go back to their rows in one gather instead of an index scatter (torch's is the slower kernel: about 20 ms
-    of a 512x512 text2img on an H200)."""
+    once, for a backend that packs the keys in one launch (`kernels.gather`). `inv_rows`: when the queries are
+    every row of the forward (a denoising forward's are), where each row's output lies in the packed order, so
+    the outputs go back to their rows in one gather instead of an index scatter (torch's is the slower kernel:
+    about 20 ms of a 512x512 text2img on an H200)."""
 
     q_rows: torch.Tensor  # int64 [queries]
     cu_q: torch.Tensor  # int32 [sequences + 1]
@@ -327,7 +324,8 @@ class CudaBackend(AttentionBackend):
     def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
                k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         if p.max_q >= CUDNN_MIN_QUERIES and p.host_cu_q is not None:
-            return self._per_sequence(q, k, v, p, k_cache, v_cache, out)
+            self._per_sequence(q, k, v, p, k_cache, v_cache, out)
+            return
         kp, vp = packed_keys(k, v, p, k_cache, v_cache)
         # The aten op, not `varlen_attn`: that wrapper refuses grouped KV heads in torch 2.11, the kernel not.
         o = torch.ops.aten._flash_attention_forward(q.index_select(0, p.q_rows), kp, vp, p.cu_q, p.cu_k, p.max_q,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bagel_serve.layers.kernels import next_power_of_2, power_of_2_parts, use_triton
-from bagel_serve.layers.kernels.quant import Fp8Rows, block_args, empty_rows, quantize_rows_native
+from bagel_serve.layers.kernels.quant import Rows, block_args, empty_rows, quantize_rows_native
 
 try:
     import triton
@@ -79,9 +79,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------
 # FP8 output for the rows that feed an FP8 down projection (`kernels.quant`).
-
-Rows = torch.Tensor | Fp8Rows
-"""A block of output rows: in the input dtype, or e4m3 with a scale per row."""
 
 
 def silu_and_mul_quant_native(x: torch.Tensor, n_und: int, quant_und: bool = False,

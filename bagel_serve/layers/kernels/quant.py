@@ -63,6 +63,10 @@ class Fp8Rows:
         return (self.data.float() * self.scale).to(dtype)
 
 
+Rows = torch.Tensor | Fp8Rows
+"""A block of a producer's output rows: in the input dtype, or e4m3 with a scale per row."""
+
+
 def empty_fp8_rows(rows: int, cols: int, device: torch.device) -> Fp8Rows:
     return Fp8Rows(torch.empty((rows, cols), dtype=FP8_DTYPE, device=device),
                    torch.empty((rows, 1), dtype=torch.float32, device=device))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from bagel_serve.layers.kernels import next_power_of_2, use_triton
-from bagel_serve.layers.kernels.quant import Fp8Rows, block_args, empty_rows, quantize_rows_native
+from bagel_serve.layers.kernels.quant import Rows, block_args, empty_rows, quantize_rows_native
 
 try:
     import triton
@@ -187,9 +187,6 @@ def rms_norm(
 
 # ---------------------------------------------------------------------------------------------------------
 # FP8 output: the rows that feed an FP8 linear leave the norm quantised (`kernels.quant`).
-
-Rows = torch.Tensor | Fp8Rows
-"""A block of output rows: in the input dtype, or e4m3 with a scale per row."""
 
 
 def rms_norm_quant_native(
