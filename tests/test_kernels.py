@@ -41,8 +41,8 @@ from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_nat
 from bagel_serve.layers.kernels.gather import (
     pack_attention_rows_native,
     pack_attention_rows_triton,
-    scatter_rows_native,
-    scatter_rows_triton,
+    scatter_split_rows_native,
+    scatter_split_rows_triton,
 )
 from bagel_serve.layers.kernels.decode_attention import (
     paged_decode_attention,
@@ -381,7 +381,7 @@ def test_silu_and_mul(dtype, inter) -> None:
 # gather: attention rows packed and scattered
 
 
-def test_pack_attention_rows_and_scatter_rows() -> None:
+def test_pack_attention_rows_and_scatter_them_back() -> None:
     """The packing kernel moves exactly the rows its tables name: queries from row-strided views of a merged
     QKV output, keys and values from the forward's rows or the cache; the scatter puts each output row back,
     from outputs of either head layout, and touches no other row."""
@@ -407,15 +407,16 @@ def test_pack_attention_rows_and_scatter_rows() -> None:
     assert torch.equal(nat[0], q[p.q_rows]) and torch.equal(nat[1][:-1], kp[:-1]) and torch.equal(nat[2][:-1], vp[:-1])
     o = randn(g, 10, hq, d, dtype=torch.bfloat16)
     for src in (o, o.transpose(0, 1).contiguous().transpose(0, 1)):  # rows of heads, or heads of rows
-        want, got = nan_like(q.contiguous()), nan_like(q.contiguous())
-        scatter_rows_native(src, p.q_rows[10:], want)
-        scatter_rows_triton(src, p.q_rows[10:], got)
+        want, got = nan_like(q.contiguous()).view(n, -1), nan_like(q.contiguous()).view(n, -1)
+        scatter_split_rows_native(src, p.q_rows[10:], want, want[n:])  # one block of every row
+        scatter_split_rows_triton(src, p.q_rows[10:], got, got[n:])
         assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
-        assert torch.isnan(got[[0, 1, *range(4, 12)]]).all() and torch.equal(got[p.q_rows[10:]], src)
+        assert torch.isnan(got[[0, 1, *range(4, 12)]]).all() and torch.equal(got[p.q_rows[10:]], src.reshape(10, -1))
     with pytest.raises(ValueError, match="unit stride along the head dimension"):
         pack_attention_rows_triton(q.transpose(1, 2), k, v, k_cache, v_cache, p.q_rows, p.kv_src)
-    with pytest.raises(ValueError, match="scatter_rows writes contiguous rows"):
-        scatter_rows_triton(o, p.q_rows[10:], torch.zeros(n, hq, 2 * d, dtype=torch.bfloat16, device=DEVICE)[..., :d])
+    with pytest.raises(ValueError, match=r"contiguous \[n, 96\] blocks"):
+        scatter_split_rows_triton(o, p.q_rows[10:], torch.zeros(n, 2 * hq * d, dtype=torch.bfloat16,
+                                                                device=DEVICE)[:, : hq * d], got[n:])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from bagel_serve.layers.fp8 import SplitRows
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
-from bagel_serve.layers.kernels.gather import pack_attention_rows, scatter_rows, scatter_split_rows
+from bagel_serve.layers.kernels.gather import pack_attention_rows, scatter_split_rows
 from bagel_serve.layers.kernels.quant import Rows
 
 try:
@@ -337,14 +337,13 @@ class CudaBackend(AttentionBackend):
         """One attention call per sequence, each on exactly the queries, keys and values (in the order)
         `sequence` gives it, so the same bits; the rows are moved by one packing launch for all sequences and
         one scatter per sequence instead of a copy per segment (`kernels.gather`)."""
+        if isinstance(out, torch.Tensor):  # one block of every row, in the model dtype
+            flat = out.view(out.shape[0], -1)
+            out = SplitRows(flat, flat[flat.shape[0]:])
         qp, kp, vp = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
         cu_q, cu_k = p.host_cu_q, p.host_cu_k
         for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
-            o = self.attend(qp[a:b], kp[c:d], vp[c:d], False)
-            if isinstance(out, SplitRows):
-                scatter_split_rows(o, p.q_rows[a:b], out.head, out.tail)
-            else:
-                scatter_rows(o, p.q_rows[a:b], out)
+            scatter_split_rows(self.attend(qp[a:b], kp[c:d], vp[c:d], False), p.q_rows[a:b], out.head, out.tail)
 
     def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows) -> bool:

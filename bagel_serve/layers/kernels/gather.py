@@ -49,11 +49,6 @@ def pack_attention_rows_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             torch.where(pick, v.index_select(0, rows), v_cache.index_select(0, slots)))
 
 
-def scatter_rows_native(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
-    """out[rows[j]] = src[j]."""
-    out.index_copy_(0, rows, src)
-
-
 def scatter_split_rows_native(src: torch.Tensor, rows: torch.Tensor, head: Rows, tail: Rows) -> None:
     """The definition: output row `rows[j]` (of [head rows | tail rows]) becomes src[j] flattened, as e4m3 with
     its row's scale where that block is `Fp8Rows` (`kernels.quant`)."""
@@ -129,15 +124,6 @@ if triton is not None:
             t = r - n_head
             _emit_split_row(src_ptr + j * ss, ssh, tail_ptr + t * (H * D), tail_s_ptr + t, Q_TAIL, H, D, BH, BD)
 
-    @triton.jit
-    def _scatter_kernel(src_ptr, rows_ptr, out_ptr, ss, ssh, so, H: tl.constexpr, D: tl.constexpr,
-                        BH: tl.constexpr, BD: tl.constexpr):
-        """out[rows[j]] = src[j] (src rows of any head stride; out rows contiguous)."""
-        j = tl.program_id(0).to(tl.int64)
-        r = tl.load(rows_ptr + j)
-        _copy_row(src_ptr + j * ss, ssh, out_ptr + r * so, H, D, BH, BD)
-
-
 def _unit_dim(x: torch.Tensor, what: str) -> None:
     """The kernels read a head's D values as one run (any row and head strides)."""
     if x.stride(2) != 1:
@@ -164,21 +150,6 @@ def pack_attention_rows_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                    HQ=hq, HKV=hkv, D=d, BHQ=next_power_of_2(hq), BHKV=next_power_of_2(hkv),
                                    BD=next_power_of_2(d), num_warps=4)
     return qp, kp, vp
-
-
-def scatter_rows_triton(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
-    """`scatter_rows_native` in one launch (rows distinct, as a sequence's query rows are)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    if src.shape[1:] != out.shape[1:] or src.shape[0] != rows.numel():
-        raise ValueError(f"scatter_rows: src {tuple(src.shape)} and {rows.numel()} rows into {tuple(out.shape)}")
-    _unit_dim(src, "src")
-    if not out.is_contiguous():
-        raise ValueError("scatter_rows writes contiguous rows")
-    if rows.numel():
-        h, d = src.shape[1], src.shape[2]
-        _scatter_kernel[(rows.numel(),)](src, rows, out, *src.stride()[:2], out.stride(0), H=h, D=d,
-                                         BH=next_power_of_2(h), BD=next_power_of_2(d), num_warps=4)
 
 
 def scatter_split_rows_triton(src: torch.Tensor, rows: torch.Tensor, head: Rows, tail: Rows) -> None:
@@ -209,16 +180,9 @@ def pack_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     return pack_attention_rows_native(q, k, v, k_cache, v_cache, q_rows, kv_src)
 
 
-def scatter_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
-    """out[rows[j]] = src[j]."""
-    if use_triton(src, out):
-        scatter_rows_triton(src, rows, out)
-    else:
-        scatter_rows_native(src, rows, out)
-
-
 def scatter_split_rows(src: torch.Tensor, rows: torch.Tensor, head: Rows, tail: Rows) -> None:
-    """Output row `rows[j]` of [head | tail] becomes src[j], quantised where its block is `Fp8Rows`."""
+    """Output row `rows[j]` of [head | tail] becomes src[j], quantised where its block is `Fp8Rows` (one
+    block of every row: `tail` empty)."""
     if use_triton(src):
         scatter_split_rows_triton(src, rows, head, tail)
     else:
