@@ -5,9 +5,9 @@ A denoising forward's sequence is its boundary rows (among the understanding row
 generation rows); its keys are its cached context, then those rows. Packed by per-segment copies and an
 index select that is about ten small kernels per sequence and layer (5.8 ms of a guided 1024x1024 FP8 step
 on an H200 at burst clocks, for about 2.3 ms of bytes); here it is one launch per layer for the packing and
-one per sequence for the outputs (1.9 ms). Pure moves: every path gives the same bytes. The outputs may leave quantised
-(`scatter_split_rows`) for an FP8 output projection: the row is in registers anyway, and the standalone
-quantiser's pass over them goes away.
+one per sequence for the outputs (1.9 ms). Pure moves: every path gives the same bytes. The outputs may
+leave quantised (`scatter_split_rows`) for an FP8 output projection: the row is in registers anyway, and the
+standalone quantiser's pass over them goes away.
 
 `kv_src` says where each packed key row comes from: a forward row `r >= 0` of `k`/`v`, or the cache slot
 `-r - 1` of `k_cache`/`v_cache`.
@@ -69,37 +69,10 @@ def scatter_split_rows_native(src: torch.Tensor, rows: torch.Tensor, head: Rows,
 if triton is not None:
 
     @triton.jit
-    def _copy_row(src, s_head, dst, H: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-        """One row of H heads x D: read with head stride `s_head`, written contiguous."""
-        h = tl.arange(0, BH)[:, None]
-        d = tl.arange(0, BD)[None, :]
-        mask = (h < H) & (d < D)
-        tl.store(dst + h * D + d, tl.load(src + h * s_head + d, mask=mask), mask=mask)
-
-    @triton.jit
-    def _pack_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, q_rows_ptr, kv_src_ptr, qp_ptr, kp_ptr, vp_ptr, n_q,
-                     sq, sqh, sk, skh, sv, svh, skc, skch, svc, svch,
-                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BHQ: tl.constexpr,
-                     BHKV: tl.constexpr, BD: tl.constexpr):
-        """Programs [0, n_q) copy one query row each, the rest one key row and its value row."""
-        pid = tl.program_id(0).to(tl.int64)
-        if pid < n_q:
-            r = tl.load(q_rows_ptr + pid)
-            _copy_row(q_ptr + r * sq, sqh, qp_ptr + pid * (HQ * D), HQ, D, BHQ, BD)
-        else:
-            j = pid - n_q
-            r = tl.load(kv_src_ptr + j)
-            if r >= 0:
-                _copy_row(k_ptr + r * sk, skh, kp_ptr + j * (HKV * D), HKV, D, BHKV, BD)
-                _copy_row(v_ptr + r * sv, svh, vp_ptr + j * (HKV * D), HKV, D, BHKV, BD)
-            else:
-                _copy_row(kc_ptr + (-r - 1) * skc, skch, kp_ptr + j * (HKV * D), HKV, D, BHKV, BD)
-                _copy_row(vc_ptr + (-r - 1) * svc, svch, vp_ptr + j * (HKV * D), HKV, D, BHKV, BD)
-
-    @triton.jit
-    def _emit_split_row(src, s_head, dst, s_ptr, QUANT: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                        BH: tl.constexpr, BD: tl.constexpr):
-        """One row of H heads x D into a block's row: as is, or as e4m3 with its scale (the row is in registers)."""
+    def _move_row(src, s_head, dst, s_ptr, QUANT: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                  BH: tl.constexpr, BD: tl.constexpr):
+        """One row of H heads x D, read with head stride `s_head`, written contiguous: as is, or as e4m3 with
+        its scale at `s_ptr` (the row is in registers)."""
         h = tl.arange(0, BH)[:, None]
         d = tl.arange(0, BD)[None, :]
         mask = (h < H) & (d < D)
@@ -113,16 +86,38 @@ if triton is not None:
             tl.store(dst + h * D + d, x, mask=mask)
 
     @triton.jit
+    def _pack_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, q_rows_ptr, kv_src_ptr, qp_ptr, kp_ptr, vp_ptr, n_q,
+                     sq, sqh, sk, skh, sv, svh, skc, skch, svc, svch,
+                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BHQ: tl.constexpr,
+                     BHKV: tl.constexpr, BD: tl.constexpr):
+        """Programs [0, n_q) copy one query row each, the rest one key row and its value row (plain moves: the
+        scale pointer `_move_row` takes is never written, any pointer serves)."""
+        pid = tl.program_id(0).to(tl.int64)
+        if pid < n_q:
+            r = tl.load(q_rows_ptr + pid)
+            _move_row(q_ptr + r * sq, sqh, qp_ptr + pid * (HQ * D), q_rows_ptr, False, HQ, D, BHQ, BD)
+        else:
+            j = pid - n_q
+            r = tl.load(kv_src_ptr + j)
+            if r >= 0:
+                _move_row(k_ptr + r * sk, skh, kp_ptr + j * (HKV * D), q_rows_ptr, False, HKV, D, BHKV, BD)
+                _move_row(v_ptr + r * sv, svh, vp_ptr + j * (HKV * D), q_rows_ptr, False, HKV, D, BHKV, BD)
+            else:
+                _move_row(kc_ptr + (-r - 1) * skc, skch, kp_ptr + j * (HKV * D), q_rows_ptr, False, HKV, D, BHKV, BD)
+                _move_row(vc_ptr + (-r - 1) * svc, svch, vp_ptr + j * (HKV * D), q_rows_ptr, False, HKV, D, BHKV, BD)
+
+    @triton.jit
     def _scatter_split_kernel(src_ptr, rows_ptr, head_ptr, head_s_ptr, tail_ptr, tail_s_ptr, n_head, ss, ssh,
                               Q_HEAD: tl.constexpr, Q_TAIL: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                               BH: tl.constexpr, BD: tl.constexpr):
         j = tl.program_id(0).to(tl.int64)
         r = tl.load(rows_ptr + j)
         if r < n_head:
-            _emit_split_row(src_ptr + j * ss, ssh, head_ptr + r * (H * D), head_s_ptr + r, Q_HEAD, H, D, BH, BD)
+            _move_row(src_ptr + j * ss, ssh, head_ptr + r * (H * D), head_s_ptr + r, Q_HEAD, H, D, BH, BD)
         else:
             t = r - n_head
-            _emit_split_row(src_ptr + j * ss, ssh, tail_ptr + t * (H * D), tail_s_ptr + t, Q_TAIL, H, D, BH, BD)
+            _move_row(src_ptr + j * ss, ssh, tail_ptr + t * (H * D), tail_s_ptr + t, Q_TAIL, H, D, BH, BD)
+
 
 def _unit_dim(x: torch.Tensor, what: str) -> None:
     """The kernels read a head's D values as one run (any row and head strides)."""
