@@ -39,6 +39,8 @@ from bagel_serve.layers.kernels import DISABLE_ENV, power_of_2_parts, triton_ava
 from bagel_serve.layers.kernels.conv import conv2d, conv2d_native, conv2d_triton, uses_kernel
 from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_native, silu_and_mul_triton
 from bagel_serve.layers.kernels.gather import (
+    pack_attention_rows_fp8_native,
+    pack_attention_rows_fp8_triton,
     pack_attention_rows_native,
     pack_attention_rows_triton,
     scatter_split_rows_native,
@@ -417,6 +419,74 @@ def test_pack_attention_rows_and_scatter_them_back() -> None:
     with pytest.raises(ValueError, match=r"contiguous \[n, 96\] blocks"):
         scatter_split_rows_triton(o, p.q_rows[10:], torch.zeros(n, 2 * hq * d, dtype=torch.bfloat16,
                                                                 device=DEVICE)[:, : hq * d], got[n:])
+
+
+def test_pack_attention_rows_fp8_and_scatter_its_outputs() -> None:
+    """FP8 attention's packing: each sequence's queries, keys and values (cache rows among them) as e4m3 with
+    one scale per tensor and sequence, its scale row beside them; the kernel writes its twin's bytes and
+    scales, and leaves the rows no sequence reads alone. The scatter of e4m3 outputs hands an FP8 block the
+    bytes with the sequence's scale and a bf16 block their dequantised values."""
+    from bagel_serve.layers.attention_backends import pack_sequences, PackedAttention
+    from bagel_serve.layers.kernels.gather import ATTENTION_SCALES
+    from bagel_serve.layers.kernels.quant import FP8_DTYPE, empty_fp8_rows, quantize_tensor_native
+
+    g = seeded("gather fp8")
+    hq, hkv, d, n = 6, 2, 16, 20
+    qkv = randn(g, n, (hq + 2 * hkv) * d, dtype=torch.bfloat16, scale=3.0)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+    k_cache, v_cache = randn(g, 30, hkv, d, dtype=torch.bfloat16), randn(g, 30, hkv, d, dtype=torch.bfloat16)
+    k_cache[3] *= 40.0  # a cached key row sets the first sequence's key scale
+    q_rows = [torch.tensor([0, 1, *range(4, 12)]), torch.tensor([2, 3, *range(12, 20)])]
+    f = pack_sequences(q_rows, [torch.tensor([7, 3, 29]), None])
+    p = PackedAttention(**{a: b.to(DEVICE) if isinstance(b, torch.Tensor) else b for a, b in f.items()})
+    nat = pack_attention_rows_fp8_native(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src, p.cu_q, p.cu_k)
+    tri = pack_attention_rows_fp8_triton(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src, p.cu_q, p.cu_k)
+    used = p.host_cu_k[-1]
+    for a, b, rows in zip(nat, tri, (n, used, used, 2), strict=True):  # the padding key row is read by none
+        assert torch.equal(a[:rows].view(torch.uint8) if a.dtype == FP8_DTYPE else a,
+                           b[:rows].view(torch.uint8) if b.dtype == FP8_DTYPE else b)
+    qp, kp, vp = pack_attention_rows_native(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+    scales = nat[3].cpu()
+    for i, (a, b, c, e) in enumerate(zip(p.host_cu_q, p.host_cu_q[1:], p.host_cu_k, p.host_cu_k[1:])):
+        row = dict(zip(ATTENTION_SCALES, scales[i, :, 0].tolist()))
+        for packed, plain, scale in ((nat[0][a:b], qp[a:b], "descale_q"), (nat[1][c:e], kp[c:e], "descale_k"),
+                                     (nat[2][c:e], vp[c:e], "descale_v")):
+            x8, s = quantize_tensor_native(plain)
+            assert torch.equal(packed.view(torch.uint8), x8.view(torch.uint8)) and row[scale] == s.item()
+        assert row["descale_o"] == 2 * row["descale_v"] and row["scale_s"] == 448.0
+        assert row["scale_o"] == pytest.approx(1 / row["descale_o"]) and row["descale_s"] == pytest.approx(1 / 448)
+    assert not scales[:, len(ATTENTION_SCALES):].any() and not scales[:, :, 1:].any()
+    assert scales[0, 1, 0] > 4 * scales[1, 1, 0]  # the cache row's magnitude is the first sequence's alone
+
+    o8 = torch.randn(10, hq, d, generator=g).mul(100).clamp(-440, 440).to(FP8_DTYPE).to(DEVICE)
+    scale = torch.tensor([0.03125 * 3], device=DEVICE)
+    for fp8_head in (False, True):
+        blocks = []
+        for _ in range(2):
+            head = empty_fp8_rows(4, hq * d, DEVICE) if fp8_head else nan_like(q.contiguous()[:4]).view(4, -1)
+            tail = empty_fp8_rows(n - 4, hq * d, DEVICE)
+            for b in (head, tail):
+                if not isinstance(b, torch.Tensor):
+                    b.data.view(torch.uint8).fill_(0x7F), b.scale.fill_(float("nan"))
+            blocks.append((head, tail))
+        rows = p.q_rows[10:]  # rows 2, 3 (head) and 12..19 (tail)
+        scatter_split_rows_native(o8, rows, *blocks[0], src_scale=scale)
+        scatter_split_rows_triton(o8, rows, *blocks[1], src_scale=scale)
+        (hn, tn), (ht, tt) = blocks
+        assert torch.equal(tn.data.view(torch.uint8), tt.data.view(torch.uint8))
+        assert torch.equal(tn.scale.nan_to_num(5.0), tt.scale.nan_to_num(5.0))
+        assert torch.equal(tt.data[8:16].view(torch.uint8), o8[2:].reshape(8, -1).view(torch.uint8))
+        assert torch.equal(tt.scale[8:16], scale.expand(8, 1)) and torch.isnan(tt.scale[:8]).all()
+        if fp8_head:
+            assert torch.equal(hn.data.view(torch.uint8), ht.data.view(torch.uint8))
+            assert torch.equal(ht.scale[2:4], scale.expand(2, 1)) and torch.isnan(ht.scale[:2]).all()
+        else:
+            want = (o8[:2].float() * scale).to(torch.bfloat16).reshape(2, -1)
+            assert torch.equal(ht[2:4], want) and torch.equal(hn[2:4], want) and torch.isnan(ht[:2]).all()
+    with pytest.raises(ValueError, match="src_scale exactly when src is e4m3"):
+        scatter_split_rows_triton(o8, rows, *blocks[1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -118,6 +118,15 @@ def quantize_rows_native(x: torch.Tensor) -> Fp8Rows:
     return Fp8Rows((xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale)
 
 
+def quantize_tensor_native(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole of `x` as e4m3 with one float32 scale (shape [1]): the row definition above with the tensor
+    as its row (FP8 attention's operands, which cuDNN takes with one scale each)."""
+    xf = x.float()
+    amax = xf.abs().amax().reshape(1) if x.numel() else xf.new_zeros(1)
+    scale = torch.clamp_min(amax / amax.new_tensor(FP8_MAX), SCALE_FLOOR)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 if triton is not None:
     _INTERPRET = tl.constexpr(INTERPRET)
 
