@@ -143,6 +143,7 @@ def test_log_stats_per_stage(tiny_checkpoint: Path, tmp_path: Path, capsys: pyte
     (["--hsdp-replicate-size", "2"], "stages[0].parallel_config.hsdp_replicate_size: 2 needs use_hsdp: true"),
     (["--use-hsdp", "--tensor-parallel-size", "2"], "HSDP cannot be combined with tensor or data parallelism"),
     (["--fp8-und"], "fp8_und: true needs quantization: fp8"),
+    (["--fp8-attention"], "fp8_attention: true needs quantization: fp8"),
     (["--worker-backend", "inline", "--ray-address", "auto"], "--ray-address) places the stages with Ray"),
     (["--tensor-parallel-size", "0"], "tensor_parallel_size (--tensor-parallel-size) must be an integer >= 1, got 0"),
     (["--init-timeout", "nan"], "init_timeout (--init-timeout) must be a finite number > 0, got nan"),
@@ -228,6 +229,7 @@ def test_end2end_help_lists_seed_flags(capsys: pytest.CaptureFixture) -> None:
     ({"worker_backend": "multi_process", "ray_address": "auto"}, ["--worker-backend", "multi_process", "--ray-address", "auto"]),
     ({"tensor_parallel_size": 0}, ["--tensor-parallel-size", "0"]),
     ({"fp8_und": True}, ["--fp8-und"]),
+    ({"fp8_attention": True}, ["--fp8-attention"]),
 ])
 def test_omni_kwargs_say_what_the_cli_says(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                            kwargs: dict, flags: list[str]) -> None:

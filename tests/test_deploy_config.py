@@ -434,7 +434,13 @@ def test_require_runnable_refuses_unbuilt_parallelism(tmp_path: Path, snippet: s
 def test_quantization_runs(tmp_path: Path) -> None:
     cfg = load_deploy_config(write(tmp_path, SINGLE + "quantization: fp8\n"))
     cfg.require_runnable()
-    assert cfg.quantization_config() == QuantizationConfig("fp8", fp8_und=False)
+    assert cfg.quantization_config() == QuantizationConfig("fp8", fp8_und=False, fp8_attention=False)
+
+
+def test_fp8_attention_runs(tmp_path: Path) -> None:
+    cfg = load_deploy_config(write(tmp_path, SINGLE + "quantization: fp8\nfp8_attention: true\n"))
+    cfg.require_runnable()
+    assert cfg.quantization_config() == QuantizationConfig("fp8", fp8_und=False, fp8_attention=True)
 
 
 # --- overrides ---------------------------------------------------------------------------------------------

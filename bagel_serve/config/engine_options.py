@@ -39,7 +39,7 @@ DIFFUSION_OVERRIDE_KEYS = (
     "hsdp_replicate_size",
 )
 # Options that set a pipeline-wide deploy config key.
-GLOBAL_OVERRIDE_KEYS = ("quantization", "fp8_und")
+GLOBAL_OVERRIDE_KEYS = ("quantization", "fp8_und", "fp8_attention")
 
 
 class EngineOptionError(ValueError):
@@ -81,6 +81,8 @@ class EngineOptions:
     """FP8 (W8A8 e4m3) for the generation expert's projections (`config.quantization`)."""
     fp8_und: bool | None = None
     """With quantization=fp8: the understanding expert's projections too (changes text outputs slightly)."""
+    fp8_attention: bool | None = None
+    """With quantization=fp8: large images' denoising attention in FP8 too (changes images more than FP8 alone)."""
     # Stage limits, applied to every stage.
     enforce_eager: bool | None = None
     max_model_len: int | None = opt(None, ge=1)

@@ -85,6 +85,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_option: bool = Tru
     g.add_argument("--fp8-und", action="store_true", default=None,
                    help="with --quantization fp8: the understanding expert's projections in FP8 too (changes text "
                         "outputs slightly) (default: off)")
+    g.add_argument("--fp8-attention", action="store_true", default=None,
+                   help="with --quantization fp8: the attention of denoising steps of large images (from 2,048 "
+                        "image queries, e.g. 1024x1024) in FP8 through cuDNN (compute capability 9.0+, extra "
+                        "bagel-serve[fp8-attention]; emulated on the CPU); changes images more than FP8 "
+                        "projections alone; text attention stays bf16 (default: off)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs in any stage (default: the deploy config's enforce_eager, false)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -124,7 +129,8 @@ def add_reporting_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 ENGINE_FLAGS = ("tensor_parallel_size", "cfg_parallel_size", "vae_patch_parallel_size", "vae_use_tiling", "use_hsdp",
-                "hsdp_shard_size", "hsdp_replicate_size", "quantization", "fp8_und", "worker_backend", "ray_address", "log_stats", "init_timeout", "batch_timeout",
+                "hsdp_shard_size", "hsdp_replicate_size", "quantization", "fp8_und", "fp8_attention", "worker_backend",
+                "ray_address", "log_stats", "init_timeout", "batch_timeout",
                 "request_timeout", "enable_diffusion_pipeline_profiler", "stage_overrides", "enforce_eager",
                 "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
                 "vae_precision")

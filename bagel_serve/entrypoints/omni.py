@@ -40,8 +40,9 @@ class Omni:
     arguments are the seed's engine options, as `bagel_serve.config.engine_options.EngineOptions` declares
     them (parallel layout, worker backend, timeouts, reporting, `stage_overrides`, and limits applied to
     every stage such as `max_num_seqs`). `quantization="fp8"` runs the generation expert's projections in
-    FP8 (W8A8 e4m3; `fp8_und=True` adds the understanding expert's). An option whose feature is not built yet
-    fails by name rather than being ignored.
+    FP8 (W8A8 e4m3; `fp8_und=True` adds the understanding expert's; `fp8_attention=True` runs the attention of
+    denoising steps of large images in FP8 too). An option whose feature is not built yet fails by name rather
+    than being ignored.
 
     Everything that can be checked without the weights (options, device, checkpoint config, tokenizer,
     deploy config, its parallel layout against the model's heads, the GPUs it names) is checked before they
