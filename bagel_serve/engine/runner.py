@@ -110,7 +110,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         attn = self.model.language_model.model.layers[0].self_attn  # this rank's heads, under TP
         self.backend.warm_up(self.device, self.model.dtype, attn.num_heads, attn.num_kv_heads,
-                             llm.head_dim)
+                             llm.head_dim, fp8=attn.attn.fp8)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - t0

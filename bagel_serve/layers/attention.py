@@ -18,11 +18,13 @@ from bagel_serve.layers.kernels.quant import empty_rows
 
 
 class Attention(nn.Module):
-    """Layer `layer_index`'s attention; its head geometry is the shapes of the q, k, v it is given."""
+    """Layer `layer_index`'s attention; its head geometry is the shapes of the q, k, v it is given. `fp8`: its
+    large denoising sequences run FP8 attention (`layers.fp8_attention`; set by the loader)."""
 
     def __init__(self, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.fp8 = False
 
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (keys, values) cache views, [slots, kv heads, head dim] each."""
@@ -42,7 +44,7 @@ class Attention(nn.Module):
             n_und, width = min(max(ctx.n_und, 0), q.shape[0]), q.shape[1] * q.shape[2]
             head = empty_rows(n_und, width, q, quant_und)
             tail = empty_rows(q.shape[0] - n_und, width, q, quant_gen)
-            if ctx.backend.packed_split(q, k, v, p, k_cache, v_cache, head, tail):
+            if ctx.backend.packed_split(q, k, v, p, k_cache, v_cache, head, tail, self.fp8):
                 return SplitRows(head, tail)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if ctx.decode is not None and ctx.decode.n:
@@ -51,5 +53,5 @@ class Attention(nn.Module):
         if ctx.packed is not None:
             ctx.backend.packed(q, k, v, ctx.packed, k_cache, v_cache, out)
         for seq in ctx.sequences:
-            ctx.backend.sequence(q, k, v, seq, k_cache, v_cache, out)
+            ctx.backend.sequence(q, k, v, seq, k_cache, v_cache, out, self.fp8)
         return out

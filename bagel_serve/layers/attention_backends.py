@@ -23,9 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from bagel_serve.layers.fp8 import SplitRows
+from bagel_serve.layers.fp8_attention import FP8_ATTENTION_MIN_QUERIES, CudnnFp8Attention, fp8_attention_native
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
-from bagel_serve.layers.kernels.gather import pack_attention_rows, scatter_split_rows
-from bagel_serve.layers.kernels.quant import Rows
+from bagel_serve.layers.kernels.gather import (ATTENTION_SCALES, pack_attention_rows, pack_attention_rows_fp8,
+                                               scatter_split_rows)
+from bagel_serve.layers.kernels.quant import FP8_DTYPE, Rows
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -185,6 +187,13 @@ def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: tor
             gather_rows(v, seq.new_segments, v_cache, seq.kv_slots))
 
 
+def fp8_sequence(seq: SequenceAttention) -> bool:
+    """Whether FP8 attention, when on, takes this sequence: a denoising block (unstored, unmasked rows) of at
+    least `FP8_ATTENTION_MIN_QUERIES` queries."""
+    return (not seq.causal and seq.new_segments == seq.q_segments
+            and sum(n for _, n in seq.q_segments) >= FP8_ATTENTION_MIN_QUERIES)
+
+
 class AttentionBackend:
     """A backend is one attention kernel for a sequence (`attend`) and one for a batch of decode steps."""
 
@@ -200,9 +209,17 @@ class AttentionBackend:
         raise NotImplementedError
 
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-        """One sequence's queries (rows of q) into the same rows of out."""
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, fp8: bool = False) -> None:
+        """One sequence's queries (rows of q) into the same rows of out; with `fp8`, a large denoising sequence
+        through FP8 attention's definition (`layers.fp8_attention`)."""
         keys, values = _keys(k, v, seq, k_cache, v_cache)
+        if fp8 and fp8_sequence(seq):
+            o = fp8_attention_native(gather_rows(q, seq.q_segments), keys, values)
+            start = 0
+            for a, n in seq.q_segments:
+                out[a : a + n] = o[start : start + n]
+                start += n
+            return
         for a, n in seq.q_segments:
             out[a : a + n] = self.attend(q[a : a + n], keys, values, seq.causal)
 
@@ -222,14 +239,17 @@ class AttentionBackend:
         unpack_rows(o, p, out)
 
     def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows) -> bool:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False) -> bool:
         """`packed` writing the outputs straight into the output projections' row blocks (`head` the rows
         [0, len(head)), `tail` the rest, each e4m3 + scales where its projection is FP8), when the queries
-        are every row. False when this backend does not for `p`: the caller then runs `packed`."""
+        are every row; with `fp8`, large sequences through FP8 attention. False when this backend does not for
+        `p`: the caller then runs `packed`."""
         return False
 
-    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
-        """Pay the kernels' one-time set-up at start instead of in the first request."""
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                fp8: bool = False) -> None:
+        """Pay the kernels' one-time set-up at start instead of in the first request (with `fp8`, FP8
+        attention's too)."""
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Full attention within each of several packed sequences (the ViT's images), no cache."""
@@ -283,25 +303,33 @@ _SMALL = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend
 class CudaBackend(AttentionBackend):
     name = "cuda"
 
+    def __init__(self) -> None:
+        self._fp8 = CudnnFp8Attention()
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         with sdpa_kernel(_LARGE if q.shape[0] >= CUDNN_MIN_QUERIES else _SMALL, set_priority=True):
             return _sdpa(q, k, v, causal)
 
-    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                fp8: bool = False) -> None:
         """cuDNN's first attention call in a process costs about 1.07 s on an H200 (a new sequence length
         afterwards about 0.07 s, a known one 0.6 ms): one call of a large-image shape here takes that out of
         the first image request. A stage that borrows its KV cache never runs the activation profile, which
-        would otherwise have paid it."""
+        would otherwise have paid it. FP8 attention's first graph costs about 1.3 s, a new shape about 0.1 s."""
         q = torch.zeros((CUDNN_MIN_QUERIES, heads, head_dim), dtype=dtype, device=device)
         k = torch.zeros((CUDNN_MIN_QUERIES, kv_heads, head_dim), dtype=dtype, device=device)
         self.attend(q, k, k, False)
+        if fp8:
+            scales = torch.ones((len(ATTENTION_SCALES), 4), dtype=torch.float32, device=device)
+            self._fp8(q.to(FP8_DTYPE), k.to(FP8_DTYPE), k.to(FP8_DTYPE), scales, torch.empty_like(q, dtype=FP8_DTYPE))
 
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, fp8: bool = False) -> None:
         """An image block's rows (its boundary tokens among the understanding rows, its latents among the
-        generation rows) attend without a mask, so their order does not matter: one kernel for all of them."""
-        if seq.causal or len(seq.q_segments) == 1:
-            return super().sequence(q, k, v, seq, k_cache, v_cache, out)
+        generation rows) attend without a mask, so their order does not matter: one kernel for all of them.
+        (Denoising sequences come here only in float32, which FP8 refuses on CUDA: `fp8` takes the definition.)"""
+        if seq.causal or len(seq.q_segments) == 1 or (fp8 and fp8_sequence(seq)):
+            return super().sequence(q, k, v, seq, k_cache, v_cache, out, fp8)
         keys, values = _keys(k, v, seq, k_cache, v_cache)
         o = self.attend(gather_rows(q, seq.q_segments), keys, values, False)
         start = 0
@@ -346,12 +374,35 @@ class CudaBackend(AttentionBackend):
             scatter_split_rows(self.attend(qp[a:b], kp[c:d], vp[c:d], False), p.q_rows[a:b], out.head, out.tail)
 
     def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows) -> bool:
-        """With a large image (the per-sequence form) the scatter quantises each output row on its way."""
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False) -> bool:
+        """With a large image (the per-sequence form) the scatter quantises each output row on its way; with
+        `fp8` the sequences run cuDNN's FP8 attention, whose e4m3 outputs the scatter hands on."""
         if p.max_q < CUDNN_MIN_QUERIES or p.host_cu_q is None:
             return False
-        self._per_sequence(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
+        if fp8:
+            self._per_sequence_fp8(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
+        else:
+            self._per_sequence(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
         return True
+
+    def _per_sequence_fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, out: SplitRows) -> None:
+        """`_per_sequence` in FP8: the packing quantises each sequence's operands (`kernels.gather`) and each
+        sequence of at least FP8_ATTENTION_MIN_QUERIES queries runs cuDNN's FP8 attention; a shorter one (an
+        image below the cut-off batched with a large one) keeps the bf16 attention it has without `fp8`."""
+        qp, kp, vp, scales = pack_attention_rows_fp8(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src, p.cu_q, p.cu_k)
+        cu_q, cu_k = p.host_cu_q, p.host_cu_k
+        short = [b - a < FP8_ATTENTION_MIN_QUERIES for a, b in zip(cu_q, cu_q[1:])]
+        plain = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src) if any(short) else None
+        o8 = torch.empty_like(qp)
+        descale_o = ATTENTION_SCALES.index("descale_o")
+        for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:])):
+            if short[i]:
+                qb, kb, vb = plain
+                scatter_split_rows(self.attend(qb[a:b], kb[c:d], vb[c:d], False), p.q_rows[a:b], out.head, out.tail)
+                continue
+            self._fp8(qp[a:b], kp[c:d], vp[c:d], scales[i], o8[a:b])
+            scatter_split_rows(o8[a:b], p.q_rows[a:b], out.head, out.tail, src_scale=scales[i, descale_o, :1])
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Several images' ViT tokens in one varlen flash call (one image: the plain kernel)."""

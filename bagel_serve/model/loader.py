@@ -28,7 +28,9 @@ from tqdm import tqdm
 from bagel_serve.config.model_config import BagelConfig, ConfigError, load_bagel_config
 from bagel_serve.config.quantization import QuantizationConfig
 from bagel_serve.layers.conv import Conv2d
+from bagel_serve.layers.attention import Attention
 from bagel_serve.layers.fp8 import check_fp8_device, use_fp8
+from bagel_serve.layers.fp8_attention import check_fp8_attention_device, use_fp8_attention
 from bagel_serve.layers.linear import LinearBase
 from bagel_serve.model.autoencoder import AutoEncoder
 from bagel_serve.model.bagel import Bagel
@@ -323,6 +325,15 @@ def process_weights_after_loading(module: nn.Module, device: torch.device) -> No
         torch.cuda.empty_cache()
 
 
+def check_quantization_device(device: torch.device | str, dtype: torch.dtype, quantization: QuantizationConfig
+                              ) -> None:
+    """Refuse a device (or a process without the libraries) the quantization cannot run on, before any
+    weight is read."""
+    check_fp8_device(device, dtype)
+    if quantization.fp8_attention:
+        check_fp8_attention_device(device)
+
+
 def load_model(
     model: str | os.PathLike,
     *,
@@ -341,10 +352,12 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if quantization is not None and not fp8_device_checked:
-        check_fp8_device(device, dtype)
+        check_quantization_device(device, dtype, quantization)
     sk = _skeletons(model)
     if quantization is not None:
         use_fp8(expert_projections(sk.bagel, und=quantization.fp8_und))
+        if quantization.fp8_attention:
+            use_fp8_attention(m for m in sk.bagel.modules() if isinstance(m, Attention))
     ae_path = sk.model_dir / AE_FILE
     total = sum(p.stat().st_size for p in set(sk.files.values()) | {ae_path})
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:

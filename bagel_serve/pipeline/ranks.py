@@ -17,8 +17,7 @@ import torch
 
 from bagel_serve.distributed.hsdp import hsdp_mesh, shard_decoder_layers
 from bagel_serve.distributed.parallel_state import init_stage_groups
-from bagel_serve.layers.fp8 import check_fp8_device
-from bagel_serve.model.loader import load_model
+from bagel_serve.model.loader import check_quantization_device, load_model
 from bagel_serve.pipeline.placement import StageSetup
 
 
@@ -37,7 +36,7 @@ def join_stage(setup: StageSetup) -> tuple[Any, Any]:
         # Loaded whole on the CPU (quantised there), then each decoder layer keeps its shard on the device
         # and everything else moves there whole.
         if weights.quantization is not None:
-            check_fp8_device(device, weights.dtype)
+            check_quantization_device(device, weights.dtype, weights.quantization)
         loaded = load_model(weights.model_dir, device="cpu", dtype=weights.dtype, quantization=weights.quantization,
                             fp8_device_checked=weights.quantization is not None)
         shard_decoder_layers(loaded.model, hsdp_mesh(layout.hsdp_shard, layout.hsdp_replicate, device.type))
