@@ -12,13 +12,14 @@ the bundled `bagel_single_stage.yaml`:
    from the reference: relative L2 of the final latents (float32) and PSNR of the decoded images (uint8 RGB).
 6. FP8 (`Omni(..., quantization="fp8")`, loaded after the bf16 engine is shut down and its memory freed):
    text2img 1024² (median of 3), peak memory, deviation from the bf16 references (same seeds) for text2img
-   and img2img; the same again with `fp8_und=True` (section `fp8_und`). `*_floor_s_if_all_fp8` is the text2img
+   and img2img; the same again with `fp8_und=True` (section `fp8_und`) and with `fp8_attention=True` (section
+   `fp8_attention`: cuDNN's FP8 attention for the denoising steps). `*_floor_s_if_all_fp8` is the text2img
    floor if every FLOP ran at the FP8 GEMM rate (attention does not: a bound below the real floor).
 7. Batches in one `generate` call, 50 steps each: 8 x text2img 1024² and 8 x 512² (different prompts and
    seeds): seconds and images/s.
 8. Load time and the capture / compile / warm-up times the engine exposes (`common.engine_warmup_s`).
 The card's bf16 and FP8 (e4m3, rowwise scales, `torch._scaled_mm`) GEMM rates at 8192 x 3584 x 18944 and its
-HBM bandwidth are measured first. A feature the engine refuses (FP8, TaylorSeer, `fp8_und` are being built)
+HBM bandwidth are measured first. A feature the engine refuses (FP8 attention without the cuDNN frontend)
 is reported as "not available: <error>" and the run goes on; any other failing section is reported as
 "failed: <error>". The JSON is rewritten after every section, so a run cut short keeps what it measured.
 
@@ -33,7 +34,7 @@ the cache tensor plus 64 blocks (`t2i_peak_gib`); the measured one is `t2i_peak_
 
 Estimated H200 time (seconds; the deadline check uses the same numbers): ceilings 11 (6 of them a sustained GEMM), checkpoint write 40,
 bf16 load with graph capture 35, warm-up 5, t2i 35, i2i 25, t2i_512 5, taylorseer 30, batch 95, fp8 75,
-fp8_und 75: about 425 s with every feature built (about 245 s while FP8 and TaylorSeer are refused). A
+fp8_und 75, fp8_attention 75: about 500 s (run fewer sections in one 600 s call: `--skip`). A
 section that would end past `--deadline-s` (default 560, counted from
 after the imports, inside the 600 s call) by these estimates is skipped and says so.
 """
@@ -60,17 +61,17 @@ STAGE0 = {"max_num_seqs": 256, "enforce_eager": False}  # the limits this engine
 KV_BLOCKS = 4096
 PEAK_BLOCKS = 64
 FORWARD_TFLOP, T2I_FORWARDS = 60, 90  # one 1024² DiT forward, and a 50-step default-CFG text2img's forwards
-SECTIONS = ("t2i", "i2i", "t2i_512", "taylorseer", "batch", "fp8", "fp8_und")
-OPTIONAL = ("taylorseer", "fp8", "fp8_und")  # features being built: refused means "not available"
+SECTIONS = ("t2i", "i2i", "t2i_512", "taylorseer", "batch", "fp8", "fp8_und", "fp8_attention")
+OPTIONAL = ("taylorseer", "fp8", "fp8_und", "fp8_attention")  # refused here means "not available"
 ESTIMATE_S = {"t2i": 35, "i2i": 25, "t2i_512": 5, "taylorseer": 30, "batch": 95,
-              "fp8": 75, "fp8_und": 75}
+              "fp8": 75, "fp8_und": 75, "fp8_attention": 75}
 PROMPT = "A cute cat sitting on a windowsill at sunset."
 EDIT = "Make it look like a watercolor painting and add a red umbrella."
 BATCH_PROMPTS = ["A photo of a dog running on the beach.", "A lighthouse on a cliff at dawn.",
                  "A bowl of ramen on a wooden table.", "A red vintage car in the rain at night.",
                  "A snowy mountain village under the northern lights.", "A close-up of a hummingbird at a flower.",
                  "An astronaut reading a book on the moon.", "A field of sunflowers under a stormy sky."]
-SAVED = ("t2i_bf16", "t2i_taylorseer", "t2i_fp8", "t2i_fp8_und")  # the images --images writes (at most 4)
+SAVED = ("t2i_bf16", "t2i_taylorseer", "t2i_fp8", "t2i_fp8_attention")  # the images --images writes (at most 4)
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,7 @@ def main() -> None:
         b.res["allocated_after_bf16_shutdown_gib"] = torch.cuda.memory_allocated() / 2**30
     b.section("fp8", lambda: fp8_section(b, "fp8"))
     b.section("fp8_und", lambda: fp8_section(b, "fp8_und", fp8_und=True))
+    b.section("fp8_attention", lambda: fp8_section(b, "fp8_attention", fp8_attention=True))
     b.res["total_s"] = time.perf_counter() - b.t0
     report(b.res, a.out)
 

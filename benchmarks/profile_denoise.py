@@ -1,7 +1,8 @@
-"""Where a denoising step's time goes: a few text2img / img2img steps through `Omni` under the torch profiler,
+r"""Where a denoising step's time goes: a few text2img / img2img steps through `Omni` under the torch profiler,
 kernels grouped by name, and the device's busy time against the wall time.
 
-    python benchmarks/profile_denoise.py --ckpt /tmp/bagel-full --out $OUT/profile [--quantization fp8]
+    python benchmarks/profile_denoise.py --ckpt /tmp/bagel-full --out $OUT/profile \
+        [--quantization fp8 [--fp8-attention]]
 
 Each case writes `<out>/<case>.txt` (the 40 kernels with the most device time) and prints one line per case.
 `--timed` instead runs each case at full length (50 steps at 1024², 20 at 512²) without the profiler and
@@ -38,10 +39,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="with --timed: untimed runs per case (each printed)")
     ap.add_argument("--steps", type=int, default=None, help="steps of the profiled runs (default: each case's)")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="profile the FP8 engine")
+    ap.add_argument("--fp8-attention", action="store_true", help="with --quantization fp8: FP8 attention too")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    omni = Omni(a.ckpt, deploy_config=a.deploy, quantization=a.quantization)
+    omni = Omni(a.ckpt, deploy_config=a.deploy, quantization=a.quantization, fp8_attention=a.fp8_attention or None)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
     for name in a.cases:
         req = dict(CASES[name])
