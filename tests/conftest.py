@@ -61,6 +61,15 @@ def omni(tiny_checkpoint: Path) -> Any:
         yield o
 
 
+@pytest.fixture(scope="module")
+def fp8(tiny_checkpoint: Path) -> Any:
+    """The same with `quantization="fp8"` (the FP8 tests' engine; one per module)."""
+    from bagel_serve import Omni
+
+    with Omni(tiny_checkpoint, device="cpu", deploy_config="bagel_single_stage.yaml", quantization="fp8") as o:
+        yield o
+
+
 def _wait_until(cond: Callable[[], Any], timeout: float = 30.0, poll: float = 0.02) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -344,11 +344,6 @@ def plain(tiny_checkpoint: Path) -> Omni:
 
 
 @pytest.fixture(scope="module")
-def fp8(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE, quantization="fp8")
-
-
-@pytest.fixture(scope="module")
 def fp8_und(tiny_checkpoint: Path) -> Omni:
     return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE, quantization="fp8", fp8_und=True)
 

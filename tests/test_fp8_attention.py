@@ -76,11 +76,6 @@ def test_only_large_denoising_sequences_take_it() -> None:
 
 
 @pytest.fixture(scope="module")
-def fp8(tiny_checkpoint: Path) -> Omni:
-    return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE, quantization="fp8")
-
-
-@pytest.fixture(scope="module")
 def fp8_attention(tiny_checkpoint: Path) -> Omni:
     return Omni(tiny_checkpoint, device="cpu", deploy_config=SINGLE_STAGE, quantization="fp8", fp8_attention=True)
 
