@@ -187,6 +187,14 @@ def _keys(k: torch.Tensor, v: torch.Tensor, seq: SequenceAttention, k_cache: tor
             gather_rows(v, seq.new_segments, v_cache, seq.kv_slots))
 
 
+def scatter_segments(o: torch.Tensor, segments: list[tuple[int, int]], out: torch.Tensor) -> None:
+    """The rows of `o`, in order, into the (start, length) segments of `out` (undoes `gather_rows`)."""
+    start = 0
+    for a, n in segments:
+        out[a : a + n] = o[start : start + n]
+        start += n
+
+
 def fp8_sequence(seq: SequenceAttention) -> bool:
     """Whether FP8 attention, when on, takes this sequence: a denoising block (unstored, unmasked rows) of at
     least `FP8_ATTENTION_MIN_QUERIES` queries."""
@@ -214,11 +222,7 @@ class AttentionBackend:
         through FP8 attention's definition (`layers.fp8_attention`)."""
         keys, values = _keys(k, v, seq, k_cache, v_cache)
         if fp8 and fp8_sequence(seq):
-            o = fp8_attention_native(gather_rows(q, seq.q_segments), keys, values)
-            start = 0
-            for a, n in seq.q_segments:
-                out[a : a + n] = o[start : start + n]
-                start += n
+            scatter_segments(fp8_attention_native(gather_rows(q, seq.q_segments), keys, values), seq.q_segments, out)
             return
         for a, n in seq.q_segments:
             out[a : a + n] = self.attend(q[a : a + n], keys, values, seq.causal)
@@ -331,11 +335,7 @@ class CudaBackend(AttentionBackend):
         if seq.causal or len(seq.q_segments) == 1 or (fp8 and fp8_sequence(seq)):
             return super().sequence(q, k, v, seq, k_cache, v_cache, out, fp8)
         keys, values = _keys(k, v, seq, k_cache, v_cache)
-        o = self.attend(gather_rows(q, seq.q_segments), keys, values, False)
-        start = 0
-        for a, n in seq.q_segments:
-            out[a : a + n] = o[start : start + n]
-            start += n
+        scatter_segments(self.attend(gather_rows(q, seq.q_segments), keys, values, False), seq.q_segments, out)
 
     def packs(self, query_counts: list[int], dtype: torch.dtype) -> bool:
         """Denoising steps' sequences (an image's rows, with its CFG branches) are packed in half precision.
