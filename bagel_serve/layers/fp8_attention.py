@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from bagel_serve.layers.fp8 import Fp8UnsupportedError
-from bagel_serve.layers.kernels.gather import ATTENTION_SCALES, O_HEADROOM, P_SCALE
+from bagel_serve.layers.kernels.gather import ATTENTION_SCALES, P_SCALE, sequence_scales
 from bagel_serve.layers.kernels.quant import FP8_DTYPE, FP8_MAX, quantize_tensor_native
 
 FP8_ATTENTION_MIN_QUERIES = 2048
@@ -89,12 +89,8 @@ def fp8_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     """One sequence's FP8 attention in torch ops (the CPU path): (Lq, Hq, D) queries against (Lk, Hkv, D) keys
     and values, unmasked, quantised as the GPU path quantises them; the output dequantised into q's dtype."""
     (q8, sq), (k8, sk), (v8, sv) = (quantize_tensor_native(x) for x in (q, k, v))
-    descale_o = sv * O_HEADROOM
-    one = torch.ones_like(sv)
-    values = torch.cat([sq, sk, sv, one / descale_o, descale_o, one * P_SCALE, one / P_SCALE])
-    scales = torch.zeros((len(ATTENTION_SCALES), 4), dtype=torch.float32, device=q.device)
-    scales[:, 0] = values
-    return (fp8_attention_reference(q8, k8, v8, scales).float() * descale_o).to(q.dtype)
+    scales = sequence_scales(sq, sk, sv)
+    return (fp8_attention_reference(q8, k8, v8, scales).float() * scales[_SLOT["descale_o"], 0]).to(q.dtype)
 
 
 class CudnnFp8Attention:

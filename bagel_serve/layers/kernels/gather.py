@@ -72,6 +72,18 @@ def pack_attention_rows_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             torch.where(pick, v.index_select(0, rows), v_cache.index_select(0, slots)))
 
 
+def sequence_scales(descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
+    """One sequence's [SCALE_SLOTS, SCALE_SLOT] scales (`ATTENTION_SCALES`) from its operands' descales
+    (shape [1] each): the output's and the probabilities' follow from them."""
+    descale_o = descale_v * O_HEADROOM
+    one = torch.ones_like(descale_v)
+    p_scale = one * P_SCALE
+    scales = torch.zeros((SCALE_SLOTS, SCALE_SLOT), dtype=torch.float32, device=descale_v.device)
+    scales[: len(ATTENTION_SCALES), 0] = torch.cat([descale_q, descale_k, descale_v, one / descale_o, descale_o,
+                                                    p_scale, one / p_scale])
+    return scales
+
+
 def pack_attention_rows_fp8_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                                    v_cache: torch.Tensor, q_rows: torch.Tensor, kv_src: torch.Tensor,
                                    cu_q: torch.Tensor, cu_k: torch.Tensor
@@ -87,11 +99,7 @@ def pack_attention_rows_fp8_native(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         (q8, sq), (k8, sk), (v8, sv) = (quantize_tensor_native(x) for x in (qp[a:b], kp[c:d], vp[c:d]))
         for part, x8 in zip(parts, (q8, k8, v8)):
             part.append(x8)
-        descale_o = sv * O_HEADROOM
-        one = torch.ones_like(sv)
-        p_scale = one * P_SCALE
-        scales[i, : len(ATTENTION_SCALES), 0] = torch.cat([sq, sk, sv, one / descale_o, descale_o, p_scale,
-                                                           one / p_scale])
+        scales[i] = sequence_scales(sq, sk, sv)
     pad = kp.shape[0] - bk[-1]
     parts[1].append(torch.zeros((pad, *kp.shape[1:]), dtype=FP8_DTYPE, device=q.device))
     parts[2].append(torch.zeros((pad, *kp.shape[1:]), dtype=FP8_DTYPE, device=q.device))
