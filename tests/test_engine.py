@@ -136,29 +136,42 @@ def test_packed_attention_path_gives_the_same_images(omni: Omni, monkeypatch: py
     """A backend that packs the denoising steps' sequences (as the GPU's does for small images) is handed
     every step, the CFG branches of a guided one and several requests' branches together, in one packed call
     per layer; the images come out as with one call per sequence (up to float32 rounding: a sequence's
-    segments are one matmul there, two here)."""
+    segments are one matmul there, two here). Rows that the QK-norm/RoPE kernel writes straight into the
+    packed order (`prepacks`, as the GPU's backend takes them) give those images to the bit."""
     from bagel_serve.layers.attention_backends import ExactBackend
 
     reqs = [[REQS[2]], [REQS[4]], [REQS[2], {**REQS[2], "prompt": "a blue dog", "seed": 9}]]
     plain = [omni.generate(r) for r in reqs]
-    calls: list[int] = []
+    calls: list[tuple[int, bool]] = []
 
     class Packing(ExactBackend):
+        prepack = False
+
         def packs(self, query_counts, dtype):
             return True
 
-        def packed(self, q, k, v, p, k_cache, v_cache, out):
-            calls.append(p.cu_q.numel() - 1)
-            super().packed(q, k, v, p, k_cache, v_cache, out)
+        def prepacks(self, p, fp8=False):
+            return self.prepack and p.kv_rows is not None
 
-    monkeypatch.setattr(omni.stage.runner, "backend", Packing())
+        def packed(self, q, k, v, p, k_cache, v_cache, out, rows=None):
+            calls.append((p.cu_q.numel() - 1, rows is not None))
+            super().packed(q, k, v, p, k_cache, v_cache, out, rows)
+
+    backend = Packing()
+    monkeypatch.setattr(omni.stage.runner, "backend", backend)
     packed = [omni.generate(r) for r in reqs]
     # Guided text2img (2 branches), guided img2img (3), two text2img requests' guided steps together (4).
-    assert {2, 3, 4} <= set(calls), calls
+    assert {2, 3, 4} <= {n for n, _ in calls} and not any(pre for _, pre in calls), calls
     for a, b in zip(sum(packed, []), sum(plain, []), strict=True):
         assert a.ok and b.ok
         torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
         assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 1
+    calls.clear()
+    backend.prepack = True
+    prepacked = [omni.generate(r) for r in reqs]
+    assert {2, 3, 4} <= {n for n, pre in calls if pre}, calls
+    for a, b in zip(sum(prepacked, []), sum(packed, []), strict=True):
+        assert a.ok and torch.equal(a.latents, b.latents)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

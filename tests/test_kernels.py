@@ -39,10 +39,13 @@ from bagel_serve.layers.kernels import DISABLE_ENV, power_of_2_parts, triton_ava
 from bagel_serve.layers.kernels.conv import conv2d, conv2d_native, conv2d_triton, uses_kernel
 from bagel_serve.layers.kernels.activation import silu_and_mul, silu_and_mul_native, silu_and_mul_triton
 from bagel_serve.layers.kernels.gather import (
+    PackedQKV,
     pack_attention_rows_fp8_native,
     pack_attention_rows_fp8_triton,
     pack_attention_rows_native,
     pack_attention_rows_triton,
+    pack_cached_rows_native,
+    pack_cached_rows_triton,
     scatter_split_rows_native,
     scatter_split_rows_triton,
 )
@@ -268,6 +271,74 @@ def test_qk_norm_rope(dtype, geometry, n_und, store) -> None:
             # The cache holds exactly the final (rotated, rounded) k and the unchanged v of each stored row.
             assert torch.equal(kc.cpu()[slots.cpu()[keep]], heads(new).cpu()[keep, hq: hq + hkv])
             assert torch.equal(vc.cpu()[slots.cpu()[keep]], heads(qkv).cpu()[keep, hq + hkv:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [(4, 2, 16), (28, 4, 128)])
+@pytest.mark.parametrize("store", [False, True])
+def test_qk_norm_rope_into_packed_rows(dtype, geometry, store) -> None:
+    """Written into the packed order, each row's q, k and v heads are the bytes the in-place form leaves in
+    `qkv` and the packing then moves (each form against itself: the two kernels' cos/sin differ in the last
+    ulp), the rows the cached keys will fill are left alone, `qkv` is not touched, and the cache store is
+    the same."""
+    from bagel_serve.layers.attention_backends import PackedAttention, pack_sequences
+
+    hq, hkv, d = geometry
+    g = seeded("packed", str(dtype), geometry, store)
+    n = 8
+    qkv = randn(g, n, (hq + 2 * hkv) * d, dtype=dtype, scale=2.0)
+    ws = [randn(g, d, dtype=dtype) for _ in range(4)]
+    positions = torch.tensor([0, 1, 5, 5, 5, 9, 9, 9], dtype=torch.int64, device=DEVICE)
+    inv_freq = (1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))).to(DEVICE)
+    caches = [randn(g, 9, hkv, d, dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([3, -1, 0, 8, -1, 7, 1, -1], dtype=torch.int64, device=DEVICE) if store else None
+    # Two sequences, two boundary rows each among the first four rows; the first has three cached keys.
+    f = pack_sequences([torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7])], [torch.tensor([4, 2, 6]), None])
+    p = PackedAttention(**{a: b.to(DEVICE) if isinstance(b, torch.Tensor) else b for a, b in f.items()})
+    for fn in (qk_norm_rope_native, qk_norm_rope_triton):
+        in_place, into = qkv.clone(), qkv.clone()
+        cache_a, cache_b = [c.clone() for c in caches], [c.clone() for c in caches]
+        fn(in_place, hq, hkv, d, *ws, 4, positions, inv_freq, 1e-6, *(cache_a if store else (None, None)), slots)
+        view = lambda t, a, b: t[:, a * d : b * d].view(n, b - a, d)  # noqa: E731
+        want = pack_attention_rows_native(view(in_place, 0, hq), view(in_place, hq, hq + hkv),
+                                          view(in_place, hq + hkv, hq + 2 * hkv), caches[0], caches[1], p.q_rows,
+                                          p.kv_src)
+        rows = PackedQKV(nan_like(want[0]), nan_like(want[1]), nan_like(want[2]), p.inv_rows, p.kv_rows)
+        fn(into, hq, hkv, d, *ws, 4, positions, inv_freq, 1e-6, *(cache_b if store else (None, None)), slots, rows)
+        assert torch.equal(into, qkv), f"{fn.__name__}: qkv must be left as it was"
+        assert torch.equal(rows.q, want[0]), fn.__name__
+        new = p.new_dst
+        for got, ref in ((rows.k, want[1]), (rows.v, want[2])):
+            assert torch.equal(got[new], ref[new]), fn.__name__
+            others = torch.ones(got.shape[0], dtype=torch.bool, device=DEVICE)
+            others[new] = False
+            assert torch.isnan(got[others]).all(), "rows for the cached keys are pack_cached_rows' to fill"
+        for a, b in zip(cache_a, cache_b, strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="packed rows must be contiguous"):
+        qk_norm_rope_native(qkv.clone(), hq, hkv, d, *ws, 4, positions, inv_freq, 1e-6, None, None, None,
+                            rows._replace(q=rows.q.transpose(0, 1)))
+
+
+def test_pack_cached_rows() -> None:
+    """The cached keys and values land in the rows the tables name, padding included (slot 0 into the unread
+    last row), and no other row is touched."""
+    g = seeded("cached")
+    hkv, d = 2, 16
+    caches = [randn(g, 12, hkv, d, dtype=torch.bfloat16) for _ in range(2)]
+    src = torch.tensor([5, 11, 0, 0, 0], dtype=torch.int64, device=DEVICE)
+    dst = torch.tensor([0, 1, 6, 9, 9], dtype=torch.int64, device=DEVICE)
+    outs = []
+    for fn in (pack_cached_rows_native, pack_cached_rows_triton):
+        kp, vp = nan_like(caches[0][:10]), nan_like(caches[1][:10])
+        fn(caches[0], caches[1], src, dst, kp, vp)
+        outs.append((kp, vp))
+    (kn, vn), (kt, vt) = outs
+    assert torch.equal(kn.nan_to_num(7.0), kt.nan_to_num(7.0)) and torch.equal(vn.nan_to_num(7.0), vt.nan_to_num(7.0))
+    assert torch.equal(kn[dst], caches[0][src]) and torch.equal(vn[dst], caches[1][src])
+    assert torch.isnan(kn[[2, 3, 4, 5, 7, 8]]).all()
+    with pytest.raises(ValueError, match="pack_cached_rows wants"):
+        pack_cached_rows_triton(caches[0], caches[1], src, dst[:2], kp, vp)
 
 
 # ----------------------------------------------------------------------------------------------------------

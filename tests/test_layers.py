@@ -172,6 +172,7 @@ def test_cuda_packed_attention_is_bitwise_one_call_per_sequence(latents: int):
     a heuristic the varlen kernel does not apply, and the sums round apart.) From cuDNN's cut-off on, each
     sequence keeps its own call on rows packed in one launch: the same bits again."""
     from bagel_serve.layers.attention_backends import CudaBackend, PackedAttention, SequenceAttention, pack_sequences
+    from bagel_serve.layers.kernels.gather import PackedQKV, pack_attention_rows
     from bagel_serve.layers.kernels.quant import empty_rows, quantize_rows_native
 
     g = torch.Generator().manual_seed(0)
@@ -190,6 +191,16 @@ def test_cuda_packed_attention_is_bitwise_one_call_per_sequence(latents: int):
         p = PackedAttention(**{a: b.cuda() if isinstance(b, torch.Tensor) else b for a, b in f.items()})
         got = torch.zeros_like(q)
         CudaBackend().packed(q, k, v, p, k_cache, v_cache, got)
+        assert torch.equal(got, want)
+        # Rows the QK-norm/RoPE kernel wrote in the packed order (the cached keys' rows still empty), with q, k
+        # and v themselves unread: the same bits.
+        qp, kp, vp = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+        kp[p.ctx_dst], vp[p.ctx_dst] = float("nan"), float("nan")
+        rows = PackedQKV(qp, kp, vp, p.inv_rows, p.kv_rows)
+        assert CudaBackend().prepacks(p) and not CudaBackend().prepacks(p, fp8=True)
+        got = torch.zeros_like(q)
+        nan = [x.new_full(x.shape, float("nan")) for x in (q, k, v)]
+        CudaBackend().packed(*nan, p, k_cache, v_cache, got, rows)
         assert torch.equal(got, want)
         # The per-sequence form can hand an FP8 output projection its rows quantised; the varlen one does not.
         head, tail = empty_rows(4, hq * d, q, False), empty_rows(n - 4, hq * d, q, True)

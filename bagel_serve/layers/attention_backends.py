@@ -25,8 +25,8 @@ from torch.nn.attention.bias import causal_lower_right
 from bagel_serve.layers.fp8 import SplitRows
 from bagel_serve.layers.fp8_attention import FP8_ATTENTION_MIN_QUERIES, CudnnFp8Attention, fp8_attention_native
 from bagel_serve.layers.kernels.decode_attention import paged_decode_attention, paged_decode_attention_native
-from bagel_serve.layers.kernels.gather import (ATTENTION_SCALES, pack_attention_rows, pack_attention_rows_fp8,
-                                               scatter_split_rows)
+from bagel_serve.layers.kernels.gather import (ATTENTION_SCALES, PackedQKV, pack_attention_rows,
+                                               pack_attention_rows_fp8, pack_cached_rows, scatter_split_rows)
 from bagel_serve.layers.kernels.quant import FP8_DTYPE, Rows
 
 try:
@@ -71,7 +71,8 @@ class PackedAttention:
     once, for a backend that packs the keys in one launch (`kernels.gather`). `inv_rows`: when the queries are
     every row of the forward (a denoising forward's are), where each row's output lies in the packed order, so
     the outputs go back to their rows in one gather instead of an index scatter (torch's is the slower kernel:
-    about 20 ms of a 512x512 text2img on an H200)."""
+    about 20 ms of a 512x512 text2img on an H200); `kv_rows` then says where each row's key lies in the packed
+    key buffer, so that the QK-norm/RoPE kernel can write the rows there (`AttentionBackend.prepacks`)."""
 
     q_rows: torch.Tensor  # int64 [queries]
     cu_q: torch.Tensor  # int32 [sequences + 1]
@@ -84,6 +85,7 @@ class PackedAttention:
     k_rows: int
     inv_rows: torch.Tensor | None = None  # int64 [queries]
     kv_src: torch.Tensor | None = None  # int64 [k_rows]: forward row r >= 0, or cache slot -r - 1
+    kv_rows: torch.Tensor | None = None  # int64 [queries]: new_dst[inv_rows]
     host_cu_q: tuple[int, ...] | None = None
     host_cu_k: tuple[int, ...] | None = None
     """`cu_q`/`cu_k` on the host, for a backend that calls a kernel per sequence (never set in a CUDA graph,
@@ -117,9 +119,11 @@ def pack_sequences(q_rows: list[torch.Tensor], ctx_slots: list[torch.Tensor | No
     kv_src = torch.full((k_rows,), -1, dtype=torch.int64)  # the unread last row: slot 0
     kv_src[ctx_dst] = -ctx_src - 1
     kv_src[new_dst] = rows
+    inv_rows = torch.argsort(rows) if everything else None
     return dict(q_rows=rows, cu_q=cu_q, max_q=max(qn), ctx_src=ctx_src, ctx_dst=ctx_dst, new_dst=new_dst,
-                cu_k=cu_k, max_k=max_k, k_rows=k_rows, inv_rows=torch.argsort(rows) if everything else None,
-                kv_src=kv_src, host_cu_q=tuple(cu_q.tolist()), host_cu_k=tuple(cu_k.tolist()))
+                cu_k=cu_k, max_k=max_k, k_rows=k_rows, inv_rows=inv_rows, kv_src=kv_src,
+                kv_rows=None if inv_rows is None else new_dst[inv_rows], host_cu_q=tuple(cu_q.tolist()),
+                host_cu_k=tuple(cu_k.tolist()))
 
 
 def unpack_rows(o: torch.Tensor, p: PackedAttention, out: torch.Tensor) -> None:
@@ -140,6 +144,14 @@ def packed_keys(k: torch.Tensor, v: torch.Tensor, p: PackedAttention, k_cache: t
     kp.index_copy_(0, p.new_dst, k.index_select(0, p.q_rows))
     vp.index_copy_(0, p.new_dst, v.index_select(0, p.q_rows))
     return kp, vp
+
+
+def prepacked_operands(p: PackedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: PackedQKV
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed queries, keys and values of `p` from rows the QK-norm/RoPE kernel wrote in the packed order:
+    the cached keys and values are added to them here."""
+    pack_cached_rows(k_cache, v_cache, p.ctx_src, p.ctx_dst, rows.k, rows.v)
+    return rows.q, rows.k, rows.v
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -232,22 +244,33 @@ class AttentionBackend:
         all) rather than `sequence` (one each)."""
         return False
 
+    def prepacks(self, p: PackedAttention, fp8: bool = False) -> bool:
+        """Whether `packed` and `packed_split` take `p`'s rows as the QK-norm/RoPE kernel writes them in the
+        packed order (`PackedQKV`, with `p.kv_rows` set), for a layer with FP8 attention (`fp8`) or without."""
+        return False
+
     def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-        """Every sequence of `p`: its queries (rows of q) into the same rows of out."""
-        kp, vp = packed_keys(k, v, p, k_cache, v_cache)
-        qp = q.index_select(0, p.q_rows)
+               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, rows: PackedQKV | None = None
+               ) -> None:
+        """Every sequence of `p`: its queries (rows of q) into the same rows of out. With `rows` (when
+        `prepacks`), the queries and the new keys and values are those rows, and q, k, v are not read."""
+        if rows is None:
+            kp, vp = packed_keys(k, v, p, k_cache, v_cache)
+            qp = q.index_select(0, p.q_rows)
+        else:
+            qp, kp, vp = prepacked_operands(p, k_cache, v_cache, rows)
         cu_q, cu_k = p.cu_q.tolist(), p.cu_k.tolist()
         o = torch.cat([self.attend(qp[a:b], kp[c:d], vp[c:d], False)
                        for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])])
         unpack_rows(o, p, out)
 
     def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False) -> bool:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False,
+                     rows: PackedQKV | None = None) -> bool:
         """`packed` writing the outputs straight into the output projections' row blocks (`head` the rows
         [0, len(head)), `tail` the rest, each e4m3 + scales where its projection is FP8), when the queries
         are every row; with `fp8`, large sequences through FP8 attention. False when this backend does not for
-        `p`: the caller then runs `packed`."""
+        `p`: the caller then runs `packed` (with the same `rows`)."""
         return False
 
     def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
@@ -349,40 +372,56 @@ class CudaBackend(AttentionBackend):
         precision only: float32 sequences keep `sequence`."""
         return dtype in (torch.float16, torch.bfloat16) and bool(query_counts)
 
+    def prepacks(self, p: PackedAttention, fp8: bool = False) -> bool:
+        """Whenever the queries are every row, except for FP8 attention, whose packing quantises with each
+        sequence's maxima (two passes: `kernels.gather`)."""
+        return p.kv_rows is not None and not fp8
+
     def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, rows: PackedQKV | None = None
+               ) -> None:
         if p.max_q >= CUDNN_MIN_QUERIES and p.host_cu_q is not None:
-            self._per_sequence(q, k, v, p, k_cache, v_cache, out)
+            self._per_sequence(q, k, v, p, k_cache, v_cache, out, rows)
             return
-        kp, vp = packed_keys(k, v, p, k_cache, v_cache)
+        if rows is None:
+            qp, (kp, vp) = q.index_select(0, p.q_rows), packed_keys(k, v, p, k_cache, v_cache)
+        else:
+            qp, kp, vp = prepacked_operands(p, k_cache, v_cache, rows)
         # The aten op, not `varlen_attn`: that wrapper refuses grouped KV heads in torch 2.11, the kernel not.
-        o = torch.ops.aten._flash_attention_forward(q.index_select(0, p.q_rows), kp, vp, p.cu_q, p.cu_k, p.max_q,
-                                                    p.max_k, 0.0, False, False)[0]
+        o = torch.ops.aten._flash_attention_forward(qp, kp, vp, p.cu_q, p.cu_k, p.max_q, p.max_k, 0.0, False,
+                                                    False)[0]
         unpack_rows(o, p, out)
 
     def _per_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | SplitRows) -> None:
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | SplitRows,
+                      rows: PackedQKV | None = None) -> None:
         """One attention call per sequence, each on exactly the queries, keys and values (in the order)
-        `sequence` gives it, so the same bits; the rows are moved by one packing launch for all sequences and
-        one scatter per sequence instead of a copy per segment (`kernels.gather`)."""
+        `sequence` gives it, so the same bits; the rows are moved by one packing launch for all sequences (or
+        arrive packed: `rows`) and one scatter per sequence instead of a copy per segment (`kernels.gather`)."""
         if isinstance(out, torch.Tensor):  # one block of every row, in the model dtype
             flat = out.view(out.shape[0], -1)
             out = SplitRows(flat, flat[flat.shape[0]:])
-        qp, kp, vp = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+        if rows is None:
+            qp, kp, vp = pack_attention_rows(q, k, v, k_cache, v_cache, p.q_rows, p.kv_src)
+        else:
+            qp, kp, vp = prepacked_operands(p, k_cache, v_cache, rows)
         cu_q, cu_k = p.host_cu_q, p.host_cu_k
         for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
             scatter_split_rows(self.attend(qp[a:b], kp[c:d], vp[c:d], False), p.q_rows[a:b], out.head, out.tail)
 
     def packed_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False) -> bool:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, head: Rows, tail: Rows, fp8: bool = False,
+                     rows: PackedQKV | None = None) -> bool:
         """With a large image (the per-sequence form) the scatter quantises each output row on its way; with
         `fp8` the sequences run cuDNN's FP8 attention, whose e4m3 outputs the scatter hands on."""
         if p.max_q < CUDNN_MIN_QUERIES or p.host_cu_q is None:
             return False
         if fp8:
+            if rows is not None:
+                raise ValueError("FP8 attention packs its own rows: it takes no prepacked ones")
             self._per_sequence_fp8(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
         else:
-            self._per_sequence(q, k, v, p, k_cache, v_cache, SplitRows(head, tail))
+            self._per_sequence(q, k, v, p, k_cache, v_cache, SplitRows(head, tail), rows)
         return True
 
     def _per_sequence_fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PackedAttention,

@@ -55,16 +55,17 @@ class MoTAttention(nn.Module):
         ctx = get_forward_context()
         n, nh, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = expert_linear(x, ctx.n_und, self.qkv_proj, self.qkv_proj_moe_gen)
-        # QK-norm in float32 (the reference's generation-mode precision) and RoPE, in place; committed rows'
-        # K/V go into the cache here.
+        # QK-norm in float32 (the reference's generation-mode precision) and RoPE, in place or into the packed
+        # attention's buffers; committed rows' K/V go into the cache here.
         caches = self.attn.cache() if ctx.slot_mapping is not None else (None, None)
+        rows = self.attn.packed_rows(n, nh, nkv, d, qkv)
         qk_norm_rope_(qkv, nh, nkv, d, self.q_norm.weight, self.k_norm.weight, self.q_norm_moe_gen.weight,
                       self.k_norm_moe_gen.weight, ctx.n_und, ctx.positions, inv_freq, self.eps, *caches,
-                      ctx.slot_mapping)
+                      ctx.slot_mapping, rows)
         q = qkv[:, : nh * d].view(n, nh, d)
         k = qkv[:, nh * d : (nh + nkv) * d].view(n, nkv, d)
         v = qkv[:, (nh + nkv) * d :].view(n, nkv, d)
-        out = self.attn(q, k, v, self.o_proj.wants_fp8_input, self.o_proj_moe_gen.wants_fp8_input)
+        out = self.attn(q, k, v, self.o_proj.wants_fp8_input, self.o_proj_moe_gen.wants_fp8_input, rows)
         if isinstance(out, torch.Tensor):
             out = out.view(n, nh * d)
         return expert_linear(out, ctx.n_und, self.o_proj, self.o_proj_moe_gen, reduce=True)

@@ -22,6 +22,8 @@ scale the sequence's) or dequantises for a bf16 one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from bagel_serve.layers.kernels import next_power_of_2, use_triton
@@ -49,6 +51,20 @@ each in a 16-byte slot of its own, the alignment cuDNN wants of a tensor's addre
 O_HEADROOM = 2.0
 P_SCALE = FP8_MAX
 COPY, ROW_QUANT, SCALED_QUANT, DEQUANT, RESCALE = range(5)
+
+
+class PackedQKV(NamedTuple):
+    """A packed forward's queries, keys and values in the packed order, for the QK-norm/RoPE kernel to write
+    each row's heads into as it computes them (`kernels.qk_norm_rope`): forward row r's query goes to
+    `q[q_dst[r]]`, its key and value to `k[kv_dst[r]]` and `v[kv_dst[r]]`. The cached keys and values are
+    `pack_cached_rows`' to add. That is the packing's pass over the queries and the forward's keys saved: the
+    kernel holds the rows in registers anyway."""
+
+    q: torch.Tensor  # [queries, Hq, D]
+    k: torch.Tensor  # [key rows, Hkv, D]
+    v: torch.Tensor  # [key rows, Hkv, D]
+    q_dst: torch.Tensor  # int64 [rows]
+    kv_dst: torch.Tensor  # int64 [rows]
 """How `_move_row` moves a row (its docstring)."""
 
 
@@ -70,6 +86,13 @@ def pack_attention_rows_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     pick = new[:, None, None]
     return (q.index_select(0, q_rows), torch.where(pick, k.index_select(0, rows), k_cache.index_select(0, slots)),
             torch.where(pick, v.index_select(0, rows), v_cache.index_select(0, slots)))
+
+
+def pack_cached_rows_native(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_src: torch.Tensor,
+                            ctx_dst: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> None:
+    """The definition: cache slot `ctx_src[j]`'s key and value into rows `ctx_dst[j]` of `kp` and `vp`."""
+    kp.index_copy_(0, ctx_dst, k_cache.index_select(0, ctx_src))
+    vp.index_copy_(0, ctx_dst, v_cache.index_select(0, ctx_src))
 
 
 def sequence_scales(descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
@@ -202,6 +225,15 @@ if triton is not None:
                           BD)
 
     @triton.jit
+    def _pack_cached_kernel(kc_ptr, vc_ptr, src_ptr, dst_ptr, kp_ptr, vp_ptr, skc, skch, svc, svch,
+                            HKV: tl.constexpr, D: tl.constexpr, BHKV: tl.constexpr, BD: tl.constexpr):
+        j = tl.program_id(0).to(tl.int64)
+        s = tl.load(src_ptr + j)
+        t = tl.load(dst_ptr + j)
+        _move_row(kc_ptr + s * skc, skch, kp_ptr + t * (HKV * D), src_ptr, 0.0, _COPY, HKV, D, BHKV, BD)
+        _move_row(vc_ptr + s * svc, svch, vp_ptr + t * (HKV * D), src_ptr, 0.0, _COPY, HKV, D, BHKV, BD)
+
+    @triton.jit
     def _pack_amax_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, q_rows_ptr, kv_src_ptr, cu_q_ptr, cu_k_ptr, amax_ptr,
                           n_q, n_seq, sq, sqh, sk, skh, sv, svh, skc, skch, svc, svch,
                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BHQ: tl.constexpr,
@@ -282,6 +314,15 @@ if triton is not None:
             _move_row(src_ptr + j * ss, ssh, tail_ptr + t * (H * D), tail_s_ptr + t, scale, M_TAIL, H, D, BH, BD)
 
 
+def _cached_check(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_src: torch.Tensor, ctx_dst: torch.Tensor,
+                  kp: torch.Tensor, vp: torch.Tensor) -> None:
+    if v_cache.shape != k_cache.shape or kp.shape[1:] != k_cache.shape[1:] or vp.shape != kp.shape \
+            or ctx_src.shape != ctx_dst.shape or not (kp.is_contiguous() and vp.is_contiguous()):
+        raise ValueError(f"pack_cached_rows wants caches [S, Hkv, D], contiguous kp/vp [K, Hkv, D] and equal index "
+                         f"lists, got {tuple(k_cache.shape)}, {tuple(kp.shape)}, {tuple(ctx_src.shape)}, "
+                         f"{tuple(ctx_dst.shape)}")
+
+
 def _unit_dim(x: torch.Tensor, what: str) -> None:
     """The kernels read a head's D values as one run (any row and head strides)."""
     if x.stride(2) != 1:
@@ -308,6 +349,21 @@ def pack_attention_rows_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                    HQ=hq, HKV=hkv, D=d, BHQ=next_power_of_2(hq), BHKV=next_power_of_2(hkv),
                                    BD=next_power_of_2(d), num_warps=4)
     return qp, kp, vp
+
+
+def pack_cached_rows_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_src: torch.Tensor,
+                            ctx_dst: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> None:
+    """`pack_cached_rows_native` in one launch (`kp`, `vp` contiguous [rows, Hkv, D])."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _cached_check(k_cache, v_cache, ctx_src, ctx_dst, kp, vp)
+    for x, what in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _unit_dim(x, what)
+    if ctx_src.numel():
+        hkv, d = k_cache.shape[1], k_cache.shape[2]
+        _pack_cached_kernel[(ctx_src.numel(),)](k_cache, v_cache, ctx_src, ctx_dst, kp, vp, *k_cache.stride()[:2],
+                                                *v_cache.stride()[:2], HKV=hkv, D=d, BHKV=next_power_of_2(hkv),
+                                                BD=next_power_of_2(d), num_warps=4)
 
 
 def pack_attention_rows_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -373,6 +429,17 @@ def pack_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     if use_triton(q, k_cache):
         return pack_attention_rows_triton(q, k, v, k_cache, v_cache, q_rows, kv_src)
     return pack_attention_rows_native(q, k, v, k_cache, v_cache, q_rows, kv_src)
+
+
+def pack_cached_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_src: torch.Tensor, ctx_dst: torch.Tensor,
+                     kp: torch.Tensor, vp: torch.Tensor) -> None:
+    """The cached keys and values of packed sequences into their rows of `kp`, `vp` (`PackedQKV`: the forward's
+    own rows are already there)."""
+    if use_triton(kp, k_cache):
+        pack_cached_rows_triton(k_cache, v_cache, ctx_src, ctx_dst, kp, vp)
+    else:
+        _cached_check(k_cache, v_cache, ctx_src, ctx_dst, kp, vp)
+        pack_cached_rows_native(k_cache, v_cache, ctx_src, ctx_dst, kp, vp)
 
 
 def pack_attention_rows_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
